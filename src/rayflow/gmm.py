@@ -134,6 +134,11 @@ class ExactTeacher(Denoiser):
         self.schedule = schedule
         self.num_classes = mixture.num_modes if conditional else 0
 
+    def fingerprint(self) -> str:
+        """Identity of the exact teacher (it has no weights): the mixture and the schedule."""
+        m = self.mixture
+        return repr((m.means.tolist(), m.stds.tolist(), m.weights.tolist(), self.schedule.config, self.num_classes))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
         t = broadcast_timesteps(t, x.shape[0], x.device).double()
         a, s = self.schedule.a(t.cpu()), self.schedule.s(t.cpu())

@@ -1,0 +1,179 @@
+"""Sharded, resumable safetensors caches for teacher outputs (reflow pairs, RayFlow's eps_mu targets).
+
+A cache is a directory::
+
+    meta.json                 what the cache was built from (teacher fingerprint, data, solver, NFE, CFG, ...)
+    shard-00000.safetensors   items [0, shard_size)
+    shard-00001.safetensors   items [shard_size, 2 * shard_size)
+    ...
+
+Shard ``i`` always covers the same items and is computed from a generator seeded by ``(seed, i)``, so an
+interrupted build resumes by computing only the missing shards: nothing is duplicated or lost. Each shard is
+written atomically (temporary file + ``os.replace``). Under several processes shard ``i`` belongs to rank
+``i % world_size``: every process writes its own shards and any process can read them all back.
+
+A cache whose ``meta.json`` differs from the run's (another teacher, data set, K, CFG ...) is refused with a
+:class:`~rayflow.errors.RayflowError` naming the first differing key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rayflow.errors import RayflowError, require
+
+ShardFn = Callable[[int, int, int, torch.Generator], dict[str, torch.Tensor]]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short sha256 of a model's identity: its class, prediction type and every tensor in its state.
+
+    Models without parameters (the exact mixture teacher) contribute their ``fingerprint()`` if they have one.
+    """
+    h = hashlib.sha256(type(model).__name__.encode())
+    h.update(str(getattr(model, "prediction_type", "")).encode())
+    if hasattr(model, "fingerprint"):
+        h.update(str(model.fingerprint()).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The generator seed of shard ``shard``: depends on nothing else, so resumed shards are identical."""
+    return (seed * 1_000_003 + shard * 7_919 + 12_345) % (2**63)
+
+
+class ShardedCache:
+    """A resumable directory of safetensors shards described by ``meta``.
+
+    Args:
+        root: the cache directory (created if missing).
+        meta: JSON-serialisable description; must match an existing cache's ``meta.json`` exactly.
+        num_items: total number of items.
+        shard_size: items per shard (the last shard may be shorter).
+        rank, world_size: this process and how many build the cache together.
+    """
+
+    def __init__(self, root: str | Path, meta: dict[str, Any], num_items: int, shard_size: int = 4096,
+                 rank: int = 0, world_size: int = 1) -> None:
+        require(num_items >= 1, f"a cache needs at least one item, got {num_items}")
+        require(shard_size >= 1, f"shard_size must be >= 1, got {shard_size}")
+        self.root = Path(root)
+        self.meta = {**json.loads(json.dumps(meta)), "num_items": num_items, "shard_size": shard_size}
+        self.num_items, self.shard_size = num_items, shard_size
+        self.rank, self.world_size = rank, world_size
+        self.num_shards = (num_items + shard_size - 1) // shard_size
+        self._check_or_write_meta()
+
+    # ------------------------------------------------------------------ meta
+    def _check_or_write_meta(self) -> None:
+        path = self.root / "meta.json"
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise RayflowError(f"{path}: unreadable cache description ({exc})") from exc
+            if old != self.meta:
+                key = next(k for k in sorted(set(old) | set(self.meta)) if old.get(k) != self.meta.get(k))
+                raise RayflowError(
+                    f"{self.root}: cache was built with {key}={old.get(key)!r} but this run uses "
+                    f"{key}={self.meta.get(key)!r}; use another --cache directory or delete this one"
+                )
+            return
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+            os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ shards
+    def shard_path(self, index: int) -> Path:
+        return self.root / f"shard-{index:05d}.safetensors"
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        start = index * self.shard_size
+        return start, min(self.shard_size, self.num_items - start)
+
+    def _valid(self, index: int) -> bool:
+        path = self.shard_path(index)
+        if not path.exists():
+            return False
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError):
+            return False  # a truncated shard from a killed process: recompute it
+        _, count = self.shard_range(index)
+        return bool(tensors) and all(t.shape[0] == count for t in tensors.values())
+
+    def missing(self) -> list[int]:
+        """Indices of this rank's shards that are absent or unreadable."""
+        return [i for i in range(self.rank, self.num_shards, self.world_size) if not self._valid(i)]
+
+    def build(self, make_shard: ShardFn, seed: int = 0, progress: bool = True, desc: str = "cache") -> int:
+        """Compute this rank's missing shards with ``make_shard(index, start, count, generator)``.
+
+        Returns the number of shards computed now (0 when the cache was already complete).
+        """
+        todo = self.missing()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for index in tqdm(todo, disable=not progress or not todo, desc=desc):
+            start, count = self.shard_range(index)
+            g = torch.Generator().manual_seed(shard_seed(seed, index))
+            tensors = make_shard(index, start, count, g)
+            for name, t in tensors.items():
+                require(t.shape[0] == count, f"shard {index}: tensor {name!r} has {t.shape[0]} rows, expected {count}")
+            tmp = self.shard_path(index).with_suffix(f".tmp{os.getpid()}")
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"shard": str(index), "start": str(start)})
+            os.replace(tmp, self.shard_path(index))
+        return len(todo)
+
+    def is_complete(self) -> bool:
+        return all(self._valid(i) for i in range(self.num_shards))
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """All items, concatenated in index order. Every shard (of every rank) must be present."""
+        parts: list[dict[str, torch.Tensor]] = []
+        for i in range(self.num_shards):
+            path = self.shard_path(i)
+            require(path.exists(), f"{path}: shard missing; run the same command again to finish the cache")
+            try:
+                parts.append(load_file(str(path)))
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise RayflowError(f"{path}: corrupt shard ({exc}); delete it and run again") from exc
+        keys = parts[0].keys()
+        return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+
+def build_or_load(root: str | Path | None, meta: dict[str, Any], num_items: int, make_shard: ShardFn, *,
+                  seed: int = 0, shard_size: int = 4096, progress: bool = True, desc: str = "cache",
+                  rank: int = 0, world_size: int = 1,
+                  barrier: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """Build a cache at ``root`` (resuming) and return its contents; with ``root=None`` compute in memory.
+
+    ``barrier`` (e.g. ``accelerator.wait_for_everyone``) is called between building and loading so that every
+    rank sees every shard.
+    """
+    if root is None:
+        parts = []
+        for index, start in enumerate(range(0, num_items, shard_size)):
+            count = min(shard_size, num_items - start)
+            parts.append(make_shard(index, start, count, torch.Generator().manual_seed(shard_seed(seed, index))))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    cache = ShardedCache(root, meta, num_items, shard_size, rank, world_size)
+    cache.build(make_shard, seed=seed, progress=progress, desc=desc)
+    if barrier is not None:
+        barrier()
+    return cache.load()

@@ -1,0 +1,149 @@
+"""What every distillation method shares: the context it is run in and the interface it implements.
+
+A method is one file under ``rayflow/methods/`` with a :class:`Method` subclass and its config dataclass,
+registered in ``rayflow/methods/__init__.py``. It builds its targets (pairs, eps_mu ...) with the shared
+caches and samplers, trains with the shared :class:`~rayflow.training.Trainer`, and samples with its own
+few-step sampler. Nothing else in the package changes when a method is added.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from rayflow.errors import RayflowError, require
+from rayflow.models import Condition, Denoiser, ModelConfig, build_model
+from rayflow.schedules import VPSchedule
+
+
+class CountingDenoiser(Denoiser):
+    """Wraps a frozen teacher and counts its per-sample evaluations (rows of every batch it sees).
+
+    Classifier-free guidance doubles the count, as it doubles the cost. The count is what methods report as
+    ``teacher_nfe``: pair generation, eps_mu estimation and in-loop teacher solves all included.
+    """
+
+    def __init__(self, model: Denoiser) -> None:
+        super().__init__()
+        self.model = model
+        self.prediction_type = model.prediction_type
+        self.num_classes = model.num_classes
+        self.evaluations = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        self.evaluations += x.shape[0]
+        return self.model(x, t, cond)
+
+    def null_condition(self, batch_size: int, device: torch.device) -> Condition:
+        return self.model.null_condition(batch_size, device)
+
+
+@dataclass
+class DistillContext:
+    """Everything a method needs to distil a teacher; built by :func:`rayflow.distillation.distill`."""
+
+    teacher: CountingDenoiser  # frozen, in eval mode, on ``device``
+    schedule: VPSchedule
+    dataset: Any  # rayflow.data.Dataset
+    train: Any  # rayflow.training.TrainConfig (student updates, batch size, lr ... shared by all methods)
+    out_dir: Path
+    student_config: ModelConfig  # the network the student uses (the teacher's, or a fresh one for exact teachers)
+    student_init: dict[str, torch.Tensor] | None  # teacher weights to initialise from (None: fresh init)
+    guidance: float = 1.0  # teacher CFG scale used when making targets and pairs
+    cache_dir: Path | None = None  # where pair / target caches live (None: computed in memory)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    accelerator: Any = None
+    progress: bool = True
+    base_config: dict[str, Any] = field(default_factory=dict)  # schedule, data, teacher ... for config.json
+
+    def new_student(self) -> Denoiser:
+        """A student network initialised from the teacher's weights (or freshly, for an exact teacher)."""
+        net = build_model(self.student_config)
+        if self.student_init is not None:
+            net.load_state_dict(copy.deepcopy(self.student_init))
+        return net.to(self.device)
+
+    def run_config(self, method: Method, **extra: Any) -> dict[str, Any]:
+        """The ``config.json`` of a student directory: enough to rebuild and sample it."""
+        return {
+            **self.base_config,
+            "kind": "student",
+            "model": self.student_config.to_dict(),
+            "method": {"name": method.name, "config": dataclasses.asdict(method.config)},
+            **extra,
+        }
+
+    def cache_path(self, name: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / name
+
+
+@dataclass
+class DistillResult:
+    student: Denoiser  # ready to sample with ``method.sample`` (already wrapped by ``wrap_student``)
+    teacher_nfe: int  # per-sample teacher evaluations spent, pair generation included
+    logs: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of a distillation method. Subclasses set ``name`` and ``config_class``."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    #: which NFEs the method's sampler supports well (the demo and benchmark evaluate these)
+    nfes: ClassVar[tuple[int, ...]] = (1, 2, 4, 8)
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_class()
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the config; raise :class:`RayflowError` with a one-line message on bad values."""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Method:
+        """Build from ``--option key=value`` pairs (strings are converted to the field types)."""
+        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        kwargs: dict[str, Any] = {}
+        for key, value in options.items():
+            key = key.replace("-", "_")
+            require(key in fields, f"--method {cls.name}: unknown option {key!r}; valid: {', '.join(sorted(fields))}")
+            default = getattr(cls.config_class(), key)
+            kwargs[key] = _coerce(value, default, f"--method {cls.name}: option {key}")
+        return cls(cls.config_class(**kwargs))
+
+    def distill(self, ctx: DistillContext) -> DistillResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
+        """Turn the trained network into the model :meth:`sample` expects (identity unless reparameterised)."""
+        return network
+
+    def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
+               cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _coerce(value: Any, default: Any, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            return tuple(type(default[0])(v) if default else int(v) for v in value.replace("/", ",").split(",") if v)
+    except ValueError as exc:
+        raise RayflowError(f"{what}: cannot read {value!r} as {type(default).__name__}") from exc
+    return value

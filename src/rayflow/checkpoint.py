@@ -1,0 +1,342 @@
+"""Crash-safe files: atomic JSON / safetensors writes, and model directories.
+
+Nothing here uses pickle: weights are safetensors, everything else is JSON. Every write goes to a temporary
+file in the destination's directory, is fsync'ed, then ``os.replace``'d over the target, so a crash leaves
+either the old file or the new one, never a torn one.
+
+A *model directory* holds::
+
+    model.safetensors   the network's state_dict (contiguous CPU tensors)
+    config.json         {"model": ModelConfig.to_dict(), ..., "rayflow_version": "x.y.z"}
+
+and :func:`load_model_dir` rebuilds the network from it with :func:`rayflow.models.build_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayflow.errors import RayflowError
+from rayflow.models.base import Denoiser
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+
+
+# ---------------------------------------------------------------------- low-level atomic writes
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it is durable (a no-op where the OS does not support it)."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write a UTF-8 text file atomically."""
+    write_bytes_atomic(text.encode("utf-8"), path)
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` as indented JSON atomically (temp file in the same directory + fsync + ``os.replace``)."""
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
+
+
+def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors with no shared storage (safetensors refuses shared tensors)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if not torch.is_tensor(t):
+            raise TypeError(f"cannot save {name!r}: expected a tensor, got {type(t).__name__}")
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if not t.is_contiguous() or (ptr is not None and ptr in seen):
+            t = t.contiguous().clone()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Save tensors to a safetensors file atomically (temp file + fsync + ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        save_file(_cpu_contiguous(tensors), os.fspath(tmp), metadata=dict(metadata) if metadata else None)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------- reading with user-facing errors
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file onto the CPU.
+
+    A missing, truncated or corrupt file raises :class:`RayflowError` naming the file.
+    """
+    return load_safetensors_with_metadata(path)[0]
+
+
+def load_safetensors_with_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`load_safetensors` plus the file's string metadata (``{}`` when it has none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise RayflowError(f"{path}: no such file")
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError ... on bad files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RayflowError(f"{path}: not a readable safetensors file (truncated or corrupt?): {msg}") from exc
+    return tensors, metadata
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object; a missing file, invalid JSON or a non-object raises :class:`RayflowError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RayflowError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise RayflowError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RayflowError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise RayflowError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# ---------------------------------------------------------------------- state_dict <-> tensors + JSON
+def split_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (an optimizer's ``state_dict()`` ...) into a JSON skeleton and a flat tensor dict.
+
+    Tensors are replaced by ``{"__tensor__": name}``, tuples by ``{"__tuple__": [...]}``, and dicts whose keys
+    are not all strings (optimizer state is keyed by int) by ``{"__items__": [[key, value], ...]}``, so
+    :func:`join_state` restores the exact structure, key types and tuple-ness. Raises ``TypeError`` on values
+    that are neither tensors, containers nor JSON scalars.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def name_for(path: str) -> str:
+        name, n = path or "tensor", 1
+        while name in tensors:
+            name, n = f"{path}#{n}", n + 1
+        return name
+
+    def walk(x: Any, path: str) -> Any:
+        if torch.is_tensor(x):
+            name = name_for(path)
+            tensors[name] = x
+            return {"__tensor__": name}
+        if isinstance(x, Mapping):
+            def sub(k: Any) -> str:
+                return f"{path}.{k}" if path else str(k)
+
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: walk(v, sub(k)) for k, v in x.items()}
+            for k in x:
+                if not isinstance(k, (str, int, float, bool)) and k is not None:
+                    raise TypeError(f"cannot serialise a dict key of type {type(k).__name__} at {path!r}")
+            return {"__items__": [[k, walk(v, sub(k))] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, numbers.Integral):  # numpy integers ...
+            return int(x)
+        if isinstance(x, numbers.Real):
+            return float(x)
+        raise TypeError(f"cannot serialise a value of type {type(x).__name__} at {path!r} without pickle")
+
+    return walk(obj, prefix), tensors
+
+
+def join_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_state`."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            if set(x) == {"__tensor__"}:
+                return tensors[x["__tensor__"]]
+            if set(x) == {"__tuple__"}:
+                return tuple(walk(v) for v in x["__tuple__"])
+            if set(x) == {"__items__"}:
+                return {k: walk(v) for k, v in x["__items__"]}
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(skeleton)
+
+
+def save_state(state: Any, tensors_path: str | os.PathLike, json_path: str | os.PathLike) -> None:
+    """Save a nested state as ``tensors_path`` (safetensors) + ``json_path`` (its skeleton), atomically each."""
+    skeleton, tensors = split_state(state)
+    save_safetensors_atomic(tensors, tensors_path, metadata={"format": "pt"})
+    write_json_atomic(skeleton, json_path)
+
+
+def load_state(tensors_path: str | os.PathLike, json_path: str | os.PathLike) -> Any:
+    """Load what :func:`save_state` wrote; a skeleton naming a tensor the file lacks is a :class:`RayflowError`."""
+    tensors = load_safetensors(tensors_path)
+    skeleton = read_json(json_path)
+    try:
+        return join_state(skeleton, tensors)
+    except KeyError as exc:
+        raise RayflowError(f"{tensors_path}: tensor {exc.args[0]!r} named by {json_path} is missing") from exc
+
+
+# ---------------------------------------------------------------------- model directories
+def _fmt_shape(shape: torch.Size | tuple[int, ...]) -> str:
+    return str(tuple(int(s) for s in shape))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip ``torch.compile`` and (Distributed)DataParallel wrappers without touching the module."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+            continue
+        return model
+
+
+def save_model_dir(out_dir: str | os.PathLike, model: Denoiser, config: dict) -> None:
+    """Write ``out_dir/model.safetensors`` (the state_dict) and ``out_dir/config.json`` atomically.
+
+    ``config`` should carry ``"model": ModelConfig.to_dict()`` for :func:`load_model_dir`; ``rayflow_version``
+    is added. Other files in ``out_dir`` are left alone.
+    """
+    from rayflow import __version__
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RayflowError(f"{out_dir}: exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = _unwrap(model).state_dict()
+    save_safetensors_atomic(state, out_dir / MODEL_WEIGHTS, metadata={"format": "pt"})
+    write_json_atomic({**config, "rayflow_version": __version__}, out_dir / MODEL_CONFIG)
+
+
+def check_state_dict_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise one-line :class:`RayflowError` (naming ``where``, the key and both shapes) unless ``state`` fits
+    ``model`` exactly: same keys, same shapes."""
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise RayflowError(
+                f"{where}: weights do not fit the config: missing key {key!r} (shape {_fmt_shape(value.shape)})"
+            )
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise RayflowError(
+                f"{where}: weights do not fit the config: {key!r} has shape {_fmt_shape(state[key].shape)} in the "
+                f"file but {_fmt_shape(value.shape)} in the model"
+            )
+    for key in state:
+        if key not in expected:
+            raise RayflowError(
+                f"{where}: weights do not fit the config: unexpected key {key!r} "
+                f"(shape {_fmt_shape(state[key].shape)})"
+            )
+
+
+def load_weights_strict(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors state_dict into ``model`` strictly, with one-line errors naming the file."""
+    state = load_safetensors(path)
+    check_state_dict_fits(model, state, os.fspath(path))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # dtype problems the shape check cannot see
+        raise RayflowError(f"{path}: cannot load weights: {str(exc).splitlines()[0]}") from exc
+
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
+    """Rebuild the network saved by :func:`save_model_dir`; returns ``(model in eval mode, config)``.
+
+    Errors are one-line :class:`RayflowError` naming the path: not a directory, no ``config.json``, no
+    ``model.safetensors``, a config without ``"model"``, or weights that do not fit the config.
+    """
+    from rayflow.models.networks import ModelConfig, build_model
+
+    path = Path(path)
+    if not path.exists():
+        raise RayflowError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise RayflowError(f"{path}: not a directory (expected a model directory with {MODEL_CONFIG})")
+    cfg_path, weights_path = path / MODEL_CONFIG, path / MODEL_WEIGHTS
+    if not cfg_path.is_file():
+        raise RayflowError(f"{path}: no {MODEL_CONFIG} here; not a rayflow model directory")
+    if not weights_path.is_file():
+        raise RayflowError(f"{path}: no {MODEL_WEIGHTS} here")
+    config = read_json(cfg_path)
+    model_cfg = config.get("model")
+    if not isinstance(model_cfg, dict):
+        raise RayflowError(f"{cfg_path}: no \"model\" section describing the network")
+    try:
+        model = build_model(ModelConfig.from_dict(model_cfg))
+    except RayflowError as exc:
+        raise RayflowError(f"{cfg_path}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise RayflowError(f"{cfg_path}: invalid model config: {str(exc).splitlines()[0]}") from exc
+    load_weights_strict(model, weights_path)
+    return model.to(device).eval(), config

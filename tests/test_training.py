@@ -1,0 +1,334 @@
+"""The shared trainer: exact resume, crash-safe checkpoints, config checks, NaN handling, the teacher loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayflow.checkpoint import load_model_dir, load_safetensors
+from rayflow.errors import RayflowError
+from rayflow.models import Denoiser, ModelConfig, build_model
+from rayflow.schedules import VPSchedule
+from rayflow.training import (
+    EpsilonObjective,
+    LossOutput,
+    TrainConfig,
+    Trainer,
+    resolve_compile,
+    resolve_mixed_precision,
+    step_seed,
+    unwrap_denoiser,
+)
+
+MODEL_CFG = ModelConfig(kind="mlp", sample_shape=(2,), hidden=16, depth=1)
+
+
+def _model(cfg: ModelConfig = MODEL_CFG) -> Denoiser:
+    torch.manual_seed(123)
+    return build_model(cfg)
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and does not oversubscribe a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+class ToyObjective:
+    """Regress sin(3x) with generator-drawn data; has state and an after_step that draws from the generator."""
+
+    def __init__(self, nan_at: int | None = None, crash_at: int | None = None) -> None:
+        self.buf = torch.zeros(3)
+        self.calls = 0
+        self.nan_at, self.crash_at = nan_at, crash_at
+
+    def __call__(self, model, step, generator):
+        self.calls += 1
+        if step == self.crash_at:
+            raise KeyboardInterrupt
+        x = torch.randn(16, 2, generator=generator, device=generator.device)
+        t = torch.randint(0, 100, (16,), generator=generator, device=generator.device).float()
+        loss = (model(x, t) - torch.sin(3 * x)).square().mean()
+        if step == self.nan_at:
+            loss = loss * float("nan")
+        return LossOutput(loss, {"xmean": float(x.mean())})
+
+    def after_step(self, model, step, generator):
+        self.buf += torch.rand(3, generator=generator)
+        return {"buf": float(self.buf.sum())}
+
+    def state_dict(self):
+        return {"buf": self.buf.clone(), "meta": {"pair": (1, 2)}}
+
+    def load_state_dict(self, d):
+        assert d["meta"]["pair"] == (1, 2)
+        self.buf = d["buf"].clone()
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(max_steps=40, lr=3e-3, weight_decay=0.01, warmup_steps=5, grad_clip=0.5, ema_decay=0.9,
+                seed=7, checkpoint_every=10, keep_checkpoints=2, log_every=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _train(out: Path, objective=None, run_config=None, **kw):
+    objective = objective or ToyObjective()
+    trainer = Trainer(_model(), objective, _config(**kw), out, run_config or {"model": MODEL_CFG.to_dict()})
+    return trainer, trainer.train(), objective
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _log_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------- configuration
+def test_train_config_round_trip_and_validation():
+    cfg = _config()
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(RayflowError, match=r"unknown keys \['lrr'\]"):
+        TrainConfig.from_dict({"lrr": 1.0})
+    with pytest.raises(RayflowError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(RayflowError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(RayflowError, match="keep_checkpoints"):
+        TrainConfig(keep_checkpoints=0)
+
+
+def test_resolve_mixed_precision_and_compile():
+    for mp, cpu, cuda in [("auto", "no", "bf16"), ("no", "no", "no"), ("bf16", "bf16", "bf16")]:
+        assert resolve_mixed_precision(TrainConfig(mixed_precision=mp), "cpu") == cpu
+        assert resolve_mixed_precision(TrainConfig(mixed_precision=mp), torch.device("cuda", 1)) == cuda
+    assert resolve_mixed_precision(TrainConfig(mixed_precision="fp16"), "cuda:0") == "fp16"
+    with pytest.raises(RayflowError, match="fp16 needs a GPU"):
+        resolve_mixed_precision(TrainConfig(mixed_precision="fp16"), "cpu")
+    assert resolve_compile(TrainConfig(compile="auto"), "cuda") is True
+    assert resolve_compile(TrainConfig(compile="auto"), torch.device("cpu")) is False
+    assert resolve_compile(TrainConfig(compile="yes"), "cpu") is True
+    assert resolve_compile(TrainConfig(compile="no"), "cuda:0") is False
+    bad = TrainConfig()
+    bad.compile = "maybe"
+    with pytest.raises(RayflowError, match="compile"):
+        resolve_compile(bad, "cpu")
+
+
+def test_step_seed_is_stable_and_distinct():
+    seeds = {step_seed(s, k, r) for s in range(3) for k in range(200) for r in range(4)}
+    assert len(seeds) == 3 * 200 * 4
+    assert step_seed(1, 2, 3) == step_seed(1, 2, 3) and 0 <= step_seed(1, 2, 3) < 2**63
+
+
+def test_unwrap_denoiser_strips_data_parallel():
+    m = _model()
+    assert unwrap_denoiser(torch.nn.DataParallel(m)) is m and unwrap_denoiser(m) is m
+
+
+def test_precision_can_change_between_runs_in_one_process(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    try:
+        _train(tmp_path / "fp32", max_steps=2)
+        trainer, final, _ = _train(tmp_path / "bf16", max_steps=3, mixed_precision="bf16")  # CPU autocast
+        assert trainer.mixed_precision == "bf16" and next(final.parameters()).dtype == torch.float32
+        assert load_model_dir(tmp_path / "bf16")[1]["steps_done"] == 3
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)  # leave no bf16 state to later tests
+
+
+# ---------------------------------------------------------------------- exact resume
+def test_resume_is_bit_identical(tmp_path):
+    _, straight, obj_a = _train(tmp_path / "a", max_steps=40)
+    t1, _, _ = _train(tmp_path / "b", max_steps=20)
+    t2, resumed, obj_b = _train(tmp_path / "b", max_steps=40)
+    assert obj_b.calls == 20  # only the missing steps ran
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name  # EMA weights
+    raw_a = load_safetensors(tmp_path / "a/checkpoints/step-0000040/model.safetensors")
+    raw_b = load_safetensors(tmp_path / "b/checkpoints/step-0000040/model.safetensors")
+    assert raw_a.keys() == raw_b.keys() and all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+    assert torch.equal(obj_a.buf, obj_b.buf)
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+    for name in ("optimizer.safetensors", "ema.safetensors", "objective.safetensors"):
+        a = load_safetensors(tmp_path / "a/checkpoints/step-0000040" / name)
+        b = load_safetensors(tmp_path / "b/checkpoints/step-0000040" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert _log_steps(tmp_path / "b") == list(range(1, 41))
+
+
+def test_interrupted_run_resumes_exactly_and_trims_the_log(tmp_path):
+    _, straight, _ = _train(tmp_path / "a", max_steps=30)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", objective=ToyObjective(crash_at=25), max_steps=30)
+    assert (tmp_path / "b/checkpoints/latest").read_text().strip() == "step-0000020"
+    _, resumed, _ = _train(tmp_path / "b", max_steps=30)
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    assert _log_steps(tmp_path / "b") == list(range(1, 31))  # steps 21-25 of the interrupted run are not repeated
+
+
+def test_final_model_loads_and_records_the_run(tmp_path):
+    trainer, final, _ = _train(tmp_path, max_steps=12, checkpoint_every=0, run_config={"method": "toy"})
+    loaded, config = load_model_dir(tmp_path)  # "model" was added from model.config
+    assert config["method"] == "toy" and config["steps_done"] == 12 and config["train"]["max_steps"] == 12
+    x, t = torch.randn(4, 2), torch.full((4,), 30.0)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), final(x, t))
+    assert not final.training
+    # checkpoint_every=0: one checkpoint, at the end
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-0000012"]
+    record = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "logs", "lr", "time"} <= set(record) and "buf" in record["logs"]
+    files = set(os.listdir(tmp_path / "checkpoints/step-0000012"))
+    assert files == {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json",
+                     "objective.safetensors", "objective.json", "state.json"}
+
+
+def test_without_ema_returns_the_raw_model(tmp_path):
+    trainer, final, _ = _train(tmp_path, max_steps=5, ema_decay=0.0)
+    assert final is trainer.raw_model and not final.training
+    assert "ema.safetensors" not in os.listdir(tmp_path / "checkpoints/step-0000005")
+
+
+def test_finished_checkpoint_rewrites_the_final_model_without_training(tmp_path):
+    _train(tmp_path, max_steps=10)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").unlink()
+    _, _, obj = _train(tmp_path, max_steps=10)
+    assert obj.calls == 0 and (tmp_path / "model.safetensors").read_bytes() == before
+    _, _, obj = _train(tmp_path, max_steps=5)  # fewer steps than done: nothing to train
+    assert obj.calls == 0 and load_model_dir(tmp_path)[1]["steps_done"] == 10
+
+
+def test_checkpoint_rotation_keeps_n(tmp_path):
+    _train(tmp_path, max_steps=25, checkpoint_every=5, keep_checkpoints=3)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-0000015", "step-0000020",
+                                                            "step-0000025"]
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step-0000025"
+
+
+# ---------------------------------------------------------------------- refusals
+def test_resume_from_another_configuration_is_refused(tmp_path):
+    _train(tmp_path, max_steps=10)
+    with pytest.raises(RayflowError, match=r"step-0000010: checkpoint is from another configuration: "
+                                           r"train\.lr was 0\.003, now 0\.001"):
+        _train(tmp_path, max_steps=20, lr=1e-3)
+    with pytest.raises(RayflowError, match=r"another configuration: data was \"a\", now \"b\""):
+        _train(tmp_path / "x", run_config={"model": MODEL_CFG.to_dict(), "data": "a"}, max_steps=5)
+        _train(tmp_path / "x", run_config={"model": MODEL_CFG.to_dict(), "data": "b"}, max_steps=10)
+    # operational settings may change
+    _train(tmp_path, max_steps=12, log_every=3, checkpoint_every=4, keep_checkpoints=1)
+
+
+def test_nan_loss_raises_and_writes_nothing_new(tmp_path):
+    with pytest.raises(RayflowError, match="step 15: the loss is nan"):
+        _train(tmp_path, objective=ToyObjective(nan_at=15), max_steps=40)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-0000010"]
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step-0000010"
+    assert not (tmp_path / "model.safetensors").exists()
+    assert max(_log_steps(tmp_path)) == 15  # steps are counted from 1: step index 15 (the 16th) left no line
+
+
+@pytest.mark.parametrize("fail,nth", [("replace", 2), ("replace", 5), ("rename", 1), ("rename", 2)])
+def test_crash_while_checkpointing_keeps_previous_checkpoint(tmp_path, monkeypatch, fail, nth):
+    _train(tmp_path, max_steps=10)
+    before = _snapshot(tmp_path)
+    real = getattr(os, fail)
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # os.replace: atomic file writes; os.rename: .tmp-step-X -> step-X
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise OSError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, fail, flaky)
+    with pytest.raises(OSError, match="simulated crash"):
+        _train(tmp_path, max_steps=30)
+    monkeypatch.undo()
+    after = _snapshot(tmp_path)
+    for name, data in before.items():
+        if name.startswith("checkpoints/step-0000010/") or name in ("model.safetensors", "config.json"):
+            assert after.get(name) == data, name  # the earlier checkpoint and the final model are untouched
+    latest = (tmp_path / "checkpoints/latest").read_text().strip()
+    assert latest in ("step-0000010", "step-0000020")
+    assert all(len(os.listdir(p)) == 7 for p in (tmp_path / "checkpoints").glob("step-*"))  # none half-written
+    # the run completes from the surviving checkpoint, identical to an uninterrupted one
+    _, resumed, _ = _train(tmp_path, max_steps=30)
+    _, straight, _ = _train(tmp_path / "ref", max_steps=30)
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())
+
+
+# ---------------------------------------------------------------------- the teacher loss
+def _two_gaussians(n: int = 512):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    means = torch.tensor([[2.0, 0.0], [-2.0, 0.0]])
+    return means[labels] + 0.3 * torch.randn(n, 2, generator=g), labels
+
+
+def test_epsilon_objective_loss_decreases(tmp_path):
+    x, y = _two_gaussians()
+    cfg = ModelConfig(kind="mlp", sample_shape=(2,), hidden=64, depth=2, num_classes=2)
+    torch.manual_seed(0)
+    objective = EpsilonObjective(x, y, VPSchedule.linear(1000), batch_size=256, label_dropout=0.1, num_classes=2)
+    train_cfg = TrainConfig(max_steps=200, lr=3e-3, warmup_steps=10, ema_decay=0.99, checkpoint_every=0,
+                            log_every=1, progress=False)
+    Trainer(build_model(cfg), objective, train_cfg, tmp_path, {"model": cfg.to_dict()}).train()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.75 * first, (first, last)
+
+
+class _Recorder(Denoiser):
+    """Returns a fixed function of (x, t) as the given prediction type; records the conditions it sees."""
+
+    def __init__(self, prediction_type: str, schedule: VPSchedule) -> None:
+        super().__init__()
+        self.prediction_type, self.schedule, self.num_classes = prediction_type, schedule, 3
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, t, cond=None):
+        self.seen.append(cond)
+        eps = self.w * torch.tanh(x) + 0.01 * t[:, None]
+        a, s = self.schedule.a(t)[:, None].float(), self.schedule.s(t)[:, None].float()
+        x0 = (x - s * eps) / a
+        return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0, "flow": eps - x0}[
+            self.prediction_type]
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction", "flow"])
+def test_epsilon_objective_converts_predictions(prediction_type):
+    sched = VPSchedule.linear(1000)
+    x, y = _two_gaussians(64)
+    obj = EpsilonObjective(x, y, sched, batch_size=32, label_dropout=0.0, num_classes=3)
+    ref = obj(_Recorder("epsilon", sched), 3, torch.Generator().manual_seed(5)).loss
+    got = obj(_Recorder(prediction_type, sched), 3, torch.Generator().manual_seed(5)).loss
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_epsilon_objective_label_dropout():
+    sched = VPSchedule.linear(100)
+    x, y = _two_gaussians(64)
+    for p, expect in [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5)]:
+        model = _Recorder("epsilon", sched)
+        obj = EpsilonObjective(x, y, sched, batch_size=4000, label_dropout=p, num_classes=3)
+        obj(model, 0, torch.Generator().manual_seed(1))
+        null_rate = float((model.seen[0] == 3).float().mean())
+        assert abs(null_rate - expect) < 0.05
+    model = _Recorder("epsilon", sched)
+    EpsilonObjective(x, None, sched, batch_size=8)(model, 0, torch.Generator().manual_seed(1))
+    assert model.seen[0] is None
+    with pytest.raises(RayflowError, match="num_classes is 0"):
+        EpsilonObjective(x, y, sched, batch_size=8)

@@ -119,6 +119,10 @@ class Method:
     def distill(self, ctx: DistillContext) -> DistillResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def nfe_for_steps(self, steps: int) -> int:
+        """Network evaluations of a ``steps``-step sample (one per step unless the method's sampler says otherwise)."""
+        return steps
+
     def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
         """Turn the trained network into the model :meth:`sample` expects (identity unless reparameterised)."""
         return network

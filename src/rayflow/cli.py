@@ -1,0 +1,280 @@
+"""``rayflow``: the command-line interface.
+
+    rayflow train-teacher --data SPEC --out DIR [training options]
+    rayflow distill --method NAME --teacher DIR|exact --data SPEC --out DIR [--max-steps N] [--batch-size B]
+                    [--option key=value ...]
+    rayflow sample  (--model DIR | --teacher exact --data SPEC) --steps N --num K --out samples.npz
+    rayflow eval    --samples samples.npz --data SPEC --out DIR
+    rayflow demo    --out DIR
+    rayflow methods
+
+A user's mistake (a missing file, a bad option, a checkpoint of another configuration) prints one line,
+``rayflow: error: ...``, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rayflow.errors import RayflowError, require
+
+
+def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr: float, ema: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, default=max_steps, help=f"optimizer steps (default {max_steps})")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"per-process batch (default {batch_size})")
+    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    g.add_argument("--ema-decay", type=float, default=ema, help=f"0 disables (default {ema:g})")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
+    g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile (auto: on CUDA)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace):
+    from rayflow.training import TrainConfig
+
+    return TrainConfig(
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision, compile=args.compile,
+        progress=not args.no_progress,
+    )
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in pairs:
+        require("=" in item, f"--option expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _accelerator():
+    """An Accelerator only when launched by ``accelerate launch`` / torchrun with several processes."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        return Accelerator()
+    return None
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from rayflow.data import load_dataset
+    from rayflow.distillation import train_teacher
+    from rayflow.models import ModelConfig, default_model_config
+    from rayflow.schedules import VPSchedule
+
+    dataset = load_dataset(args.data)
+    num_classes = 0 if args.unconditional else dataset.num_classes
+    model = default_model_config(tuple(dataset.sample_shape), num_classes)
+    if args.model is not None:
+        require(args.model != "unet" or dataset.kind == "image", "--model unet needs image data")
+        model = ModelConfig(kind=args.model, sample_shape=tuple(dataset.sample_shape), num_classes=num_classes)
+    if args.hidden is not None:
+        model.hidden = args.hidden
+    if args.channels is not None:
+        model.channels = tuple(int(c) for c in args.channels.split(","))
+    t0 = time.time()
+    train_teacher(dataset, args.out, _train_config(args), model=model,
+                  schedule=VPSchedule.from_name(args.schedule), conditional=not args.unconditional,
+                  label_dropout=args.label_dropout, accelerator=_accelerator())
+    print(f"teacher written to {args.out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from rayflow.distillation import distill
+    from rayflow.methods import get_method
+
+    method = get_method(args.method).from_options(_parse_options(args.option))
+    t0 = time.time()
+    result = distill(method, args.teacher, args.data, args.out, _train_config(args), guidance=args.guidance,
+                     cache_dir=args.cache, schedule_name=args.schedule, progress=not args.no_progress,
+                     accelerator=_accelerator())
+    print(f"{method.name} student written to {args.out} ({time.time() - t0:.0f} s, "
+          f"{result.teacher_nfe} teacher evaluations)")
+    return 0
+
+
+def _labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor | None:
+    if num_classes == 0:
+        require(spec in ("cycle", "random"), "--labels needs a class-conditional model")
+        return None
+    if spec == "cycle":
+        return torch.arange(n) % num_classes
+    if spec == "random":
+        return torch.randint(0, num_classes, (n,), generator=generator)
+    try:
+        label = int(spec)
+    except ValueError as exc:
+        raise RayflowError(f"--labels must be cycle, random or a class index, got {spec!r}") from exc
+    require(0 <= label < num_classes, f"--labels {label} is not a class of this model (0..{num_classes - 1})")
+    return torch.full((n,), label, dtype=torch.long)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rayflow.data import to_uint8_images
+    from rayflow.distillation import load_generator
+    from rayflow.evaluation import save_sample_grid, save_samples_npz
+
+    require(args.num >= 1, f"--num must be >= 1, got {args.num}")
+    require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    require(str(args.out).endswith(".npz"), f"--out must name a .npz file, got {args.out}")
+    gen = load_generator(model=args.model, teacher=args.teacher, data=args.data, schedule_name=args.schedule)
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(args.num, *gen.sample_shape, generator=g)
+    labels = _labels_for(args.labels, args.num, gen.num_classes, g)
+    t0 = time.time()
+    x = gen.generate(noise, args.steps, cond=labels, guidance=args.guidance, sampler=args.sampler,
+                     batch_size=args.batch_size).float()
+    elapsed = time.time() - t0
+    images = to_uint8_images(x) if x.ndim == 4 else None
+    save_samples_npz(args.out, x.numpy(), images=images, labels=None if labels is None else labels.numpy())
+    if args.grid and images is not None:
+        save_sample_grid(images[:64], args.grid)
+    print(f"{args.num} samples from {gen.name} ({gen.nfe(args.steps or gen.default_steps, args.sampler)} NFE) "
+          f"written to {args.out} in {elapsed:.1f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rayflow.comparison import evaluate_npz
+    from rayflow.data import load_dataset
+    from rayflow.evaluation import format_table, load_samples_npz, write_results
+
+    samples = load_samples_npz(args.samples)
+    teacher = load_samples_npz(args.teacher_samples) if args.teacher_samples else None
+    dataset = load_dataset(args.data, split=args.split)
+    metrics = evaluate_npz(samples, dataset, teacher_samples=teacher, feature_net_dir=args.feature_net,
+                           reference_num=args.reference_num, seed=args.seed)
+    row = {"method": args.method or Path(args.samples).stem, "nfe": args.nfe, **metrics}
+    out = Path(args.out)
+    rows = []
+    if (out / "results.json").exists():
+        rows = [r for r in json.loads((out / "results.json").read_text())
+                if (r.get("method"), r.get("nfe")) != (row["method"], row["nfe"])]
+    rows.append(row)
+    write_results(rows, out)
+    print(format_table([row]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rayflow.demo import run_demo
+
+    run_demo(args.out, data=args.data, quick=args.quick, methods=args.methods.split(",") if args.methods else None,
+             seed=args.seed)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rayflow.methods import available_methods, get_method
+
+    for name in available_methods():
+        doc = (get_method(name).__doc__ or "").strip().splitlines()
+        print(f"{name:22s} {doc[0] if doc else ''}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayflow", description="Few-step generators distilled from diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train-teacher", help="train an epsilon-prediction teacher on a data set")
+    t.add_argument("--data", required=True, help="data spec, e.g. digits, mnist:path=DIR,pad=32, mog:dim=8")
+    t.add_argument("--out", required=True, help="output directory (resumes if it holds a checkpoint)")
+    t.add_argument("--model", choices=["mlp", "unet"], default=None, help="network (default: by data shape)")
+    t.add_argument("--hidden", type=int, default=None, help="MLP width")
+    t.add_argument("--channels", default=None, help="UNet channels per level, e.g. 32,64,64")
+    t.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"])
+    t.add_argument("--unconditional", action="store_true", help="ignore labels")
+    t.add_argument("--label-dropout", type=float, default=0.1, help="label dropout for CFG (default 0.1)")
+    _train_args(t, max_steps=4000, batch_size=256, lr=1e-3, ema=0.999)
+    t.set_defaults(func=cmd_train_teacher)
+
+    d = sub.add_parser("distill", help="distil a teacher into a few-step student")
+    d.add_argument("--method", required=True, help="rayflow, proreflow, perflow, reflow, rectified-diffusion")
+    d.add_argument("--teacher", required=True, help="teacher directory, or 'exact' for mog data")
+    d.add_argument("--data", required=True, help="data spec (the teacher's data)")
+    d.add_argument("--out", required=True, help="output directory (resumes if it holds a checkpoint)")
+    d.add_argument("--guidance", type=float, default=1.0, help="teacher CFG scale for targets and pairs")
+    d.add_argument("--cache", default=None, help="directory for resumable pair/target caches")
+    d.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
+                   help="noise schedule of the exact teacher")
+    d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeat)")
+    _train_args(d, max_steps=2000, batch_size=256, lr=5e-4, ema=0.999)
+    d.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("sample", help="generate samples from a teacher or a student")
+    s.add_argument("--model", default=None, help="teacher or student directory")
+    s.add_argument("--teacher", default=None, help="'exact' (with --data mog:...) to sample the exact teacher")
+    s.add_argument("--data", default=None, help="data spec for --teacher exact")
+    s.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"])
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    s.add_argument("--num", type=int, default=64, help="number of samples")
+    s.add_argument("--out", required=True, help="output .npz (x float32; images uint8 NHWC; labels)")
+    s.add_argument("--sampler", default=None, help="teachers only: ddim, dpm++2m, euler, heun")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    s.add_argument("--labels", default="cycle", help="cycle | random | a class index")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=1000)
+    s.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 images")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="compare samples with reference data")
+    e.add_argument("--samples", required=True, help=".npz written by rayflow sample")
+    e.add_argument("--data", required=True, help="data spec of the reference")
+    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--teacher-samples", default=None, help=".npz of the teacher from the same noise (fidelity)")
+    e.add_argument("--feature-net", default=None, help="directory of the feature classifier (trained if empty)")
+    e.add_argument("--reference-num", type=int, default=10000, help="fresh true samples for mog data")
+    e.add_argument("--method", default=None, help="row label (default: the samples file name)")
+    e.add_argument("--nfe", type=int, default=None, help="row NFE label")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", required=True, help="directory for results.json / results.md (rows are merged)")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("demo", help="the whole pipeline on the embedded data in a few minutes on a CPU")
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--data", default="digits")
+    m.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
+    m.add_argument("--quick", action="store_true", help="a much smaller budget (for tests)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("methods", help="list the distillation methods")
+    ls.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RayflowError as exc:
+        print(f"rayflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rayflow: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The pipelines behind the command line: train a teacher, distil it with a method, load any generator.
+
+Every model directory is self-describing: ``config.json`` says whether it holds a teacher or a student, the
+network, the schedule, the data spec it was trained on and, for students, the method (with its config) whose
+sampler it needs. :func:`load_generator` turns any such directory - or the exact mixture teacher - into a
+:class:`Generator` with one ``generate(noise, steps, cond)`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayflow import __version__
+from rayflow.checkpoint import load_model_dir, read_json, write_json_atomic
+from rayflow.data import Dataset, load_dataset
+from rayflow.errors import RayflowError, require
+from rayflow.gmm import ExactTeacher
+from rayflow.methods import CountingDenoiser, DistillContext, DistillResult, Method, get_method
+from rayflow.models import Condition, Denoiser, ModelConfig, build_model, default_model_config
+from rayflow.samplers import get_sampler, sampler_nfe
+from rayflow.samplers import sample as solve_teacher
+from rayflow.schedules import VPSchedule, expand_like, to_x0_eps
+from rayflow.training import EpsilonObjective, TrainConfig, Trainer
+
+#: the teacher's default sampler and steps when a directory is sampled without --sampler/--steps
+TEACHER_SAMPLER = {"name": "dpm++2m", "steps": 25}
+
+
+class EpsilonView(Denoiser):
+    """Present any teacher as an epsilon-predictor: ``eps = to_x0_eps(pred, type, x, a_t, s_t)[1]``.
+
+    Exact algebra on the VP path, so a v-, x0- or flow-prediction teacher is converted rather than refused.
+    """
+
+    prediction_type = "epsilon"
+
+    def __init__(self, model: Denoiser, schedule: VPSchedule) -> None:
+        super().__init__()
+        self.model, self.schedule = model, schedule
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        pred = self.model(x, t, cond)
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0]).cpu()
+        a, s = expand_like(self.schedule.a(tt), x), expand_like(self.schedule.s(tt), x)
+        return to_x0_eps(pred, self.model.prediction_type, x, a, s)[1]
+
+    def null_condition(self, batch_size: int, device: torch.device) -> Condition:
+        return self.model.null_condition(batch_size, device)
+
+
+# ---------------------------------------------------------------------- teachers
+def train_teacher(
+    data: str | Dataset, out_dir: str | Path, train: TrainConfig, model: ModelConfig | None = None,
+    schedule: VPSchedule | None = None, conditional: bool = True, label_dropout: float = 0.1,
+    accelerator: Any = None,
+) -> Denoiser:
+    """Train an epsilon-prediction teacher on ``data`` into ``out_dir`` (resuming if interrupted).
+
+    Class-conditional (with label dropout for classifier-free guidance) when the data has labels and
+    ``conditional`` is set.
+    """
+    dataset = load_dataset(data) if isinstance(data, str) else data
+    schedule = schedule or VPSchedule.linear()
+    require(0 <= label_dropout < 1, f"label dropout must be in [0, 1), got {label_dropout}")
+    num_classes = dataset.num_classes if (conditional and dataset.labels is not None) else 0
+    model_cfg = model or default_model_config(dataset.sample_shape, num_classes)
+    require(tuple(model_cfg.sample_shape) == tuple(dataset.sample_shape),
+            f"the model is built for samples of shape {tuple(model_cfg.sample_shape)} but {dataset.spec} has "
+            f"{tuple(dataset.sample_shape)}")
+    model_cfg.num_classes = num_classes
+    net = build_model(model_cfg)
+    objective = EpsilonObjective(dataset.x, dataset.labels if num_classes else None, schedule, train.batch_size,
+                                 label_dropout=label_dropout, num_classes=num_classes)
+    run_config = {
+        "kind": "teacher", "model": model_cfg.to_dict(), "schedule": schedule.config, "data": dataset.spec,
+        "label_dropout": label_dropout, "sampler": TEACHER_SAMPLER, "rayflow_version": __version__,
+    }
+    return Trainer(net, objective, train, out_dir, run_config, accelerator=accelerator).train()
+
+
+def load_teacher(teacher: str, dataset: Dataset, schedule_name: str = "linear") -> tuple[Denoiser, VPSchedule, dict]:
+    """``teacher`` is a teacher directory or ``"exact"`` (the mixture's exact epsilon, for ``mog`` data)."""
+    if teacher == "exact":
+        require(dataset.mixture is not None,
+                f"--teacher exact needs Gaussian-mixture data (mog:...), not {dataset.spec}")
+        schedule = VPSchedule.from_name(schedule_name)
+        model = ExactTeacher(dataset.mixture, schedule, conditional=dataset.num_classes > 0)
+        return model, schedule, {"teacher": "exact", "schedule": schedule.config}
+    model, config = load_model_dir(teacher)
+    require(config.get("kind") == "teacher",
+            f"{teacher}: holds a {config.get('kind', 'unknown')} model, not a teacher")
+    schedule = VPSchedule.from_config(config["schedule"])
+    shape = tuple(config["model"]["sample_shape"])
+    require(shape == tuple(dataset.sample_shape),
+            f"{teacher}: the teacher was trained on samples of shape {shape} but {dataset.spec} has "
+            f"{tuple(dataset.sample_shape)}")
+    return model.eval(), schedule, {"teacher": str(teacher), "schedule": schedule.config}
+
+
+# ---------------------------------------------------------------------- distillation
+def distill(
+    method: Method, teacher: str, data: str | Dataset, out_dir: str | Path, train: TrainConfig,
+    guidance: float = 1.0, cache_dir: str | Path | None = None, schedule_name: str = "linear",
+    student_model: ModelConfig | None = None, progress: bool = True, accelerator: Any = None,
+) -> DistillResult:
+    """Distil ``teacher`` (a directory or ``"exact"``) with ``method`` into ``out_dir``.
+
+    The student starts from the teacher's weights when the teacher is a network, and from a fresh network
+    (``student_model`` or the default for the data's shape) for the exact teacher. ``config.json`` of the
+    result records the method, its config and the teacher NFEs spent.
+    """
+    dataset = load_dataset(data) if isinstance(data, str) else data
+    require(guidance >= 1.0 or guidance == 0.0, f"--guidance must be >= 1 (1 = no guidance), got {guidance}")
+    net, schedule, info = load_teacher(teacher, dataset, schedule_name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator is not None:
+        device = accelerator.device
+    for p in net.parameters():
+        p.requires_grad_(False)
+    eps_teacher = net if net.prediction_type == "epsilon" else EpsilonView(net, schedule)
+    counting = CountingDenoiser(eps_teacher.to(device).eval())
+    if isinstance(net, ExactTeacher):
+        student_cfg = student_model or default_model_config(dataset.sample_shape, dataset.num_classes)
+        init = None
+    else:
+        student_cfg = ModelConfig.from_dict(net.config.to_dict())
+        init = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    out_dir = Path(out_dir)
+    base = {"schedule": schedule.config, "data": dataset.spec, "teacher": info["teacher"],
+            "guidance": guidance, "rayflow_version": __version__}
+    ctx = DistillContext(
+        teacher=counting, schedule=schedule, dataset=dataset, train=train, out_dir=out_dir,
+        student_config=student_cfg, student_init=init, guidance=guidance,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None, device=device, accelerator=accelerator,
+        progress=progress, base_config=base,
+    )
+    result = method.distill(ctx)
+    cfg_path = out_dir / "config.json"
+    if cfg_path.exists() and (accelerator is None or accelerator.is_main_process):
+        cfg = read_json(cfg_path)
+        cfg["teacher_nfe"] = int(result.teacher_nfe)
+        write_json_atomic(cfg, cfg_path)
+    return result
+
+
+# ---------------------------------------------------------------------- generators
+@dataclass
+class Generator:
+    """A teacher (solved with a training-free sampler) or a distilled student (its method's sampler)."""
+
+    model: Denoiser
+    schedule: VPSchedule
+    sample_shape: tuple[int, ...]
+    num_classes: int
+    data: str
+    method: Method | None = None  # None for teachers
+    default_sampler: str = "dpm++2m"
+    default_steps: int = 25
+
+    @property
+    def name(self) -> str:
+        return self.method.name if self.method is not None else "teacher"
+
+    def nfe(self, steps: int, sampler: str | None = None) -> int:
+        if self.method is not None:
+            return self.method.nfe_for_steps(steps)
+        return sampler_nfe(sampler or self.default_sampler, steps)
+
+    @torch.no_grad()
+    def generate(self, noise: torch.Tensor, steps: int | None = None, cond: Condition = None,
+                 guidance: float = 1.0, sampler: str | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """Map ``noise`` (standard normal, shape ``[N, *sample_shape]``) to samples in model space."""
+        require(tuple(noise.shape[1:]) == tuple(self.sample_shape),
+                f"noise of shape {tuple(noise.shape[1:])} does not fit samples of shape {self.sample_shape}")
+        steps = steps or self.default_steps
+        require(steps >= 1, f"steps must be >= 1, got {steps}")
+        if self.method is None:
+            return solve_teacher(self.model, noise, self.schedule, sampler or self.default_sampler, steps,
+                                 cond=cond, guidance=guidance, batch_size=batch_size)
+        require(sampler is None, f"{self.method.name} students use their own sampler; drop --sampler")
+        bs = batch_size or noise.shape[0]
+        out = []
+        for start in range(0, noise.shape[0], bs):
+            c = None if cond is None else cond[start:start + bs]
+            out.append(self.method.sample(self.model, noise[start:start + bs], self.schedule, steps, c, guidance))
+        return torch.cat(out)
+
+
+def load_generator(model: str | None = None, teacher: str | None = None, data: str | None = None,
+                   schedule_name: str = "linear", device: str | torch.device = "cpu") -> Generator:
+    """``model=DIR`` (teacher or student directory), or ``teacher="exact"`` with ``data="mog:..."``."""
+    if model is None:
+        require(teacher == "exact" and data is not None, "give --model DIR, or --teacher exact with --data SPEC")
+        dataset = load_dataset(data)
+        net, schedule, _ = load_teacher("exact", dataset, schedule_name)
+        return Generator(net, schedule, tuple(dataset.sample_shape), dataset.num_classes, dataset.spec)
+    config = read_json(Path(model) / "config.json")
+    kind = config.get("kind")
+    require(kind in ("teacher", "student"), f"{model}/config.json: unknown model kind {kind!r}")
+    network, config = load_model_dir(model, device=device)
+    schedule = VPSchedule.from_config(config["schedule"])
+    shape = tuple(config["model"]["sample_shape"])
+    if kind == "teacher":
+        sampler = config.get("sampler", TEACHER_SAMPLER)
+        return Generator(network.eval(), schedule, shape, network.num_classes, config.get("data", ""),
+                         default_sampler=sampler["name"], default_steps=int(sampler["steps"]))
+    method_info = config.get("method") or {}
+    method_cls = get_method(method_info.get("name", ""))
+    try:
+        method = method_cls(method_cls.config_class(**method_info.get("config", {})))
+    except TypeError as exc:
+        raise RayflowError(f"{model}/config.json: method config does not fit {method_cls.name}: {exc}") from exc
+    student = method.wrap_student(network.eval(), schedule)
+    return Generator(student, schedule, shape, network.num_classes, config.get("data", ""), method=method,
+                     default_steps=4)
+
+
+__all__ = ["EpsilonView", "Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]

@@ -135,7 +135,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     require(args.num >= 1, f"--num must be >= 1, got {args.num}")
     require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     require(str(args.out).endswith(".npz"), f"--out must name a .npz file, got {args.out}")
-    gen = load_generator(model=args.model, teacher=args.teacher, data=args.data, schedule_name=args.schedule)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen = load_generator(model=args.model, teacher=args.teacher, data=args.data, schedule_name=args.schedule,
+                         device=device)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.num, *gen.sample_shape, generator=g)
     labels = _labels_for(args.labels, args.num, gen.num_classes, g)
@@ -234,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", default="cycle", help="cycle | random | a class index")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=1000)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 images")
     s.set_defaults(func=cmd_sample)
 

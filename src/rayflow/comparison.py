@@ -22,11 +22,11 @@ from rayflow.metrics import FeatureNet, load_feature_net, save_feature_net, trai
 
 
 def ensure_feature_net(train_data: Dataset, directory: str | Path | None, steps: int = 600,
-                       progress: bool = True) -> FeatureNet:
+                       progress: bool = True, device: str | torch.device = "cpu") -> FeatureNet:
     """Load the feature classifier from ``directory``, or train it on ``train_data`` and save it there."""
     if directory is not None and (Path(directory) / "feature_net.safetensors").exists():
-        return load_feature_net(directory)
-    net = train_feature_net(train_data, steps=steps, progress=progress)
+        return load_feature_net(directory).to(device)
+    net = train_feature_net(train_data, steps=steps, progress=progress, device=device)
     if directory is not None:
         save_feature_net(net, directory)
     return net
@@ -42,10 +42,12 @@ class Scorer:
 
     @classmethod
     def for_data(cls, spec: str, feature_net_dir: str | Path | None = None, reference_num: int = 10000,
-                 seed: int = 0, feature_steps: int = 600, progress: bool = True) -> Scorer:
+                 seed: int = 0, feature_steps: int = 600, progress: bool = True,
+                 device: str | torch.device = "cpu") -> Scorer:
         reference = load_dataset(spec, split="test")
         if reference.kind == "image":
-            net = ensure_feature_net(load_dataset(spec, split="train"), feature_net_dir, feature_steps, progress)
+            net = ensure_feature_net(load_dataset(spec, split="train"), feature_net_dir, feature_steps, progress,
+                                     device)
             return cls(reference, feature_net=net)
         require(reference.mixture is not None,
                 f"{spec}: vector data without a known distribution; compare against a held-out .npz instead")

@@ -179,15 +179,20 @@ class Generator:
                 f"noise of shape {tuple(noise.shape[1:])} does not fit samples of shape {self.sample_shape}")
         steps = steps or self.default_steps
         require(steps >= 1, f"steps must be >= 1, got {steps}")
-        if self.method is None:
-            return solve_teacher(self.model, noise, self.schedule, sampler or self.default_sampler, steps,
-                                 cond=cond, guidance=guidance, batch_size=batch_size)
-        require(sampler is None, f"{self.method.name} students use their own sampler; drop --sampler")
+        require(self.method is None or sampler is None,
+                f"{self.name} students use their own sampler; drop --sampler")
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         bs = batch_size or noise.shape[0]
         out = []
         for start in range(0, noise.shape[0], bs):
-            c = None if cond is None else cond[start:start + bs]
-            out.append(self.method.sample(self.model, noise[start:start + bs], self.schedule, steps, c, guidance))
+            x = noise[start:start + bs].to(device)
+            c = None if cond is None else cond[start:start + bs].to(device)
+            if self.method is None:
+                y = solve_teacher(self.model, x, self.schedule, sampler or self.default_sampler, steps, cond=c,
+                                  guidance=guidance)
+            else:
+                y = self.method.sample(self.model, x, self.schedule, steps, c, guidance)
+            out.append(y.cpu())
         return torch.cat(out)
 
 

@@ -352,7 +352,7 @@ def classifier_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Ten
 
 def train_feature_net(
     dataset: Dataset, steps: int = 600, batch_size: int = 128, seed: int = 0, lr: float = 2e-3,
-    progress: bool = True,
+    progress: bool = True, device: str | torch.device = "cpu",
 ) -> FeatureNet:
     """Train a :class:`FeatureNet` classifier on ``dataset.x`` / ``dataset.labels`` (cross-entropy, Adam).
 
@@ -375,6 +375,7 @@ def train_feature_net(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FeatureNet(tuple(x.shape[1:]), num_classes, name=f"rayflow-cnn/{spec or 'custom'}", data_spec=spec)
+    net.to(device)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
@@ -382,7 +383,7 @@ def train_feature_net(
     bar = tqdm(range(steps), desc=f"feature net {net.name}", disable=not progress, leave=False)
     for _ in bar:
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
+        loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""The head-to-head benchmark: Fashion-MNIST 32x32, class-conditional, every method at 1, 2, 4 and 8 NFE.
+
+    python benchmarks/fashion_mnist.py --data ../shared/data/fashion-mnist --out runs/bench-fm
+    python benchmarks/fashion_mnist.py ... --parts teacher,reference,samplers,speed      # in resumable parts
+    python benchmarks/fashion_mnist.py ... --parts methods --methods rayflow,perflow
+    python benchmarks/fashion_mnist.py ... --parts report                                # tables + plots
+    python benchmarks/fashion_mnist.py --tiny --allow-cpu ...                            # a dry run on a CPU
+
+Parts (each resumes; a finished part is skipped):
+
+* ``teacher``   a class-conditional epsilon UNet (diffusers UNet2DModel, 32x32 padded) trained with bf16 and
+  torch.compile, label dropout 0.1 for CFG; seeded, so the same command gives the same teacher.
+* ``reference`` the feature classifier for FD/KID/accuracy (trained on the training split; the 10 000 test
+  images are the reference set) and the teacher at 50 DDIM steps and 25 DPM-Solver++ steps.
+* ``samplers``  DDIM and DPM-Solver++ on the teacher at 1, 2, 4, 8 NFE.
+* ``methods``   every distillation variant with one budget (same student updates, batch size and CFG
+  setting), then evaluated at 1, 2, 4, 8 NFE: FD, KID, class accuracy, fidelity to the teacher's 50-step
+  samples from the same noise, seconds per image, teacher NFEs spent, training throughput.
+* ``speed``     1-NFE throughput at a large batch and latency at batch 1 of the benchmark UNet: eager,
+  torch.compile, and CUDA graphs, beside the roofline (FLOPs per image over the measured bf16 matmul rate).
+* ``report``    merges every part's rows into ``benchmarks/results/fashion_mnist.json`` and draws the plots.
+
+Every evaluation uses the noise and labels of ``rayflow sample --seed SEED --num N --labels cycle``, so one
+command regenerates the ``.npz`` of any row from the saved checkpoints (printed by ``report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from rayflow.checkpoint import read_json, write_json_atomic  # noqa: E402
+from rayflow.comparison import Scorer, compare  # noqa: E402
+from rayflow.data import load_dataset, to_uint8_images  # noqa: E402
+from rayflow.distillation import distill, load_generator, train_teacher  # noqa: E402
+from rayflow.errors import RayflowError, require  # noqa: E402
+from rayflow.evaluation import plot_metric_vs_nfe, save_grid_by_method, write_results  # noqa: E402
+from rayflow.methods import get_method  # noqa: E402
+from rayflow.models import ModelConfig  # noqa: E402
+from rayflow.schedules import VPSchedule  # noqa: E402
+from rayflow.training import TrainConfig  # noqa: E402
+
+#: name -> (method, options): the seven distilled variants of the issue
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "rayflow": ("rayflow", {}),
+    "rayflow-no-time-sampler": ("rayflow", {"time_sampler": "uniform"}),
+    "rayflow-no-instance-target": ("rayflow", {"instance_target": "false"}),
+    "proreflow-ii": ("proreflow", {"preset": "II"}),
+    "perflow": ("perflow", {}),
+    "reflow": ("reflow", {}),
+    "rectified-diffusion": ("rectified-diffusion", {}),
+}
+#: --tiny: pools small enough for a CPU dry run (the real run keeps every method's defaults)
+TINY_OPTIONS: dict[str, dict[str, str]] = {
+    "rayflow": {"cache_size": "64", "teacher_steps": "2"},
+    "proreflow": {"num_pairs": "64"},
+    "perflow": {"num_pairs": "64"},
+    "reflow": {"num_pairs": "64", "distill_num_pairs": "64"},
+    "rectified-diffusion": {"num_pairs": "64"},
+}
+PARTS = ("teacher", "reference", "samplers", "methods", "speed", "report")
+
+
+@dataclass
+class BenchConfig:
+    teacher_steps: int = 8000
+    teacher_batch: int = 256
+    teacher_lr: float = 3e-4
+    channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    distill_steps: int = 2000
+    distill_batch: int = 256
+    distill_lr: float = 1e-4
+    guidance: float = 1.0  # the same CFG setting for every row: the conditional teacher, no guidance
+    num_eval: int = 10000
+    nfes: tuple[int, ...] = (1, 2, 4, 8)
+    feature_steps: int = 2000
+    seed: int = 0
+    data_limit: int = 0  # 0 = all 60 000 training images
+    tiny: bool = False
+
+    @classmethod
+    def tiny(cls) -> BenchConfig:
+        return cls(teacher_steps=30, teacher_batch=32, channels=(16, 32, 32), distill_steps=6, distill_batch=16,
+                   num_eval=64, feature_steps=20, data_limit=512, tiny=True)
+
+
+def data_spec(path: str, cfg: BenchConfig) -> str:
+    return f"fashion-mnist:path={path},pad=32" + (f",limit={cfg.data_limit}" if cfg.data_limit else "")
+
+
+def eval_inputs(cfg: BenchConfig, shape: tuple[int, ...], num_classes: int):
+    """Exactly the noise and labels of ``rayflow sample --seed SEED --num N --labels cycle``."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(cfg.num_eval, *shape, generator=g)
+    return noise, torch.arange(cfg.num_eval) % num_classes
+
+
+def rows_path(run: Path, name: str) -> Path:
+    return run / "rows" / f"{name}.json"
+
+
+def save_rows(run: Path, name: str, rows: list[dict]) -> None:
+    write_json_atomic(rows, rows_path(run, name))
+
+
+def done(run: Path, name: str) -> bool:
+    return rows_path(run, name).exists()
+
+
+# ---------------------------------------------------------------------- parts
+def part_teacher(run: Path, spec: str, cfg: BenchConfig) -> None:
+    model = ModelConfig(kind="unet", sample_shape=(1, 32, 32), num_classes=10, channels=cfg.channels,
+                        layers_per_block=cfg.layers_per_block)
+    train = TrainConfig(max_steps=cfg.teacher_steps, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
+                        warmup_steps=min(500, cfg.teacher_steps // 10), ema_decay=0.9995, seed=cfg.seed,
+                        checkpoint_every=2000, compile="auto", mixed_precision="auto")
+    t0 = time.time()
+    train_teacher(spec, run / "teacher", train, model=model, schedule=VPSchedule.linear(), label_dropout=0.1)
+    log = [json.loads(line) for line in (run / "teacher" / "train_log.jsonl").read_text().splitlines()]
+    write_json_atomic({"wall_seconds": round(time.time() - t0, 1), "final_loss": log[-1]["loss"],
+                       "samples_per_s": cfg.teacher_steps * cfg.teacher_batch / max(log[-1]["time"], 1e-9)},
+                      run / "rows" / "teacher_train.json")
+
+
+def _scorer(run: Path, spec: str, cfg: BenchConfig, device: str) -> Scorer:
+    return Scorer.for_data(spec, run / "feature-net", feature_steps=cfg.feature_steps, seed=cfg.seed,
+                           device=device)
+
+
+def _reference(run: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "reference_ddim50.safetensors"))["x"]
+
+
+def part_reference(run: Path, spec: str, cfg: BenchConfig, device: str) -> None:
+    from safetensors.torch import save_file
+
+    teacher = load_generator(model=str(run / "teacher"), device=device)
+    scorer = _scorer(run, spec, cfg, device)
+    noise, labels = eval_inputs(cfg, teacher.sample_shape, teacher.num_classes)
+    rows = []
+    for sampler, steps in (("ddim", 50), ("dpm++2m", 25)):
+        t0 = time.perf_counter()
+        x = teacher.generate(noise, steps, cond=labels, guidance=cfg.guidance, sampler=sampler, batch_size=2000)
+        sec = (time.perf_counter() - t0) / cfg.num_eval
+        if sampler == "ddim":
+            save_file({"x": x.contiguous()}, str(run / "reference_ddim50.safetensors"))
+        rows.append({"method": f"teacher {sampler}-{steps}", "nfe": steps, "steps": steps, "sampler": sampler,
+                     **scorer.score(x, labels), "sec_per_sample": sec})
+    save_rows(run, "reference", rows)
+
+
+def part_samplers(run: Path, spec: str, cfg: BenchConfig, device: str) -> None:
+    teacher = load_generator(model=str(run / "teacher"), device=device)
+    scorer = _scorer(run, spec, cfg, device)
+    noise, labels = eval_inputs(cfg, teacher.sample_shape, teacher.num_classes)
+    rows = compare({s: (teacher, s) for s in ("ddim", "dpm++2m")}, list(cfg.nfes), noise, scorer, labels,
+                   _reference(run), batch_size=2000)
+    save_rows(run, "samplers", rows)
+
+
+def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: list[str]) -> None:
+    scorer = _scorer(run, spec, cfg, device)
+    ref = _reference(run)
+    dataset = load_dataset(spec)
+    for name in names:
+        if done(run, f"method-{name}"):
+            print(f"  {name}: already evaluated")
+            continue
+        method_name, options = VARIANTS[name]
+        if cfg.tiny:
+            options = {**options, **TINY_OPTIONS.get(method_name, {})}
+        method = get_method(method_name).from_options(options)
+        student_dir = run / "students" / name
+        train = TrainConfig(max_steps=cfg.distill_steps, batch_size=cfg.distill_batch, lr=cfg.distill_lr,
+                            ema_decay=0.999, seed=cfg.seed, checkpoint_every=500, compile="no",
+                            mixed_precision="auto")
+        t0 = time.time()
+        distill(method, str(run / "teacher"), dataset, student_dir, train, guidance=cfg.guidance,
+                cache_dir=run / "caches" / name)
+        wall = time.time() - t0
+        config = read_json(student_dir / "config.json")
+        log = [json.loads(line) for line in (student_dir / "train_log.jsonl").read_text().splitlines() if line]
+        train_seconds = log[-1]["time"] if log else float("nan")
+        gen = load_generator(model=str(student_dir), device=device)
+        noise, labels = eval_inputs(cfg, gen.sample_shape, gen.num_classes)
+        keep: dict = {}
+        extra = {name: {"teacher_nfe": config.get("teacher_nfe"), "distill_wall_s": round(wall, 1),
+                        "train_samples_per_s": round(cfg.distill_steps * cfg.distill_batch / train_seconds, 1)}}
+        rows = compare({name: (gen, None)}, list(cfg.nfes), noise, scorer, labels, ref, batch_size=2000,
+                       keep=keep, extra=extra)
+        grid = {f"{name} {nfe} NFE": to_uint8_images(keep[(name, nfe)][:20]) for nfe in (1, 2, 4)
+                if (name, nfe) in keep}
+        save_grid_by_method(grid, run / "grids" / f"{name}.png")
+        save_rows(run, f"method-{name}", rows)
+        summary = ", ".join(f"{r['nfe']} NFE fd {r['fd']:.2f}" for r in rows)
+        print(f"  {name}: {summary}")
+
+
+@torch.no_grad()
+def part_speed(run: Path, cfg: BenchConfig, device: str) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    require(device.startswith("cuda"), "the speed part measures a GPU")
+    teacher = load_generator(model=str(run / "teacher"), device=device)
+    net = teacher.model.eval()
+    shape = teacher.sample_shape
+
+    def inputs(bs: int):
+        return (torch.randn(bs, *shape, device=device), torch.full((bs,), 999.0, device=device),
+                torch.arange(bs, device=device) % 10)
+
+    with FlopCounterMode(display=False) as fc:
+        net(*inputs(1))
+    flops = fc.get_total_flops()
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    matmul_rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+
+    def timed(fn, bs: int, iters: int) -> float:
+        args = inputs(bs)
+        for _ in range(3):
+            fn(*args)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn(*args)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / iters
+
+    def bf16(fn):
+        def run_(*args):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn(*args)
+        return run_
+
+    def graphed(bs: int):
+        args = inputs(bs)
+        f = bf16(net)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                f(*args)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            f(*args)
+        return lambda *_: g.replay()
+
+    rows = []
+    compiled = torch.compile(net)
+    for label, make in (("eager bf16", lambda bs: bf16(net)), ("torch.compile bf16", lambda bs: bf16(compiled)),
+                        ("CUDA graph bf16", graphed)):
+        for bs, iters in ((1, 200), (2048, 20)):
+            sec = timed(make(bs), bs, iters)
+            rows.append({"variant": label, "batch": bs, "sec_per_batch": sec, "images_per_s": bs / sec,
+                         "latency_ms": sec * 1000})
+    write_json_atomic({"flops_per_image": flops, "matmul_bf16_flops_per_s": matmul_rate,
+                       "roofline_images_per_s": matmul_rate / flops, "rows": rows,
+                       "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, run / "rows" / "speed.json")
+
+
+def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
+    rows: list[dict] = []
+    for name in ("reference", "samplers", *[f"method-{n}" for n in VARIANTS]):
+        if done(run, name):
+            rows += json.loads(rows_path(run, name).read_text())
+    require(rows, f"{run}/rows: nothing measured yet; run the other parts first")
+    results.mkdir(parents=True, exist_ok=True)
+    meta = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
+    for extra in ("speed", "teacher_train"):
+        p = run / "rows" / f"{extra}.json"
+        if p.exists():
+            meta[extra] = json.loads(p.read_text())
+    write_json_atomic(rows, results / "fashion_mnist.json")
+    write_json_atomic(meta, results / "fashion_mnist_meta.json")
+    write_results(rows, results, name="fashion_mnist_table")
+    ref = next((r["fd"] for r in rows if r["method"] == "teacher ddim-50"), None)
+    curve = [r for r in rows if r["nfe"] <= 8]
+    for metric in ("fd", "kid", "accuracy", "fidelity"):
+        plot_metric_vs_nfe(curve, metric, results / f"fashion_mnist_{metric}.png",
+                           title=f"Fashion-MNIST: {metric} against NFE",
+                           reference=("teacher, 50 DDIM steps", ref) if metric == "fd" and ref else None)
+    print("regenerate any row's samples with:")
+    print(f"  teacher rows: rayflow sample --model {run}/teacher --sampler SAMPLER --steps N --num {cfg.num_eval} "
+          f"--seed {cfg.seed} --out row.npz")
+    print(f"  method rows:  rayflow sample --model {run}/students/NAME --steps N --num {cfg.num_eval} "
+          f"--seed {cfg.seed} --out row.npz")
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fashion-mnist"))
+    p.add_argument("--out", default="runs/bench-fashion-mnist")
+    p.add_argument("--parts", default="all", help=f"comma-separated subset of {', '.join(PARTS)} (default all)")
+    p.add_argument("--methods", default=",".join(VARIANTS), help="variants for the methods part")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
+    p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
+    p.add_argument("--teacher-steps", type=int, default=None)
+    p.add_argument("--distill-steps", type=int, default=None)
+    args = p.parse_args(argv)
+    try:
+        cfg = BenchConfig.tiny() if args.tiny else BenchConfig()
+        if args.teacher_steps is not None:
+            cfg.teacher_steps = args.teacher_steps
+        if args.distill_steps is not None:
+            cfg.distill_steps = args.distill_steps
+        parts = PARTS if args.parts == "all" else tuple(x.strip() for x in args.parts.split(","))
+        unknown = sorted(set(parts) - set(PARTS))
+        require(not unknown, f"--parts: unknown part(s) {unknown}; expected {', '.join(PARTS)}")
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        bad = sorted(set(names) - set(VARIANTS))
+        require(not bad, f"--methods: unknown variant(s) {bad}; expected {', '.join(VARIANTS)}")
+        require(Path(args.data).is_dir(), f"--data {args.data}: no such directory (the Fashion-MNIST IDX files)")
+        gpu = torch.cuda.is_available()
+        require(gpu or args.allow_cpu or parts == ("report",),
+                "no GPU found: this benchmark is sized for one H200 (use --tiny --allow-cpu for a dry run)")
+        device = "cuda" if gpu else "cpu"
+        if gpu:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        spec = data_spec(args.data, cfg)
+        load_dataset(spec, split="test")  # refuse a wrong path before any work
+        run = Path(args.out)
+        run.mkdir(parents=True, exist_ok=True)
+        cfg_path = run / "bench_config.json"
+        if cfg_path.exists():
+            old = read_json(cfg_path)
+            require(old == json.loads(json.dumps(dataclasses.asdict(cfg))),
+                    f"{cfg_path}: this run directory was made with another configuration; use another --out")
+        else:
+            write_json_atomic(dataclasses.asdict(cfg), cfg_path)
+        for part in PARTS:
+            if part not in parts:
+                continue
+            t0 = time.time()
+            print(f"== {part}", flush=True)
+            if part == "teacher":
+                part_teacher(run, spec, cfg)
+            elif part == "reference" and not done(run, "reference"):
+                part_reference(run, spec, cfg, device)
+            elif part == "samplers" and not done(run, "samplers"):
+                part_samplers(run, spec, cfg, device)
+            elif part == "methods":
+                part_methods(run, spec, cfg, device, names)
+            elif part == "speed" and gpu and not (run / "rows" / "speed.json").exists():
+                part_speed(run, cfg, device)
+            elif part == "report":
+                part_report(run, cfg, Path(args.results))
+            print(f"== {part} done in {time.time() - t0:.0f} s", flush=True)
+    except RayflowError as exc:
+        print(f"fashion_mnist: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

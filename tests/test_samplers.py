@@ -150,6 +150,16 @@ def test_sample_front_door_with_guidance_and_chunks(linear_schedule):
         assert (nearest == labels).float().mean() > 0.95
 
 
+def test_karras_grid_matches_diffusers_sigmas():
+    sched = DPMSolverMultistepScheduler(beta_schedule="linear", use_karras_sigmas=True)
+    sched.set_timesteps(10)
+    ours = VPSchedule.linear()
+    grid = make_timesteps(10, 1000, "karras", schedule=ours)
+    sigmas = (ours.s(grid[:-1]) / ours.a(grid[:-1])).float()
+    torch.testing.assert_close(sigmas, sched.sigmas[:-1], rtol=2e-3, atol=1e-4)
+    assert float(grid[0]) == pytest.approx(999) and grid[-1] == -1 and bool(torch.all(grid[1:] < grid[:-1]))
+
+
 def test_nfe_bookkeeping():
     assert sampler_nfe("heun", 4) == 7 and sampler_nfe("ddim", 4) == 4
     assert steps_for_nfe("heun", 8) == 4 and steps_for_nfe("dpm++2m", 8) == 8 and steps_for_nfe("heun", 1) == 1

@@ -37,9 +37,9 @@ from rayflow.models.base import Condition, Denoiser, with_guidance
 from rayflow.schedules import VPSchedule, expand_like, to_x0_eps
 
 SPACINGS = ("trailing", "leading", "linspace", "karras")
-#: the grid each sampler uses unless told otherwise. At 1-8 NFE "trailing" (start at T-1) is the best of these for
-#: every sampler here, Heun included: with sigma_max ~ 157 (linear schedule) a 3-step Karras grid puts its first
-#: Heun step from sigma 157 to ~6, where the trapezoid overshoots more than on the trailing grid.
+#: the grid each sampler uses unless told otherwise: "trailing" (start at T-1). For Heun we also tried Karras
+#: spacing: on a Gaussian exact teacher (linear schedule, sigma_max ~ 157) 3 Heun steps had a mean error of 2.18
+#: against 0.19 on the trailing grid, because the first Karras step (sigma 157 -> ~6) makes the trapezoid overshoot.
 DEFAULT_SPACING = {"ddim": "trailing", "dpm++2m": "trailing", "euler": "trailing", "heun": "trailing"}
 
 

@@ -1,0 +1,166 @@
+"""Timestep samplers: exact bin masses and weights, concentration on a planted error profile, exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rayflow.errors import RayflowError
+from rayflow.time_samplers import (
+    TIME_SAMPLERS,
+    LogitNormalSampler,
+    LossHistorySampler,
+    SteinSampler,
+    UniformSampler,
+    UShapedSampler,
+    _rbf_stein_kernel,
+    build_time_sampler,
+    downsample,
+    plot_time_distribution,
+)
+
+T = 1000
+
+
+def planted_profile(t: torch.Tensor, centre: float = 0.7, width: float = 0.06) -> torch.Tensor:
+    """A per-timestep error that is small everywhere except a bump at ``u = centre``."""
+    u = (t.double() + 0.5) / T
+    return 0.05 + torch.exp(-0.5 * ((u - centre) / width) ** 2)
+
+
+def tv(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p.double() - q.double()).abs().sum())
+
+
+def train_on_profile(sampler, steps: int, centre: float, width: float, features: int = 0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        f = torch.randn(256, features, generator=g) if features else None
+        t, _ = sampler.sample(256, g, f)
+        noisy = planted_profile(t, centre, width) * torch.exp(0.3 * torch.randn(256, generator=g, dtype=torch.float64))
+        sampler.update(t, noisy, f, generator=g)
+    return g
+
+
+@pytest.mark.parametrize("name", ["uniform", "logit-normal", "u-shaped"])
+def test_fixed_samplers_draw_their_probs_and_weight_exactly(name):
+    s = build_time_sampler(name, T, weight_clip=1e9)
+    q = s.probs()
+    assert q.shape == (T,) and abs(float(q.sum()) - 1) < 1e-9
+    t, w = s.sample(200_000, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= T - 1
+    # weights are exactly p(t)/q(t) with p uniform
+    torch.testing.assert_close(w.double(), 1.0 / (T * q[t]), rtol=1e-5, atol=0)
+    # the empirical distribution matches q (coarse bins, so the check is tight but not flaky)
+    emp = torch.tensor(downsample(torch.bincount(t, minlength=T).double() / t.numel(), 20))
+    assert tv(emp, torch.tensor(downsample(q, 20))) < 0.01
+    # E_q[w] = 1: the reweighted loss is unbiased (within 4 standard errors; the tails make w heavy-tailed)
+    wd = w.double()
+    assert abs(float(wd.mean()) - 1) < 4 * float(wd.std()) / math.sqrt(wd.numel()) + 1e-9
+
+
+def test_u_shaped_and_logit_normal_shapes():
+    u = UShapedSampler(T, a=4.0).probs()
+    assert abs(float(u[0] - u[-1])) < 1e-9  # symmetric, heavy ends
+    ratio = float(u[0] / u[T // 2])
+    assert abs(ratio - math.cosh(2.0)) / math.cosh(2.0) < 0.02  # cosh(a (u - 1/2)) at u = 0 vs 1/2
+    ln = LogitNormalSampler(T, mean=0.0, std=1.0).probs()
+    assert int(ln.argmax()) in (T // 2 - 1, T // 2)
+    assert float(ln[:100].sum()) < 0.03
+
+
+def test_weight_clip_bounds_weights():
+    s = UShapedSampler(T, a=8.0, weight_clip=3.0)
+    _, w = s.sample(10_000, torch.Generator().manual_seed(1))
+    assert float(w.max()) <= 3.0 + 1e-6
+
+
+def test_loss_history_sampler_concentrates_after_warmup():
+    s = LossHistorySampler(T, num_bins=20, history=5, uniform_mix=0.1)
+    torch.testing.assert_close(s.probs(), UniformSampler(T).probs())
+    train_on_profile(s, 30, 0.7, 0.06)
+    assert s.warmed_up()
+    q = s.probs()
+    q_star = planted_profile(torch.arange(T), 0.7, 0.06)
+    q_star = q_star / q_star.sum()
+    assert float(q[600:800].sum()) > 0.5  # most of the draws go where the error is
+    assert tv(q, q_star) < 0.5 * tv(UniformSampler(T).probs(), q_star)
+
+
+@pytest.mark.parametrize("centre,width", [(0.7, 0.06), (0.2, 0.1), (0.95, 0.03)])
+def test_stein_sampler_concentrates_where_the_error_is(centre, width):
+    s = SteinSampler(T, warmup=20)
+    train_on_profile(s, 120, centre, width)
+    q = s.probs()
+    q_star = planted_profile(torch.arange(T), centre, width)
+    q_star = q_star / q_star.sum()
+    # the uniform part (10%) alone costs 0.1 * TV(uniform, q*); the fitted density is within a few times that
+    assert tv(q, q_star) < 0.35 * tv(UniformSampler(T).probs(), q_star)
+    lo, hi = int((centre - 2 * width) * T), int(min(1.0, centre + 2 * width) * T)
+    assert float(q[lo:hi].sum()) > 0.6 * float(q_star[lo:hi].sum())
+    # the error model itself recovers the planted profile
+    assert tv(s.target_probs(), q_star) < 0.05
+
+
+def test_stein_sampler_with_features_concentrates_too():
+    s = SteinSampler(T, num_features=2, warmup=10)
+    g = train_on_profile(s, 40, 0.7, 0.06, features=2)
+    f = torch.randn(32, 2, generator=g)
+    q = s.probs(f)
+    q_star = planted_profile(torch.arange(T), 0.7, 0.06)
+    q_star = q_star / q_star.sum()
+    assert tv(q, q_star) < 0.5 * tv(UniformSampler(T).probs(), q_star)
+    with pytest.raises(RayflowError, match="features of shape"):
+        s.sample(4, g, None)
+
+
+def test_ksd_quadratic_form_matches_the_stein_kernel():
+    s = SteinSampler(T, warmup=0, components=12, quadrature=3)
+    train_on_profile(s, 5, 0.3, 0.1)
+    with torch.no_grad():
+        w = (s.net(None, 1).exp()[..., None] * s._node_w).reshape(-1)
+        kp = _rbf_stein_kernel(s._nodes, s.target_score(s._nodes, None), s.h)
+        direct = w @ kp @ w
+    torch.testing.assert_close(s.ksd2(None).detach(), direct, rtol=1e-9, atol=1e-12)
+
+
+def test_target_score_is_the_derivative_of_log_q_star():
+    s = SteinSampler(T, warmup=0)
+    train_on_profile(s, 10, 0.6, 0.1)
+    y = torch.linspace(-4, 4, 41, dtype=torch.float64, requires_grad=True)
+    u = torch.sigmoid(y)
+    log_q = s.error.log_xi_and_score(u, None)[0] + torch.log(u * (1 - u))
+    (grad,) = torch.autograd.grad(log_q.sum(), y)
+    torch.testing.assert_close(s.target_score(y.detach(), None), grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", TIME_SAMPLERS)
+def test_state_dict_round_trip_continues_identically(name):
+    a = build_time_sampler(name, T, **({"warmup": 3} if name == "learned" else {}))
+    train_on_profile(a, 8, 0.5, 0.1)
+    b = build_time_sampler(name, T, **({"warmup": 3} if name == "learned" else {}))
+    b.load_state_dict(a.state_dict())
+    for s in (a, b):
+        train_on_profile(s, 3, 0.5, 0.1, seed=9)
+    ta, wa = a.sample(64, torch.Generator().manual_seed(3))
+    tb, wb = b.sample(64, torch.Generator().manual_seed(3))
+    assert torch.equal(ta, tb) and torch.equal(wa, wb)
+
+
+def test_bad_options_raise_one_line_errors():
+    with pytest.raises(RayflowError, match="unknown time sampler"):
+        build_time_sampler("beta", T)
+    with pytest.raises(RayflowError, match="bandwidth"):
+        SteinSampler(T, bandwidth=0)
+    with pytest.raises(RayflowError, match="weight_clip"):
+        UniformSampler(T, weight_clip=0.5)
+
+
+def test_plot_writes_a_png(tmp_path):
+    s = SteinSampler(T, warmup=2)
+    train_on_profile(s, 5, 0.5, 0.1)
+    snaps = [{"step": i, "probs": downsample(s.probs()), "target": downsample(s.target_probs())} for i in (1, 5)]
+    path = plot_time_distribution(snaps, tmp_path / "ts.png", T)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

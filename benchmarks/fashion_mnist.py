@@ -92,7 +92,7 @@ class BenchConfig:
     tiny: bool = False
 
     @classmethod
-    def tiny(cls) -> BenchConfig:
+    def dry_run(cls) -> BenchConfig:
         return cls(teacher_steps=30, teacher_batch=32, channels=(16, 32, 32), distill_steps=6, distill_batch=16,
                    num_eval=64, feature_steps=20, data_limit=512, tiny=True)
 
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-steps", type=int, default=None)
     args = p.parse_args(argv)
     try:
-        cfg = BenchConfig.tiny() if args.tiny else BenchConfig()
+        cfg = BenchConfig.dry_run() if args.tiny else BenchConfig()
         if args.teacher_steps is not None:
             cfg.teacher_steps = args.teacher_steps
         if args.distill_steps is not None:

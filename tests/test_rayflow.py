@@ -377,7 +377,7 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
     (the learned Time Sampler's state included)."""
     ds = load_dataset(MOG)
     small = ModelConfig(kind="mlp", sample_shape=(8,), hidden=32, depth=1)
-    opts = {"time_sampler": "learned", "time_sampler_warmup": "3", "x0_source": "data"}
+    opts = {"time_sampler": "learned", "time_sampler_warmup": "3", "x0_source": "data", "cache_size": "512"}
     train = _train(max_steps=16, checkpoint_every=5, batch_size=32)
     straight = distill(_small_method(**opts), "exact", ds, tmp_path / "a", train, cache_dir=tmp_path / "cache",
                        student_model=small, progress=False)

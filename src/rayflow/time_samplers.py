@@ -412,10 +412,19 @@ class SteinSampler(TimeSampler):
     def probs(self, features=None):
         if not self.active:
             return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
-        n = 1 if (features is None or self.F == 0) else features.shape[0]
+        if self.F == 0:
+            return self._global_probs()
+        n = 1 if features is None else features.shape[0]
         feats = None if self.F == 0 or features is None else features.detach().double().cpu()
         cdf = self._cdf(self._edges[None].expand(n, -1), self.net(feats, n))
         return self._with_uniform(cdf[:, 1:] - cdf[:, :-1]).mean(0)
+
+    def _global_probs(self) -> torch.Tensor:
+        # the global density changes only in update(): computed once per update, not per snapshot
+        if getattr(self, "_probs_cache", None) is None:
+            cdf = self._cdf(self._edges[None], self.net(None, 1))
+            self._probs_cache = self._with_uniform(cdf[:, 1:] - cdf[:, :-1])[0]
+        return self._probs_cache
 
     @torch.no_grad()
     def sample(self, n, generator=None, features=None):
@@ -476,6 +485,7 @@ class SteinSampler(TimeSampler):
         u = (t.double() + 0.5) / self.T
         self.error.fit(u, torch.log(losses.detach().double().cpu().clamp(min=1e-12)), feats)
         self.updates += 1
+        self._probs_cache = None
         if not self.active:
             return {}
         sub = feats
@@ -508,6 +518,7 @@ class SteinSampler(TimeSampler):
         self.opt.load_state_dict(copy.deepcopy(state["opt"]))
         self.error.load_state_dict(state["error"])
         self.updates = int(state["updates"])
+        self._probs_cache = None
 
 
 # ---------------------------------------------------------------------- construction, logging, plots

@@ -63,9 +63,14 @@ NUM_FEATURES = 4  # instance features of the conditioned Time Sampler (see insta
 # ---------------------------------------------------------------------- configuration
 @dataclass
 class RayFlowConfig:
-    """Every option of RayFlow (``--option key=value``). Defaults were chosen by the measurements in
-    docs/rayflow.md (``benchmarks/rayflow_ablation.py --table defaults``); [NOT FOUND] in the paper unless
-    noted."""
+    """Every option of RayFlow (``--option key=value``); [NOT FOUND] in the paper unless noted.
+
+    Defaults were chosen by measurement on exact Gaussian-mixture teachers (docs/rayflow.md §3: the
+    one-factor-at-a-time sweep ``benchmarks/rayflow_ablation.py --table defaults`` and the ablation): velocity
+    form (4-15x better than epsilon), teacher-ODE x0 (best at every NFE with an exact teacher; with a learned
+    teacher, data or mixed x0 wins at 4+ NFE), the learned Time Sampler (best of learned / uniform /
+    logit-normal with teacher x0), K = 8, sigma = 0, standard start noise, uniform weighting, reweighting on.
+    """
 
     # --- unified noise expectation eps_mu (reconstruction §2.3)
     k_timesteps: int = 8  # K teacher timesteps averaged into eps_mu

@@ -248,8 +248,11 @@ def _fmt_shape(shape: torch.Size | tuple[int, ...]) -> str:
     return str(tuple(int(s) for s in shape))
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip ``torch.compile`` and (Distributed)DataParallel wrappers without touching the module."""
+def unwrap_denoiser(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``torch.compile`` and (Distributed)DataParallel wrappers, without modifying it.
+
+    Unlike ``accelerator.unwrap_model(..., keep_fp32_wrapper=False)`` this never changes the module.
+    """
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, torch.nn.Module):
@@ -273,7 +276,7 @@ def save_model_dir(out_dir: str | os.PathLike, model: Denoiser, config: dict) ->
     if out_dir.exists() and not out_dir.is_dir():
         raise RayflowError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _unwrap(model).state_dict()
+    state = unwrap_denoiser(model).state_dict()
     save_safetensors_atomic(state, out_dir / MODEL_WEIGHTS, metadata={"format": "pt"})
     write_json_atomic({**config, "rayflow_version": __version__}, out_dir / MODEL_CONFIG)
 

@@ -53,6 +53,7 @@ from rayflow.checkpoint import (
     save_model_dir,
     save_safetensors_atomic,
     save_state,
+    unwrap_denoiser,
     write_json_atomic,
     write_text_atomic,
 )
@@ -186,20 +187,6 @@ class Objective(Protocol):
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput: ...
 
 
-def unwrap_denoiser(model: torch.nn.Module) -> Denoiser:
-    """The :class:`Denoiser` inside a DDP / ``torch.compile`` wrapper (the module itself when unwrapped).
-
-    Unlike ``accelerator.unwrap_model(..., keep_fp32_wrapper=False)`` this never modifies the module.
-    """
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, torch.nn.Module):
-            model = inner
-            continue
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-            continue
-        return model  # type: ignore[return-value]
 
 
 class EpsilonObjective:

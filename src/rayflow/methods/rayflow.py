@@ -243,7 +243,7 @@ class RayParameterization:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from rayflow.training import unwrap_denoiser
+    from rayflow.checkpoint import unwrap_denoiser
 
     return unwrap_denoiser(model)
 

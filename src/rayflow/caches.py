@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from rayflow.checkpoint import save_safetensors_atomic, write_json_atomic
 from rayflow.errors import RayflowError, require
 
 ShardFn = Callable[[int, int, int, torch.Generator], dict[str, torch.Tensor]]
@@ -93,10 +93,7 @@ class ShardedCache:
                 )
             return
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True))
-            os.replace(tmp, path)
+            write_json_atomic(self.meta, path)
 
     # ------------------------------------------------------------------ shards
     def shard_path(self, index: int) -> Path:
@@ -134,10 +131,8 @@ class ShardedCache:
             tensors = make_shard(index, start, count, g)
             for name, t in tensors.items():
                 require(t.shape[0] == count, f"shard {index}: tensor {name!r} has {t.shape[0]} rows, expected {count}")
-            tmp = self.shard_path(index).with_suffix(f".tmp{os.getpid()}")
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={"shard": str(index), "start": str(start)})
-            os.replace(tmp, self.shard_path(index))
+            save_safetensors_atomic({k: v.detach() for k, v in tensors.items()}, self.shard_path(index),
+                                    metadata={"shard": str(index), "start": str(start)})
         return len(todo)
 
     def is_complete(self) -> bool:

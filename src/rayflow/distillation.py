@@ -20,37 +20,14 @@ from rayflow.data import Dataset, load_dataset
 from rayflow.errors import RayflowError, require
 from rayflow.gmm import ExactTeacher
 from rayflow.methods import CountingDenoiser, DistillContext, DistillResult, Method, get_method
-from rayflow.models import Condition, Denoiser, ModelConfig, build_model, default_model_config
+from rayflow.models import Condition, Denoiser, ModelConfig, as_epsilon, build_model, default_model_config
 from rayflow.samplers import get_sampler, sampler_nfe
 from rayflow.samplers import sample as solve_teacher
-from rayflow.schedules import VPSchedule, expand_like, to_x0_eps
+from rayflow.schedules import VPSchedule
 from rayflow.training import EpsilonObjective, TrainConfig, Trainer
 
 #: the teacher's default sampler and steps when a directory is sampled without --sampler/--steps
 TEACHER_SAMPLER = {"name": "dpm++2m", "steps": 25}
-
-
-class EpsilonView(Denoiser):
-    """Present any teacher as an epsilon-predictor: ``eps = to_x0_eps(pred, type, x, a_t, s_t)[1]``.
-
-    Exact algebra on the VP path, so a v-, x0- or flow-prediction teacher is converted rather than refused.
-    """
-
-    prediction_type = "epsilon"
-
-    def __init__(self, model: Denoiser, schedule: VPSchedule) -> None:
-        super().__init__()
-        self.model, self.schedule = model, schedule
-        self.num_classes = model.num_classes
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
-        pred = self.model(x, t, cond)
-        tt = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0]).cpu()
-        a, s = expand_like(self.schedule.a(tt), x), expand_like(self.schedule.s(tt), x)
-        return to_x0_eps(pred, self.model.prediction_type, x, a, s)[1]
-
-    def null_condition(self, batch_size: int, device: torch.device) -> Condition:
-        return self.model.null_condition(batch_size, device)
 
 
 # ---------------------------------------------------------------------- teachers
@@ -122,7 +99,7 @@ def distill(
         device = accelerator.device
     for p in net.parameters():
         p.requires_grad_(False)
-    eps_teacher = net if net.prediction_type == "epsilon" else EpsilonView(net, schedule)
+    eps_teacher = as_epsilon(net, schedule)
     counting = CountingDenoiser(eps_teacher.to(device).eval())
     if isinstance(net, ExactTeacher):
         student_cfg = student_model or default_model_config(dataset.sample_shape, dataset.num_classes)
@@ -225,4 +202,4 @@ def load_generator(model: str | None = None, teacher: str | None = None, data: s
                      default_steps=4)
 
 
-__all__ = ["EpsilonView", "Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]
+__all__ = ["Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]

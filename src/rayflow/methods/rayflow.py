@@ -48,7 +48,7 @@ from rayflow.caches import build_or_load, model_fingerprint
 from rayflow.errors import RayflowError, require
 from rayflow.methods import register
 from rayflow.methods.base import DistillContext, DistillResult, Method
-from rayflow.models import Condition, Denoiser, ModelConfig, build_model, with_guidance
+from rayflow.models import Condition, Denoiser, ModelConfig, as_epsilon, build_model, with_guidance
 from rayflow.samplers import SPACINGS, get_sampler, make_timesteps, sampler_nfe
 from rayflow.schedules import PREDICTION_TYPES, VPSchedule, convert_prediction, expand_like, to_x0_eps
 from rayflow.time_samplers import TIME_SAMPLERS, TimeSampler, build_time_sampler, downsample, plot_time_distribution
@@ -555,33 +555,9 @@ class RayFlowObjective:
 
 
 # ---------------------------------------------------------------------- the method
-class _EpsilonTeacher(Denoiser):
-    """A teacher of another prediction type presented as epsilon (exact conversion on the VP path)."""
-
-    prediction_type = "epsilon"
-
-    def __init__(self, model: Denoiser, schedule: VPSchedule) -> None:
-        super().__init__()
-        self.model, self.schedule, self.num_classes = model, schedule, model.num_classes
-
-    def forward(self, x, t, cond=None):
-        tt = torch.as_tensor(t, dtype=torch.float64).flatten().expand(x.shape[0]).cpu()
-        a, s = expand_like(self.schedule.a(tt).to(x.dtype), x), expand_like(self.schedule.s(tt).to(x.dtype), x)
-        return to_x0_eps(self.model(x, t, cond), self.model.prediction_type, x, a, s)[1]
-
-    def null_condition(self, batch_size, device):
-        return self.model.null_condition(batch_size, device)
-
-
 def epsilon_teacher(teacher: Denoiser, schedule: VPSchedule) -> Denoiser:
     """The teacher as an epsilon-predictor: converted when it predicts x0, v or flow; refused otherwise."""
-    ptype = getattr(teacher, "prediction_type", None)
-    if ptype == "epsilon":
-        return teacher
-    require(ptype in PREDICTION_TYPES,
-            f"rayflow: the teacher predicts {ptype!r}, which cannot be converted to epsilon "
-            f"(supported: {', '.join(PREDICTION_TYPES)})")
-    return _EpsilonTeacher(teacher, schedule)
+    return as_epsilon(teacher, schedule)
 
 
 def _teacher_fingerprint(teacher: torch.nn.Module) -> str:

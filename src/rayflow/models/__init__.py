@@ -1,6 +1,14 @@
 """Networks and the denoiser calling convention."""
 
-from rayflow.models.base import ClassifierFreeGuidance, Condition, Denoiser, broadcast_timesteps, with_guidance
+from rayflow.models.base import (
+    ClassifierFreeGuidance,
+    Condition,
+    Denoiser,
+    EpsilonView,
+    as_epsilon,
+    broadcast_timesteps,
+    with_guidance,
+)
 from rayflow.models.networks import (
     DiffusersDenoiser,
     MLPDenoiser,
@@ -11,6 +19,7 @@ from rayflow.models.networks import (
 )
 
 __all__ = [
-    "ClassifierFreeGuidance", "Condition", "Denoiser", "DiffusersDenoiser", "MLPDenoiser", "ModelConfig",
-    "UNetDenoiser", "broadcast_timesteps", "build_model", "default_model_config", "with_guidance",
+    "ClassifierFreeGuidance", "Condition", "Denoiser", "DiffusersDenoiser", "EpsilonView", "MLPDenoiser",
+    "ModelConfig", "UNetDenoiser", "as_epsilon", "broadcast_timesteps", "build_model", "default_model_config",
+    "with_guidance",
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rayflow.errors import require
-from rayflow.schedules import PREDICTION_TYPES
+from rayflow.schedules import PREDICTION_TYPES, VPSchedule, expand_like, to_x0_eps
 
 Condition = Union[torch.Tensor, None]
 
@@ -80,3 +80,36 @@ def check_prediction_type(prediction_type: str) -> str:
     require(prediction_type in PREDICTION_TYPES,
             f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     return prediction_type
+
+
+class EpsilonView(Denoiser):
+    """Present any teacher as an epsilon-predictor: ``eps = to_x0_eps(pred, type, x, a_t, s_t)[1]``.
+
+    Exact algebra on the VP path, so a v-, x0- or flow-prediction teacher is converted rather than refused.
+    """
+
+    prediction_type = "epsilon"
+
+    def __init__(self, model: Denoiser, schedule: VPSchedule) -> None:
+        super().__init__()
+        self.model, self.schedule = model, schedule
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        tt = torch.as_tensor(t, dtype=torch.float64).flatten().expand(x.shape[0]).cpu()
+        a, s = expand_like(self.schedule.a(tt), x), expand_like(self.schedule.s(tt), x)
+        return to_x0_eps(self.model(x, t, cond), self.model.prediction_type, x, a, s)[1]
+
+    def null_condition(self, batch_size: int, device: torch.device) -> Condition:
+        return self.model.null_condition(batch_size, device)
+
+
+def as_epsilon(model: Denoiser, schedule: VPSchedule) -> Denoiser:
+    """``model`` itself if it predicts epsilon, an :class:`EpsilonView` of it otherwise; unknown types refused."""
+    ptype = getattr(model, "prediction_type", None)
+    if ptype == "epsilon":
+        return model
+    require(ptype in PREDICTION_TYPES,
+            f"the teacher predicts {ptype!r}, which cannot be converted to epsilon "
+            f"(supported: {', '.join(PREDICTION_TYPES)})")
+    return EpsilonView(model, schedule)

@@ -406,7 +406,8 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_teacher_initialised_student_starts_as_the_teacher(tmp_path):
-    """Initialised from an epsilon network, either form starts as that network at the VP-matched point."""
+    """With the teacher's output type kept, either form starts as that network at the VP-matched point; by
+    default (``auto``) the velocity form gets a flow head: the same weights, the output reinterpreted."""
     from rayflow.models import build_model
 
     ds = load_dataset(MOG)
@@ -418,11 +419,19 @@ def test_teacher_initialised_student_starts_as_the_teacher(tmp_path):
     ctx.student_config, ctx.student_init = cfg, net.state_dict()
     x, t = torch.randn(16, 8), torch.full((16,), 600.0)
     for form in ("epsilon", "velocity"):
-        method = RayFlow(RayFlowConfig(parameterization=form))
+        method = RayFlow(RayFlowConfig(parameterization=form, network_prediction="epsilon"))
         student = method.wrap_student(method.build_network(ctx), sched)
         torch.testing.assert_close(student(x, t), RayStudent(net, sched, form)(x, t))
-    with pytest.raises(RayflowError, match="conflicts with the teacher weights"):
-        RayFlow(RayFlowConfig(network_prediction="flow")).build_network(ctx)
+    assert RayFlow(RayFlowConfig(parameterization="epsilon")).build_network(ctx).prediction_type == "epsilon"
+
+    method = RayFlow(RayFlowConfig(parameterization="velocity"))
+    head = method.build_network(ctx)
+    assert head.prediction_type == "flow"
+    for (k, v), (_, w) in zip(head.state_dict().items(), net.state_dict().items()):
+        assert torch.equal(v, w), k
+    # the raw output now reads as flow = eps_mu - x0 = -v at the VP-matched point (c x, t')
+    c, _, _, t2 = vp_matched(sched, t.double())
+    torch.testing.assert_close(method.wrap_student(head, sched)(x, t), -net(c[:, None].float() * x, t2.float()))
 
 
 # ---------------------------------------------------------------------- bad input

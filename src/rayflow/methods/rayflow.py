@@ -31,7 +31,9 @@ Student = teacher network behind an exact change of variables (:class:`RayParame
 ``x = a x0 + (1-a) eps_mu`` is the VP point ``c x = a' x0 + s' eps_mu`` with ``c = 1/sqrt(a^2 + (1-a)^2)``,
 ``a' = c a``, ``s' = c (1-a)`` (same SNR, unit variance), at the fractional timestep ``t'`` whose
 ``alpha_bar = a'^2``. The network is called there, on the diffusers timestep scale, and its prediction (of any
-type) converts exactly to the ray's ``(x0, eps_mu)``; so an epsilon teacher initialises either form exactly.
+type) converts exactly to the ray's ``(x0, eps_mu)``; so an epsilon teacher initialises either form exactly
+(``network_prediction=epsilon``). The default velocity student instead reads the teacher's weights as a flow
+head (InstaFlow's move) [OURS, measured: docs/rayflow.md §3.3].
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ class RayFlowConfig:
     # --- ray process and loss (§2.4, §2.7)
     sigma: float = 0.0  # target std; the paper's optimum is sigma* -> 0
     parameterization: str = "velocity"  # "epsilon" (eps_mu, the paper's) | "velocity" (v = x0 - eps_mu)
-    network_prediction: str = "auto"  # what the raw network outputs at the VP-matched point (see docs)
+    # what the raw network outputs at the VP-matched point: auto = the form's own (flow for velocity, epsilon for
+    # epsilon), the teacher's weights reinterpreted as InstaFlow does; the teacher's type (e.g. epsilon) keeps
+    # the exact init, which the velocity form then divides by a_t (measured far worse at 1 NFE; see docs §1)
+    network_prediction: str = "auto"
     loss_weighting: str = "uniform"  # "uniform" | "snr" (flow-matching weight 1/a_t^2 on the eps residual)
     snr_weight_max: float = 1000.0  # clip of the snr weight before normalising it to mean 1 over t
     label_dropout: float = 0.0  # student label dropout, for CFG at sampling time
@@ -584,16 +589,17 @@ class RayFlow(Method):
 
     # -------------------------------------------------------------- student construction
     def student_config(self, ctx: DistillContext) -> ModelConfig:
-        """The network the student uses: the teacher's (its prediction type kept, so its weights mean what they
-        meant) or, from scratch, one that outputs the chosen form directly at the VP-matched point:
-        ``epsilon`` for the epsilon form, ``flow`` (``= eps_mu - x0 = -v``) for the velocity form."""
+        """The network the student uses: the teacher's architecture, whose raw output at the VP-matched point is
+        ``network_prediction``; ``auto`` is the form's own output, ``epsilon`` for the epsilon form and ``flow``
+        (``= eps_mu - x0 = -v``) for the velocity form.
+
+        A teacher-initialised student whose output type differs from the teacher's keeps the teacher's weights
+        and reinterprets its head, as InstaFlow turns SD's epsilon UNet into a velocity model [OURS, measured:
+        docs/rayflow.md §1]. Asking for the teacher's own type instead keeps the exact init (the student starts
+        as the teacher), at the price of dividing its epsilon error by ``a_t`` near the noise end.
+        """
         cfg = dataclasses.replace(ctx.student_config)
         wanted = self.config.network_prediction
-        if ctx.student_init is not None:
-            require(wanted in ("auto", cfg.prediction_type),
-                    f"rayflow: network_prediction={wanted} conflicts with the teacher weights the student starts "
-                    f"from, which predict {cfg.prediction_type}; use network_prediction=auto")
-            return cfg
         if wanted == "auto":
             wanted = "epsilon" if self.config.parameterization == "epsilon" else "flow"
         cfg.prediction_type = wanted

@@ -143,6 +143,9 @@ def test_plot_metric_vs_nfe(tmp_path):
     rows = [EvalResult(m, n, {"fd": 10.0 / n + i}) for i, m in enumerate(["a", "b"]) for n in (1, 2, 4, 8)]
     assert_png(plot_metric_vs_nfe(rows, "fd", tmp_path / "fd.png", reference=("teacher, 50 steps", 0.5)))
     assert_png(plot_metric_vs_nfe([r.to_row() for r in rows], "fd", tmp_path / "fd2.png", title="t", reference=1.0))
+    many = [EvalResult(f"m{i}", n, {"fd": 10.0 / n + i, "kid": 0.1 - i / 100}) for i in range(12) for n in (1, 2)]
+    assert_png(plot_metric_vs_nfe(many, "fd", tmp_path / "fd_log.png", log_y=True))  # 12 lines, 12 colours
+    assert_png(plot_metric_vs_nfe(many, "kid", tmp_path / "kid_lin.png", log_y=True))  # a negative KID: linear
     with pytest.raises(RayflowError, match="no results have metric 'kid'"):
         plot_metric_vs_nfe(rows, "kid", tmp_path / "kid.png")
 

@@ -335,10 +335,11 @@ def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
 
 def plot_metric_vs_nfe(
     rows: Sequence[EvalResult | Mapping[str, Any]], metric: str, path: str | os.PathLike, title: str | None = None,
-    reference: float | tuple[str, float] | None = None,
+    reference: float | tuple[str, float] | None = None, log_y: bool = False,
 ) -> Path:
     """PNG of ``metric`` against NFE: one line per method, NFE on a log2 axis, an optional dashed horizontal
-    ``reference`` line (a value, or ``(label, value)`` such as ``("teacher, 50 steps", 3.2)``)."""
+    ``reference`` line (a value, or ``(label, value)`` such as ``("teacher, 50 steps", 3.2)``). ``log_y`` puts
+    the metric on a log axis too, so that one bad 1-NFE row does not flatten every other line."""
     flat, columns = _rows_and_columns(rows)
     series: dict[str, list[tuple[int, float]]] = {}
     for f in flat:
@@ -349,14 +350,19 @@ def plot_metric_vs_nfe(
     fig = _new_figure((6.0, 4.0))
     ax = fig.add_subplot()
     nfes: set[int] = set()
-    for method, pts in series.items():
+    from matplotlib import colormaps
+
+    colors = colormaps["tab20" if len(series) > 10 else "tab10"]
+    for i, (method, pts) in enumerate(series.items()):
         pts.sort()
         nfes.update(n for n, _ in pts)
-        ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=method)
+        ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=method, color=colors(i % colors.N))
     if reference is not None:
         label, value = reference if isinstance(reference, tuple) else ("reference", reference)
         ax.axhline(float(value), color="black", linestyle="--", linewidth=1, label=label)
     ax.set_xscale("log", base=2)
+    if log_y and all(v > 0 for pts in series.values() for _, v in pts):
+        ax.set_yscale("log")
     ticks = sorted(n for n in nfes if n > 0)
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
@@ -364,7 +370,10 @@ def plot_metric_vs_nfe(
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} vs NFE")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if len(series) > 6:  # beside the axes, where it hides no line
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize="small")
     return _save_figure(fig, path)
 
 

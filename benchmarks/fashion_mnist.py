@@ -4,6 +4,8 @@
     python benchmarks/fashion_mnist.py --data ../shared/data/fashion-mnist --out runs/bench-fm
     python benchmarks/fashion_mnist.py ... --parts teacher,reference,samplers,speed      # in resumable parts
     python benchmarks/fashion_mnist.py ... --parts methods --methods rayflow,perflow
+    python benchmarks/fashion_mnist.py ... --teacher benchmarks/checkpoints/fashion-mnist-teacher \
+        --feature-net benchmarks/checkpoints/fashion-mnist-feature-net                  # reuse, skip training them
     python benchmarks/fashion_mnist.py ... --parts report                                # tables + plots
     python benchmarks/fashion_mnist.py --tiny --allow-cpu ...                            # a dry run on a CPU
 
@@ -14,11 +16,13 @@ Parts (each resumes; a finished part is skipped):
 * ``reference`` the feature classifier for FD/KID/accuracy (trained on the training split; the 10 000 test
   images are the reference set) and the teacher at 50 DDIM steps and 25 DPM-Solver++ steps.
 * ``samplers``  DDIM and DPM-Solver++ on the teacher at 1, 2, 4, 8 NFE.
-* ``methods``   every distillation variant with one budget (same student updates, batch size and CFG
-  setting), then evaluated at 1, 2, 4, 8 NFE: FD, KID, class accuracy, fidelity to the teacher's 50-step
-  samples from the same noise, seconds per image, teacher NFEs spent, training throughput.
+* ``methods``   the issue's seven distillation variants (``--methods`` adds the two RayFlow ablations) with one
+  budget (same student updates, batch size and CFG setting), then evaluated at 1, 2, 4, 8 NFE: FD, KID, class
+  accuracy, fidelity to the teacher's 50-step samples from the same noise, seconds per image, teacher NFEs
+  spent, training throughput.
 * ``speed``     1-NFE throughput at a large batch and latency at batch 1 of the benchmark UNet: eager,
-  torch.compile, and CUDA graphs, beside the roofline (FLOPs per image over the measured bf16 matmul rate).
+  torch.compile, CUDA graphs, and both together, beside the roofline (FLOPs per image over the measured bf16
+  matmul rate).
 * ``report``    merges every part's rows into ``benchmarks/results/fashion_mnist.json`` and draws the plots.
 
 Every evaluation uses the noise and labels of ``rayflow sample --seed SEED --num N --labels cycle``, so one
@@ -31,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -52,16 +57,23 @@ from rayflow.models import ModelConfig  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import TrainConfig  # noqa: E402
 
-#: name -> (method, options): the seven distilled variants of the issue
+#: name -> (method, options): the seven distilled variants of the issue and two opt-in RayFlow ablations
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "rayflow": ("rayflow", {}),
     "rayflow-no-time-sampler": ("rayflow", {"time_sampler": "uniform"}),
     "rayflow-no-instance-target": ("rayflow", {"instance_target": "false"}),
+    # the teacher's epsilon head kept (the exact init, RayFlow's default until the flow head): the head ablation
+    "rayflow-epsilon-head": ("rayflow", {"network_prediction": "epsilon"}),
+    # start noise scaled to the RMS of the rays' noise ends (eps_mu), measured at distillation: an option
+    "rayflow-matched-start": ("rayflow", {"start_noise": "variance-matched"}),
     "proreflow-ii": ("proreflow", {"preset": "II"}),
     "perflow": ("perflow", {}),
     "reflow": ("reflow", {}),
     "rectified-diffusion": ("rectified-diffusion", {}),
 }
+#: the seven rows the benchmark exists for; the rest are opt-in ablations (``--methods``)
+ISSUE_VARIANTS = ("rayflow", "rayflow-no-time-sampler", "rayflow-no-instance-target", "proreflow-ii", "perflow",
+                  "reflow", "rectified-diffusion")
 #: --tiny: pools small enough for a CPU dry run (the real run keeps every method's defaults)
 TINY_OPTIONS: dict[str, dict[str, str]] = {
     "rayflow": {"cache_size": "64", "teacher_steps": "2"},
@@ -70,6 +82,9 @@ TINY_OPTIONS: dict[str, dict[str, str]] = {
     "reflow": {"num_pairs": "64", "distill_num_pairs": "64"},
     "rectified-diffusion": {"num_pairs": "64"},
 }
+#: variants whose teacher targets equal another's reuse its cache (each still reports the teacher NFEs it needs)
+SHARED_CACHE: dict[str, str] = {name: "rayflow" for name in (
+    "rayflow-no-time-sampler", "rayflow-epsilon-head", "rayflow-matched-start")}
 PARTS = ("teacher", "reference", "samplers", "methods", "speed", "report")
 
 
@@ -135,15 +150,38 @@ def part_teacher(run: Path, spec: str, cfg: BenchConfig) -> None:
                       run / "rows" / "teacher_train.json")
 
 
+def adopt(source: str, target: Path, files: tuple[str, ...]) -> None:
+    """Copy a saved model directory (the committed teacher, a feature net) into the run instead of training it."""
+    src = Path(source)
+    missing = [f for f in files if not (src / f).is_file()]
+    require(not missing, f"{src}: not a saved model directory (missing {', '.join(missing)})")
+    target.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(src / f, target / f)
+
+
 def _scorer(run: Path, spec: str, cfg: BenchConfig, device: str) -> Scorer:
     return Scorer.for_data(spec, run / "feature-net", feature_steps=cfg.feature_steps, seed=cfg.seed,
                            device=device)
 
 
-def _reference(run: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
+def _teacher_ddim50(run: Path, cfg: BenchConfig, device: str) -> torch.Tensor:
+    teacher = load_generator(model=str(run / "teacher"), device=device)
+    noise, labels = eval_inputs(cfg, teacher.sample_shape, teacher.num_classes)
+    return teacher.generate(noise, 50, cond=labels, guidance=cfg.guidance, sampler="ddim", batch_size=2000)
 
-    return load_file(str(run / "reference_ddim50.safetensors"))["x"]
+
+def _reference(run: Path, cfg: BenchConfig, device: str) -> torch.Tensor:
+    """The teacher's 50-step DDIM samples from the evaluation noise, the target of every row's fidelity.
+
+    Regenerated from the teacher when missing, so a run directory may travel without this 41 MB file.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = run / "reference_ddim50.safetensors"
+    if not path.exists():
+        save_file({"x": _teacher_ddim50(run, cfg, device).contiguous()}, str(path))
+    return load_file(str(path))["x"]
 
 
 def part_reference(run: Path, spec: str, cfg: BenchConfig, device: str) -> None:
@@ -169,13 +207,13 @@ def part_samplers(run: Path, spec: str, cfg: BenchConfig, device: str) -> None:
     scorer = _scorer(run, spec, cfg, device)
     noise, labels = eval_inputs(cfg, teacher.sample_shape, teacher.num_classes)
     rows = compare({s: (teacher, s) for s in ("ddim", "dpm++2m")}, list(cfg.nfes), noise, scorer, labels,
-                   _reference(run), batch_size=2000)
+                   _reference(run, cfg, device), batch_size=2000)
     save_rows(run, "samplers", rows)
 
 
 def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: list[str]) -> None:
     scorer = _scorer(run, spec, cfg, device)
-    ref = _reference(run)
+    ref = _reference(run, cfg, device)
     dataset = load_dataset(spec)
     for name in names:
         if done(run, f"method-{name}"):
@@ -191,11 +229,10 @@ def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: lis
                             mixed_precision="auto")
         t0 = time.time()
         distill(method, str(run / "teacher"), dataset, student_dir, train, guidance=cfg.guidance,
-                cache_dir=run / "caches" / name)
+                cache_dir=run / "caches" / SHARED_CACHE.get(name, name))
         wall = time.time() - t0
         config = read_json(student_dir / "config.json")
-        log = [json.loads(line) for line in (student_dir / "train_log.jsonl").read_text().splitlines() if line]
-        train_seconds = log[-1]["time"] if log else float("nan")
+        train_seconds = _train_seconds(student_dir)
         gen = load_generator(model=str(student_dir), device=device)
         noise, labels = eval_inputs(cfg, gen.sample_shape, gen.num_classes)
         keep: dict = {}
@@ -209,6 +246,15 @@ def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: lis
         save_rows(run, f"method-{name}", rows)
         summary = ", ".join(f"{r['nfe']} NFE fd {r['fd']:.2f}" for r in rows)
         print(f"  {name}: {summary}")
+
+
+def _train_seconds(student_dir: Path) -> float:
+    """Seconds spent in student updates: every training stage's last logged time (ProReflow logs per stage)."""
+    total = 0.0
+    for log_path in student_dir.rglob("train_log.jsonl"):
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+        total += log[-1]["time"] if log else 0.0
+    return total or float("nan")
 
 
 @torch.no_grad()
@@ -272,8 +318,11 @@ def part_speed(run: Path, cfg: BenchConfig, device: str) -> None:
 
     rows = []
     compiled = torch.compile(net)
+    # torch.compile's "reduce-overhead" mode replays its fused kernels from CUDA graphs: both gains at once
+    compiled_graphs = torch.compile(net, mode="reduce-overhead")
     for label, make in (("eager bf16", lambda bs: bf16(net)), ("torch.compile bf16", lambda bs: bf16(compiled)),
-                        ("CUDA graph bf16", graphed)):
+                        ("CUDA graph bf16", graphed),
+                        ("torch.compile + CUDA graphs bf16", lambda bs: bf16(compiled_graphs))):
         for bs, iters in ((1, 200), (2048, 20)):
             sec = timed(make(bs), bs, iters)
             rows.append({"variant": label, "batch": bs, "sec_per_batch": sec, "images_per_s": bs / sec,
@@ -292,10 +341,12 @@ def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     meta = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
-    for extra in ("speed", "teacher_train"):
+    for extra in ("speed", "teacher_train", "timing"):
         p = run / "rows" / f"{extra}.json"
         if p.exists():
             meta[extra] = json.loads(p.read_text())
+    if "speed" in meta:  # the report may be drawn on another machine than the one that measured
+        meta.update(gpu=meta["speed"]["gpu"], measured_with_torch=meta["speed"]["torch"])
     write_json_atomic(rows, results / "fashion_mnist.json")
     write_json_atomic(meta, results / "fashion_mnist_meta.json")
     write_results(rows, results, name="fashion_mnist_table")
@@ -304,7 +355,13 @@ def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     for metric in ("fd", "kid", "accuracy", "fidelity"):
         plot_metric_vs_nfe(curve, metric, results / f"fashion_mnist_{metric}.png",
                            title=f"Fashion-MNIST: {metric} against NFE",
-                           reference=("teacher, 50 DDIM steps", ref) if metric == "fd" and ref else None)
+                           reference=("teacher, 50 DDIM steps", ref) if metric == "fd" and ref else None,
+                           log_y=metric in ("fd", "kid"))
+    for grid in sorted((run / "grids").glob("*.png")):
+        shutil.copyfile(grid, results / f"fashion_mnist_grid_{grid.stem}.png")
+    sampler_plot = run / "students" / "rayflow" / "time_sampler.png"
+    if sampler_plot.exists():
+        shutil.copyfile(sampler_plot, results / "fashion_mnist_time_sampler.png")
     print("regenerate any row's samples with:")
     print(f"  teacher rows: rayflow sample --model {run}/teacher --sampler SAMPLER --steps N --num {cfg.num_eval} "
           f"--seed {cfg.seed} --out row.npz")
@@ -318,10 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fashion-mnist"))
     p.add_argument("--out", default="runs/bench-fashion-mnist")
     p.add_argument("--parts", default="all", help=f"comma-separated subset of {', '.join(PARTS)} (default all)")
-    p.add_argument("--methods", default=",".join(VARIANTS), help="variants for the methods part")
+    p.add_argument("--methods", default=",".join(ISSUE_VARIANTS),
+                   help=f"variants for the methods part (default: the issue's seven; all: {', '.join(VARIANTS)})")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
+    p.add_argument("--teacher", default=None,
+                   help="reuse this teacher directory (e.g. benchmarks/checkpoints/fashion-mnist-teacher) "
+                        "instead of training one")
+    p.add_argument("--feature-net", default=None, help="reuse this feature-classifier directory")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
     args = p.parse_args(argv)
@@ -356,12 +418,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cfg_path}: this run directory was made with another configuration; use another --out")
         else:
             write_json_atomic(dataclasses.asdict(cfg), cfg_path)
+        if args.teacher and not (run / "teacher" / "model.safetensors").exists():
+            adopt(args.teacher, run / "teacher", ("model.safetensors", "config.json"))
+            write_json_atomic({"reused": args.teacher}, run / "rows" / "teacher_train.json")
+        if args.feature_net and not (run / "feature-net" / "feature_net.safetensors").exists():
+            adopt(args.feature_net, run / "feature-net", ("feature_net.safetensors", "feature_net.json"))
         for part in PARTS:
             if part not in parts:
                 continue
             t0 = time.time()
             print(f"== {part}", flush=True)
-            if part == "teacher":
+            if part == "teacher" and not done(run, "teacher_train"):
                 part_teacher(run, spec, cfg)
             elif part == "reference" and not done(run, "reference"):
                 part_reference(run, spec, cfg, device)
@@ -373,7 +440,13 @@ def main(argv: list[str] | None = None) -> int:
                 part_speed(run, cfg, device)
             elif part == "report":
                 part_report(run, cfg, Path(args.results))
-            print(f"== {part} done in {time.time() - t0:.0f} s", flush=True)
+            seconds = time.time() - t0
+            print(f"== {part} done in {seconds:.0f} s", flush=True)
+            if part != "report":  # wall seconds per part, summed over resumed calls: the GPU time the run cost
+                timing_path = run / "rows" / "timing.json"
+                timing = read_json(timing_path) if timing_path.exists() else {}
+                timing[part] = round(timing.get(part, 0.0) + seconds, 1)
+                write_json_atomic(timing, timing_path)
     except RayflowError as exc:
         print(f"fashion_mnist: error: {exc}", file=sys.stderr)
         return 2

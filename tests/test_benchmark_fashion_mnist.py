@@ -1,0 +1,97 @@
+"""benchmarks/fashion_mnist.py: its refusals, its resume, and the committed teacher (CPU, no GPU needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayflow.distillation import load_generator
+from test_data import make_mnist_dir
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"
+FEATURE_NET = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-feature-net"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_fashion_mnist", REPO / "benchmarks" / "fashion_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    root = tmp_path / "fm"
+    root.mkdir()
+    make_mnist_dir(root, gz=True, n_train=40, n_test=16)
+    return root
+
+
+def test_refuses_a_wrong_data_path(bench, tmp_path, capsys):
+    assert bench.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--allow-cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fashion_mnist: error: --data") and "no such directory" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_to_start_without_a_gpu(bench, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--data", str(data_dir), "--out", str(tmp_path / "run")]) == 2
+    assert "no GPU found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_unknown_parts_variants_and_teacher_dirs(bench, data_dir, tmp_path, capsys):
+    common = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu"]
+    assert bench.main([*common, "--parts", "teacher,lunch"]) == 2
+    assert "unknown part(s) ['lunch']" in capsys.readouterr().err
+    assert bench.main([*common, "--methods", "rayflow,sdxl-turbo"]) == 2
+    assert "unknown variant(s) ['sdxl-turbo']" in capsys.readouterr().err
+    assert bench.main([*common, "--teacher", str(tmp_path), "--parts", "teacher"]) == 2
+    assert "not a saved model directory (missing model.safetensors, config.json)" in capsys.readouterr().err
+
+
+def test_a_finished_part_is_skipped_and_a_changed_config_refused(bench, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(run), "--tiny", "--allow-cpu", "--parts", "teacher",
+            "--teacher-steps", "4"]
+    assert bench.main(args) == 0
+    weights = run / "teacher" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert json.loads((run / "rows" / "teacher_train.json").read_text())["final_loss"] > 0
+    assert bench.main(args) == 0  # resumed: the finished teacher is not trained again
+    assert weights.stat().st_mtime_ns == stamp
+    timing = json.loads((run / "rows" / "timing.json").read_text())
+    assert set(timing) == {"teacher"}
+    capsys.readouterr()
+    assert bench.main([*args[:-1], "5"]) == 2
+    assert "made with another configuration" in capsys.readouterr().err
+
+
+def test_the_committed_teacher_loads_and_samples(tmp_path):
+    """The checkpoint under benchmarks/ stays loadable by this code (shape, classes, prediction type)."""
+    teacher = load_generator(model=str(TEACHER))
+    assert teacher.sample_shape == (1, 32, 32) and teacher.num_classes == 10
+    assert teacher.model.prediction_type == "epsilon"
+    x = teacher.generate(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), 1,
+                         cond=torch.tensor([0, 7]), sampler="ddim")
+    assert x.shape == (2, 1, 32, 32) and torch.isfinite(x).all()
+    assert (FEATURE_NET / "feature_net.safetensors").is_file()
+
+
+def test_a_benchmark_run_can_adopt_the_committed_teacher(bench, data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert bench.main(["--data", str(data_dir), "--out", str(run), "--tiny", "--allow-cpu", "--parts", "teacher",
+                       "--teacher", str(TEACHER), "--feature-net", str(FEATURE_NET)]) == 0
+    assert (run / "teacher" / "model.safetensors").read_bytes() == (TEACHER / "model.safetensors").read_bytes()
+    assert json.loads((run / "rows" / "teacher_train.json").read_text()) == {"reused": str(TEACHER)}
+    assert (run / "feature-net" / "feature_net.safetensors").is_file()

@@ -211,41 +211,54 @@ def part_samplers(run: Path, spec: str, cfg: BenchConfig, device: str) -> None:
     save_rows(run, "samplers", rows)
 
 
-def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: list[str]) -> None:
+def seeded_name(name: str, seed: int, cfg: BenchConfig) -> str:
+    """The row / student name of ``name`` trained with ``seed`` (the run's own seed keeps the plain name)."""
+    return name if seed == cfg.seed else f"{name}@seed{seed}"
+
+
+def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: list[str],
+                 seeds: tuple[int, ...] = ()) -> None:
+    """Distil and evaluate each variant, once per student seed (the evaluation noise is the same for all)."""
     scorer = _scorer(run, spec, cfg, device)
     ref = _reference(run, cfg, device)
     dataset = load_dataset(spec)
-    for name in names:
-        if done(run, f"method-{name}"):
-            print(f"  {name}: already evaluated")
-            continue
-        method_name, options = VARIANTS[name]
-        if cfg.tiny:
-            options = {**options, **TINY_OPTIONS.get(method_name, {})}
-        method = get_method(method_name).from_options(options)
-        student_dir = run / "students" / name
-        train = TrainConfig(max_steps=cfg.distill_steps, batch_size=cfg.distill_batch, lr=cfg.distill_lr,
-                            ema_decay=0.999, seed=cfg.seed, checkpoint_every=500, compile="no",
-                            mixed_precision="auto")
-        t0 = time.time()
-        distill(method, str(run / "teacher"), dataset, student_dir, train, guidance=cfg.guidance,
-                cache_dir=run / "caches" / SHARED_CACHE.get(name, name))
-        wall = time.time() - t0
-        config = read_json(student_dir / "config.json")
-        train_seconds = _train_seconds(student_dir)
-        gen = load_generator(model=str(student_dir), device=device)
-        noise, labels = eval_inputs(cfg, gen.sample_shape, gen.num_classes)
-        keep: dict = {}
-        extra = {name: {"teacher_nfe": config.get("teacher_nfe"), "distill_wall_s": round(wall, 1),
-                        "train_samples_per_s": round(cfg.distill_steps * cfg.distill_batch / train_seconds, 1)}}
-        rows = compare({name: (gen, None)}, list(cfg.nfes), noise, scorer, labels, ref, batch_size=2000,
-                       keep=keep, extra=extra)
-        grid = {f"{name} {nfe} NFE": to_uint8_images(keep[(name, nfe)][:20]) for nfe in (1, 2, 4)
-                if (name, nfe) in keep}
-        save_grid_by_method(grid, run / "grids" / f"{name}.png")
-        save_rows(run, f"method-{name}", rows)
-        summary = ", ".join(f"{r['nfe']} NFE fd {r['fd']:.2f}" for r in rows)
-        print(f"  {name}: {summary}")
+    for seed in seeds or (cfg.seed,):
+        for base in names:
+            _one_method(run, cfg, device, dataset, scorer, ref, base, seed)
+
+
+def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Scorer, ref: torch.Tensor, base: str,
+                seed: int) -> None:
+    name = seeded_name(base, seed, cfg)
+    if done(run, f"method-{name}"):
+        print(f"  {name}: already evaluated")
+        return
+    method_name, options = VARIANTS[base]
+    if cfg.tiny:
+        options = {**options, **TINY_OPTIONS.get(method_name, {})}
+    method = get_method(method_name).from_options(options)
+    student_dir = run / "students" / name
+    train = TrainConfig(max_steps=cfg.distill_steps, batch_size=cfg.distill_batch, lr=cfg.distill_lr,
+                        ema_decay=0.999, seed=seed, checkpoint_every=500, compile="no", mixed_precision="auto")
+    t0 = time.time()
+    distill(method, str(run / "teacher"), dataset, student_dir, train, guidance=cfg.guidance,
+            cache_dir=run / "caches" / SHARED_CACHE.get(base, base))
+    wall = time.time() - t0
+    config = read_json(student_dir / "config.json")
+    train_seconds = _train_seconds(student_dir)
+    gen = load_generator(model=str(student_dir), device=device)
+    noise, labels = eval_inputs(cfg, gen.sample_shape, gen.num_classes)
+    keep: dict = {}
+    extra = {name: {"teacher_nfe": config.get("teacher_nfe"), "distill_wall_s": round(wall, 1),
+                    "train_samples_per_s": round(cfg.distill_steps * cfg.distill_batch / train_seconds, 1)}}
+    rows = compare({name: (gen, None)}, list(cfg.nfes), noise, scorer, labels, ref, batch_size=2000,
+                   keep=keep, extra=extra)
+    grid = {f"{name} {nfe} NFE": to_uint8_images(keep[(name, nfe)][:20]) for nfe in (1, 2, 4)
+            if (name, nfe) in keep}
+    save_grid_by_method(grid, run / "grids" / f"{name}.png")
+    save_rows(run, f"method-{name}", rows)
+    summary = ", ".join(f"{r['nfe']} NFE fd {r['fd']:.2f}" for r in rows)
+    print(f"  {name}: {summary}")
 
 
 def _train_seconds(student_dir: Path) -> float:
@@ -332,12 +345,37 @@ def part_speed(run: Path, cfg: BenchConfig, device: str) -> None:
                        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, run / "rows" / "speed.json")
 
 
+def write_seed_summary(rows: list[dict], results: Path) -> None:
+    """Mean and sample std of FD over student seeds, for every variant trained with more than one seed."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["method"].split("@seed")[0], r["nfe"]), []).append(float(r["fd"]))
+    bases = sorted({r["method"].split("@seed")[0] for r in rows if "@seed" in r["method"]})
+    nfes = sorted({n for (b, n) in groups if b in bases})
+    summary = []
+    for b in bases:
+        for n in nfes:
+            v = torch.tensor(groups[(b, n)], dtype=torch.float64)
+            summary.append({"method": b, "nfe": n, "seeds": len(v), "fd_mean": float(v.mean()),
+                            "fd_std": float(v.std()) if len(v) > 1 else float("nan"), "fd": v.tolist()})
+    write_json_atomic(summary, results / "fashion_mnist_seeds.json")
+    lines = ["| method | seeds | " + " | ".join(f"FD @{n}" for n in nfes) + " |",
+             "|---|---:|" + "---:|" * len(nfes)]
+    for b in bases:
+        cells = [f"{x['fd_mean']:.3f} ± {x['fd_std']:.3f}" for x in summary if x["method"] == b]
+        lines.append(f"| {b} | {len(groups[(b, nfes[0])])} | " + " | ".join(cells) + " |")
+    (results / "fashion_mnist_seeds.md").write_text("\n".join(lines) + "\n")
+
+
 def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     rows: list[dict] = []
-    for name in ("reference", "samplers", *[f"method-{n}" for n in VARIANTS]):
+    seeded = sorted(p.stem for p in (run / "rows").glob("method-*@seed*.json"))
+    for name in ("reference", "samplers", *[f"method-{n}" for n in VARIANTS], *seeded):
         if done(run, name):
             rows += json.loads(rows_path(run, name).read_text())
     require(rows, f"{run}/rows: nothing measured yet; run the other parts first")
+    by_seed = [r for r in rows if "@seed" in r["method"]]
+    rows_one_seed = [r for r in rows if "@seed" not in r["method"]]
     results.mkdir(parents=True, exist_ok=True)
     meta = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
@@ -351,14 +389,17 @@ def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     write_json_atomic(meta, results / "fashion_mnist_meta.json")
     write_results(rows, results, name="fashion_mnist_table")
     ref = next((r["fd"] for r in rows if r["method"] == "teacher ddim-50"), None)
-    curve = [r for r in rows if r["nfe"] <= 8]
+    if by_seed:
+        write_seed_summary(rows_one_seed + by_seed, results)
+    curve = [r for r in rows_one_seed if r["nfe"] <= 8]
     for metric in ("fd", "kid", "accuracy", "fidelity"):
         plot_metric_vs_nfe(curve, metric, results / f"fashion_mnist_{metric}.png",
                            title=f"Fashion-MNIST: {metric} against NFE",
                            reference=("teacher, 50 DDIM steps", ref) if metric == "fd" and ref else None,
                            log_y=metric in ("fd", "kid"))
     for grid in sorted((run / "grids").glob("*.png")):
-        shutil.copyfile(grid, results / f"fashion_mnist_grid_{grid.stem}.png")
+        if "@seed" not in grid.stem:  # one grid per variant is enough to look at
+            shutil.copyfile(grid, results / f"fashion_mnist_grid_{grid.stem}.png")
     sampler_plot = run / "students" / "rayflow" / "time_sampler.png"
     if sampler_plot.exists():
         shutil.copyfile(sampler_plot, results / "fashion_mnist_time_sampler.png")
@@ -377,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="all", help=f"comma-separated subset of {', '.join(PARTS)} (default all)")
     p.add_argument("--methods", default=",".join(ISSUE_VARIANTS),
                    help=f"variants for the methods part (default: the issue's seven; all: {', '.join(VARIANTS)})")
+    p.add_argument("--seeds", default="",
+                   help="student seeds for the methods part, e.g. 0,1,2 (default: the run's seed); other seeds' rows "
+                        "are named VARIANT@seedN and summarised as mean ± std by the report")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
@@ -396,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         parts = PARTS if args.parts == "all" else tuple(x.strip() for x in args.parts.split(","))
         unknown = sorted(set(parts) - set(PARTS))
         require(not unknown, f"--parts: unknown part(s) {unknown}; expected {', '.join(PARTS)}")
+        try:
+            seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+        except ValueError:
+            raise RayflowError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         bad = sorted(set(names) - set(VARIANTS))
         require(not bad, f"--methods: unknown variant(s) {bad}; expected {', '.join(VARIANTS)}")
@@ -435,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "samplers" and not done(run, "samplers"):
                 part_samplers(run, spec, cfg, device)
             elif part == "methods":
-                part_methods(run, spec, cfg, device, names)
+                part_methods(run, spec, cfg, device, names, seeds)
             elif part == "speed" and gpu and not (run / "rows" / "speed.json").exists():
                 part_speed(run, cfg, device)
             elif part == "report":

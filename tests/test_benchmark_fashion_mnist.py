@@ -95,3 +95,21 @@ def test_a_benchmark_run_can_adopt_the_committed_teacher(bench, data_dir, tmp_pa
     assert (run / "teacher" / "model.safetensors").read_bytes() == (TEACHER / "model.safetensors").read_bytes()
     assert json.loads((run / "rows" / "teacher_train.json").read_text()) == {"reused": str(TEACHER)}
     assert (run / "feature-net" / "feature_net.safetensors").is_file()
+
+
+def test_seed_summary_is_the_mean_and_sample_std(bench, tmp_path):
+    rows = [{"method": m, "nfe": n, "fd": fd} for m, n, fd in (
+        ("rayflow", 1, 0.6), ("rayflow@seed1", 1, 0.7), ("rayflow@seed2", 1, 0.8),
+        ("rayflow", 4, 1.0), ("rayflow@seed1", 4, 1.0), ("rayflow@seed2", 4, 1.0), ("reflow", 1, 0.2))]
+    bench.write_seed_summary(rows, tmp_path)
+    summary = json.loads((tmp_path / "fashion_mnist_seeds.json").read_text())
+    assert [(r["method"], r["nfe"], r["seeds"]) for r in summary] == [("rayflow", 1, 3), ("rayflow", 4, 3)]
+    assert summary[0]["fd_mean"] == pytest.approx(0.7) and summary[0]["fd_std"] == pytest.approx(0.1)
+    assert summary[1]["fd_std"] == 0.0
+    assert "| rayflow | 3 | 0.700 ± 0.100 | 1.000 ± 0.000 |" in (tmp_path / "fashion_mnist_seeds.md").read_text()
+
+
+def test_refuses_bad_seeds(bench, data_dir, tmp_path, capsys):
+    args = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu", "--seeds", "0,one"]
+    assert bench.main(args) == 2
+    assert "--seeds '0,one': expected comma-separated integers" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from a cache still reports what it cost to make.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,19 @@ class Pairs:
     def get(self, key: str) -> torch.Tensor | None:
         return self.tensors.get(key)
 
+    _on_device: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
     def to(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self.tensors.items() if k != "nfe"}
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``batch_size`` items drawn uniformly with replacement, on ``generator``'s device (where the pool is
+        copied once, on first use, so a training step indexes device memory instead of copying)."""
+        dev = generator.device
+        if self._on_device is None or next(iter(self._on_device.values())).device != dev:
+            self._on_device = self.to(dev)
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=dev)
+        return {k: v[idx] for k, v in self._on_device.items()}
 
 
 def distributed(accelerator: Any) -> tuple[int, int, Callable[[], None] | None]:

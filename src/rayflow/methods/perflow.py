@@ -224,23 +224,19 @@ class WindowObjective:
         self.batch_size, self.parameterization = batch_size, parameterization
         self.loss_space, self.alpha, self.loss, self.huber_c = loss_space, alpha, loss, huber_c
         self.weighting = weighting
-        self._data: dict[str, torch.Tensor] | None = None
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
-        if self._data is None:
-            self._data = self.pool.to(dev)
-        data = self._data
-        idx = torch.randint(0, data["z_start"].shape[0], (self.batch_size,), generator=generator, device=dev)
-        k = data["window"][idx].cpu()
+        data = self.pool.batch(self.batch_size, generator)
+        k = data["window"].cpu()
         t_s, t_e = self.boundaries[k], self.boundaries[k + 1]
         u = torch.rand(self.batch_size, generator=generator, device=dev).double().cpu()
         t = t_e + 1 + torch.floor(u * (t_s - t_e))  # integers in (t_e, t_s]
         where = WindowPoint(t, t_s, t_e, self.schedule.num_train_timesteps)
-        z_s, z_e = data["z_start"][idx], data["z_end"][idx]
+        z_s, z_e = data["z_start"], data["z_end"]
         w = expand_like((where.tau - where.tau_start) / (where.tau_end - where.tau_start), z_s)
         z_t = z_s + (z_e - z_s) * w
-        cond = data["labels"][idx] if "labels" in data else None
+        cond = data.get("labels")
         pred = model(z_t, t.to(dev, torch.float32), cond).float()
         v_hat = window_velocity(pred, z_t, where, self.schedule, self.parameterization)
         v_star = (z_e - z_s) / expand_like(where.tau_end - where.tau_start, z_e)

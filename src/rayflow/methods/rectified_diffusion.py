@@ -82,20 +82,16 @@ class RectifiedDiffusionObjective:
                  huber_c: float = 1e-3, loss_on: str = "x0") -> None:
         self.pool, self.schedule, self.batch_size = pool, schedule, batch_size
         self.loss, self.huber_c, self.loss_on = loss, huber_c, loss_on
-        self._data: dict[str, torch.Tensor] | None = None
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
-        if self._data is None:
-            self._data = self.pool.to(dev)
-        d = self._data
-        idx = torch.randint(0, d["noise"].shape[0], (self.batch_size,), generator=generator, device=dev)
-        eps, x0 = d["noise"][idx], d["sample"][idx]
+        b = self.pool.batch(self.batch_size, generator)
+        eps, x0 = b["noise"], b["sample"]
         t = torch.randint(0, self.schedule.num_train_timesteps, (self.batch_size,), generator=generator,
                           device=dev).cpu()
         a, s = expand_like(self.schedule.a(t), x0), expand_like(self.schedule.s(t), x0)
         x_t = a * x0 + s * eps
-        eps_hat = model(x_t, t.to(dev, torch.float32), d["labels"][idx] if "labels" in d else None).float()
+        eps_hat = model(x_t, t.to(dev, torch.float32), b.get("labels")).float()
         if self.loss_on == "eps":
             return LossOutput(regression_loss(eps_hat, eps, self.loss, self.huber_c).mean())
         x0_hat = (x_t - s * eps_hat) / a
@@ -109,21 +105,17 @@ class PhasedObjective:
                  loss: str = "huber", huber_c: float = 1e-3) -> None:
         self.pool, self.boundaries, self.schedule, self.batch_size = pool, boundaries, schedule, batch_size
         self.loss, self.huber_c = loss, huber_c
-        self._data: dict[str, torch.Tensor] | None = None
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
-        if self._data is None:
-            self._data = self.pool.to(dev)
-        d = self._data
-        idx = torch.randint(0, d["z_start"].shape[0], (self.batch_size,), generator=generator, device=dev)
-        k = d["window"][idx].cpu()
+        b = self.pool.batch(self.batch_size, generator)
+        k = b["window"].cpu()
         t_s, t_e = self.boundaries[k], self.boundaries[k + 1]
         u = torch.rand(self.batch_size, generator=generator, device=dev).double().cpu()
         t = t_e + 1 + torch.floor(u * (t_s - t_e))
-        x_s, x_e = d["z_start"][idx], d["z_end"][idx]
+        x_s, x_e = b["z_start"], b["z_end"]
         x_t = first_order_step(x_s, implied_noise(x_s, x_e, t_s, t_e, self.schedule), t_s, t, self.schedule)
-        eps_hat = model(x_t, t.to(dev, torch.float32), d["labels"][idx] if "labels" in d else None).float()
+        eps_hat = model(x_t, t.to(dev, torch.float32), b.get("labels")).float()
         x_e_hat = first_order_step(x_t, eps_hat, t, t_e, self.schedule)
         return LossOutput(regression_loss(x_e_hat, x_e, self.loss, self.huber_c).mean())
 

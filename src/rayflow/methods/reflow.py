@@ -124,20 +124,15 @@ class ReflowObjective:
                  loss: str = "mse", huber_c: float = 1e-3, tau_min: float = 1e-3) -> None:
         self.pool, self.schedule, self.batch_size = pool, schedule, batch_size
         self.prediction_type, self.loss, self.huber_c, self.tau_min = prediction_type, loss, huber_c, tau_min
-        self._data: dict[str, torch.Tensor] | None = None
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
-        if self._data is None:
-            self._data = self.pool.to(dev)
-        d = self._data
-        idx = torch.randint(0, d["noise"].shape[0], (self.batch_size,), generator=generator, device=dev)
-        eps, x0 = d["noise"][idx], d["sample"][idx]
+        b = self.pool.batch(self.batch_size, generator)
+        eps, x0 = b["noise"], b["sample"]
         tau = self.tau_min + (1 - self.tau_min) * torch.rand(self.batch_size, generator=generator, device=dev)
         x = (1 - expand_like(tau, x0)) * x0 + expand_like(tau, x0) * eps
         t = tau.double().cpu() * self.schedule.num_train_timesteps - 1
-        u = flow_velocity(model, x, t, d["labels"][idx] if "labels" in d else None, self.schedule,
-                          self.prediction_type).float()
+        u = flow_velocity(model, x, t, b.get("labels"), self.schedule, self.prediction_type).float()
         return LossOutput(regression_loss(u, eps - x0, self.loss, self.huber_c).mean())
 
 
@@ -146,18 +141,12 @@ class OneStepObjective:
 
     def __init__(self, pool: P.Pairs, schedule: VPSchedule, batch_size: int, prediction_type: str) -> None:
         self.pool, self.schedule, self.batch_size, self.prediction_type = pool, schedule, batch_size, prediction_type
-        self._data: dict[str, torch.Tensor] | None = None
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
-        dev = generator.device
-        if self._data is None:
-            self._data = self.pool.to(dev)
-        d = self._data
-        idx = torch.randint(0, d["noise"].shape[0], (self.batch_size,), generator=generator, device=dev)
-        eps, target = d["noise"][idx], d["sample"][idx]
+        b = self.pool.batch(self.batch_size, generator)
+        eps, target = b["noise"], b["sample"]
         t = torch.full((self.batch_size,), float(self.schedule.num_train_timesteps - 1), dtype=torch.float64)
-        u = flow_velocity(model, eps, t, d["labels"][idx] if "labels" in d else None, self.schedule,
-                          self.prediction_type).float()
+        u = flow_velocity(model, eps, t, b.get("labels"), self.schedule, self.prediction_type).float()
         return LossOutput(regression_loss(eps - u, target, "mse").mean())
 
 

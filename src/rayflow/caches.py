@@ -14,6 +14,12 @@ written atomically (temporary file + ``os.replace``). Under several processes sh
 
 A cache whose ``meta.json`` differs from the run's (another teacher, data set, K, CFG ...) is refused with a
 :class:`~rayflow.errors.RayflowError` naming the first differing key.
+
+Concurrent writers: ``meta.json`` is checked or written under an exclusive lock (``.cache.lock``), so of two
+runs started together with different settings on one directory the second sees the first's ``meta.json`` and
+is refused. Every shard also carries the fingerprint of the ``meta`` it was computed for (safetensors
+metadata ``fingerprint``); a reader checks it on every shard, so a shard written under other settings is never
+used as if it were this run's.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from rayflow.checkpoint import save_safetensors_atomic, write_json_atomic
+from rayflow.checkpoint import DirectoryLock, remove_orphan_tmp_files, save_safetensors_atomic, write_json_atomic
 from rayflow.errors import RayflowError, require
 
 ShardFn = Callable[[int, int, int, torch.Generator], dict[str, torch.Tensor]]
+CACHE_LOCK = ".cache.lock"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -48,6 +54,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def meta_fingerprint(meta: dict[str, Any]) -> str:
+    """A short sha256 of a cache description (canonical JSON: sorted keys), stamped into every shard."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -75,7 +86,13 @@ class ShardedCache:
         self.num_items, self.shard_size = num_items, shard_size
         self.rank, self.world_size = rank, world_size
         self.num_shards = (num_items + shard_size - 1) // shard_size
-        self._check_or_write_meta()
+        self.fingerprint = meta_fingerprint(self.meta)
+        if self.root.exists() and not self.root.is_dir():
+            raise RayflowError(f"{self.root}: the cache path exists and is not a directory")
+        # short critical section (blocking): ranks of one run and concurrent runs wait for each other here only
+        with DirectoryLock(self.root, CACHE_LOCK, blocking=True):
+            self._check_or_write_meta()
+            remove_orphan_tmp_files(self.root)
 
     # ------------------------------------------------------------------ meta
     def _check_or_write_meta(self) -> None:
@@ -92,8 +109,8 @@ class ShardedCache:
                     f"{key}={self.meta.get(key)!r}; use another --cache directory or delete this one"
                 )
             return
-        if self.rank == 0:
-            write_json_atomic(self.meta, path)
+        # every rank may write it: under the lock the first writes, the others then find and compare it
+        write_json_atomic(self.meta, path)
 
     # ------------------------------------------------------------------ shards
     def shard_path(self, index: int) -> Path:
@@ -103,14 +120,34 @@ class ShardedCache:
         start = index * self.shard_size
         return start, min(self.shard_size, self.num_items - start)
 
+    def _read_shard(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        with safe_open(str(self.shard_path(index)), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+    def _foreign(self, index: int, metadata: dict[str, str]) -> RayflowError | None:
+        """The error for a shard computed under other settings (a fingerprint that is not this meta's)."""
+        found = metadata.get("fingerprint")
+        if found is None or found == self.fingerprint:
+            return None
+        return RayflowError(
+            f"{self.shard_path(index)}: shard was computed with other settings (fingerprint {found}) than "
+            f"{self.root / 'meta.json'} describes ({self.fingerprint}); another run shared this --cache: delete "
+            "the directory and run again"
+        )
+
     def _valid(self, index: int) -> bool:
         path = self.shard_path(index)
         if not path.exists():
             return False
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, RuntimeError):
+            tensors, metadata = self._read_shard(index)
+        except (SafetensorError, OSError, RuntimeError, ValueError):
             return False  # a truncated shard from a killed process: recompute it
+        foreign = self._foreign(index, metadata)
+        if foreign is not None:
+            raise foreign
+        if metadata.get("fingerprint") is None:
+            return False  # written before shards carried a fingerprint: cannot be verified, recompute it
         _, count = self.shard_range(index)
         return bool(tensors) and all(t.shape[0] == count for t in tensors.values())
 
@@ -132,7 +169,8 @@ class ShardedCache:
             for name, t in tensors.items():
                 require(t.shape[0] == count, f"shard {index}: tensor {name!r} has {t.shape[0]} rows, expected {count}")
             save_safetensors_atomic({k: v.detach() for k, v in tensors.items()}, self.shard_path(index),
-                                    metadata={"shard": str(index), "start": str(start)})
+                                    metadata={"shard": str(index), "start": str(start),
+                                              "fingerprint": self.fingerprint})
         return len(todo)
 
     def is_complete(self) -> bool:
@@ -145,9 +183,19 @@ class ShardedCache:
             path = self.shard_path(i)
             require(path.exists(), f"{path}: shard missing; run the same command again to finish the cache")
             try:
-                parts.append(load_file(str(path)))
-            except (SafetensorError, OSError, RuntimeError) as exc:
+                tensors, metadata = self._read_shard(i)
+            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
                 raise RayflowError(f"{path}: corrupt shard ({exc}); delete it and run again") from exc
+            foreign = self._foreign(i, metadata)
+            if foreign is not None:
+                raise foreign
+            require(metadata.get("fingerprint") == self.fingerprint,
+                    f"{path}: shard carries no fingerprint of its settings; run the same command again to "
+                    "recompute it")
+            _, count = self.shard_range(i)
+            require(all(t.shape[0] == count for t in tensors.values()),
+                    f"{path}: shard holds the wrong number of items; delete it and run again")
+            parts.append(tensors)
         keys = parts[0].keys()
         return {k: torch.cat([p[k] for p in parts]) for k in keys}
 

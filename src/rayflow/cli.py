@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,19 +24,30 @@ from pathlib import Path
 import torch
 
 from rayflow.errors import RayflowError, require
+from rayflow.validate import (
+    MAX_SEED,
+    check_device,
+    check_fits_memory,
+    check_output_dir,
+    check_output_file,
+    float_in,
+    int_in,
+    int_list,
+)
 
 
 def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr: float, ema: float) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--max-steps", type=int, default=max_steps, help=f"optimizer steps (default {max_steps})")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=f"per-process batch (default {batch_size})")
-    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
-    g.add_argument("--ema-decay", type=float, default=ema, help=f"0 disables (default {ema:g})")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
+    g.add_argument("--max-steps", type=int_in(0), default=max_steps, help=f"optimizer steps (default {max_steps})")
+    g.add_argument("--batch-size", type=int_in(1), default=batch_size,
+                   help=f"per-process batch (default {batch_size})")
+    g.add_argument("--lr", type=float_in(0, lo_open=True), default=lr, help=f"AdamW learning rate (default {lr:g})")
+    g.add_argument("--warmup-steps", type=int_in(0), default=0)
+    g.add_argument("--weight-decay", type=float_in(0), default=0.0)
+    g.add_argument("--grad-clip", type=float_in(0), default=1.0, help="0 disables")
+    g.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=ema, help=f"0 disables (default {ema:g})")
+    g.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    g.add_argument("--checkpoint-every", type=int_in(0), default=500, help="steps between resumable checkpoints")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile (auto: on CUDA)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,6 +91,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from rayflow.models import ModelConfig, default_model_config
     from rayflow.schedules import VPSchedule
 
+    check_output_dir(args.out)
     dataset = load_dataset(args.data)
     num_classes = 0 if args.unconditional else dataset.num_classes
     model = default_model_config(tuple(dataset.sample_shape), num_classes)
@@ -88,7 +101,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     if args.hidden is not None:
         model.hidden = args.hidden
     if args.channels is not None:
-        model.channels = tuple(int(c) for c in args.channels.split(","))
+        require(model.kind == "unet", f"--channels applies to the unet model, not {model.kind}")
+        model.channels = args.channels
     t0 = time.time()
     train_teacher(dataset, args.out, _train_config(args), model=model,
                   schedule=VPSchedule.from_name(args.schedule), conditional=not args.unconditional,
@@ -101,6 +115,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from rayflow.distillation import distill
     from rayflow.methods import get_method
 
+    check_output_dir(args.out)
+    if args.cache is not None:
+        check_output_dir(args.cache, "--cache")
     method = get_method(args.method).from_options(_parse_options(args.option))
     t0 = time.time()
     result = distill(method, args.teacher, args.data, args.out, _train_config(args), guidance=args.guidance,
@@ -132,12 +149,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from rayflow.distillation import load_generator
     from rayflow.evaluation import save_sample_grid, save_samples_npz
 
-    require(args.num >= 1, f"--num must be >= 1, got {args.num}")
-    require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    require(str(args.out).endswith(".npz"), f"--out must name a .npz file, got {args.out}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_output_file(args.out, "--out", (".npz",))
+    if args.grid:
+        check_output_file(args.grid, "--grid", (".png",))
+    device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(model=args.model, teacher=args.teacher, data=args.data, schedule_name=args.schedule,
                          device=device)
+    # noise, samples and the uint8 copy are all held at once
+    check_fits_memory(3 * 4 * args.num * math.prod(gen.sample_shape), f"--num {args.num}")
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.num, *gen.sample_shape, generator=g)
     labels = _labels_for(args.labels, args.num, gen.num_classes, g)
@@ -146,10 +165,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size).float()
     elapsed = time.time() - t0
     images = to_uint8_images(x) if x.ndim == 4 else None
-    save_samples_npz(args.out, x.numpy(), images=images, labels=None if labels is None else labels.numpy())
+    nfe = gen.nfe(args.steps or gen.default_steps, args.sampler)
+    save_samples_npz(args.out, x.numpy(), images=images, labels=None if labels is None else labels.numpy(), nfe=nfe)
     if args.grid and images is not None:
         save_sample_grid(images[:64], args.grid)
-    print(f"{args.num} samples from {gen.name} ({gen.nfe(args.steps or gen.default_steps, args.sampler)} NFE) "
+    print(f"{args.num} samples from {gen.name} ({nfe} NFE) "
           f"written to {args.out} in {elapsed:.1f} s")
     return 0
 
@@ -159,26 +179,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rayflow.data import load_dataset
     from rayflow.evaluation import format_table, load_samples_npz, write_results
 
+    out = check_output_dir(args.out)
+    if args.feature_net is not None:
+        feature_net = Path(args.feature_net)
+        require(not feature_net.exists() or feature_net.is_dir(), f"--feature-net {feature_net}: not a directory")
+    previous = _read_results(out)  # before any scoring: a broken results.json is refused up front
     samples = load_samples_npz(args.samples)
+    nfe = args.nfe if args.nfe is not None else samples.get("nfe")
+    require(nfe is not None, f"{args.samples} does not record its NFE (written by an older rayflow); pass --nfe N")
     teacher = load_samples_npz(args.teacher_samples) if args.teacher_samples else None
     dataset = load_dataset(args.data, split=args.split)
     metrics = evaluate_npz(samples, dataset, teacher_samples=teacher, feature_net_dir=args.feature_net,
                            reference_num=args.reference_num, seed=args.seed)
-    row = {"method": args.method or Path(args.samples).stem, "nfe": args.nfe, **metrics}
-    out = Path(args.out)
-    rows = []
-    if (out / "results.json").exists():
-        rows = [r for r in json.loads((out / "results.json").read_text())
-                if (r.get("method"), r.get("nfe")) != (row["method"], row["nfe"])]
+    row = {"method": args.method or Path(args.samples).stem, "nfe": int(nfe), **metrics}
+    rows = [r for r in previous if (r.get("method"), r.get("nfe")) != (row["method"], row["nfe"])]
     rows.append(row)
     write_results(rows, out)
     print(format_table([row]))
     return 0
 
 
+def _read_results(out: Path) -> list[dict]:
+    """The rows of an existing ``out/results.json`` (``[]`` when absent), or a one-line error if it is not a
+    list of objects with ``method`` and ``nfe``."""
+    path = out / "results.json"
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RayflowError(f"{path}: not a readable results file ({exc}); move it away or use another --out") from exc
+    require(isinstance(rows, list) and all(isinstance(r, dict) and "method" in r and "nfe" in r for r in rows),
+            f"{path}: expected a JSON list of rows with \"method\" and \"nfe\"; move it away or use another --out")
+    return rows
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rayflow.demo import run_demo
 
+    check_output_dir(args.out)
     run_demo(args.out, data=args.data, quick=args.quick, methods=args.methods.split(",") if args.methods else None,
              seed=args.seed)
     return 0
@@ -194,19 +233,40 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are :class:`RayflowError` (one line, exit code 2), not argparse's
+    usage block plus a message; subcommand parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise RayflowError(message)
+
+
+def _one_line_error(message: str) -> None:
+    print("rayflow: error: " + " ".join(message.split()), file=sys.stderr)
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    """torch reports a failed CPU allocation as a plain RuntimeError, CUDA's as OutOfMemoryError."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayflow", description="Few-step generators distilled from diffusion models.")
+    p = _Parser(prog="rayflow", description="Few-step generators distilled from diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-teacher", help="train an epsilon-prediction teacher on a data set")
     t.add_argument("--data", required=True, help="data spec, e.g. digits, mnist:path=DIR,pad=32, mog:dim=8")
     t.add_argument("--out", required=True, help="output directory (resumes if it holds a checkpoint)")
     t.add_argument("--model", choices=["mlp", "unet"], default=None, help="network (default: by data shape)")
-    t.add_argument("--hidden", type=int, default=None, help="MLP width")
-    t.add_argument("--channels", default=None, help="UNet channels per level, e.g. 32,64,64")
+    t.add_argument("--hidden", type=int_in(1, 1 << 16), default=None, help="MLP width")
+    t.add_argument("--channels", type=int_list, default=None, help="UNet channels per level, e.g. 32,64,64")
     t.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"])
     t.add_argument("--unconditional", action="store_true", help="ignore labels")
-    t.add_argument("--label-dropout", type=float, default=0.1, help="label dropout for CFG (default 0.1)")
+    t.add_argument("--label-dropout", type=float_in(0, 1, hi_open=True), default=0.1,
+                   help="label dropout for CFG (default 0.1)")
     _train_args(t, max_steps=4000, batch_size=256, lr=1e-3, ema=0.999)
     t.set_defaults(func=cmd_train_teacher)
 
@@ -215,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", required=True, help="teacher directory, or 'exact' for mog data")
     d.add_argument("--data", required=True, help="data spec (the teacher's data)")
     d.add_argument("--out", required=True, help="output directory (resumes if it holds a checkpoint)")
-    d.add_argument("--guidance", type=float, default=1.0, help="teacher CFG scale for targets and pairs")
+    d.add_argument("--guidance", type=float_in(1, also=(0.0,)), default=1.0,
+                   help="teacher CFG scale for targets and pairs (1 = none)")
     d.add_argument("--cache", default=None, help="directory for resumable pair/target caches")
     d.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
                    help="noise schedule of the exact teacher")
@@ -228,14 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", default=None, help="'exact' (with --data mog:...) to sample the exact teacher")
     s.add_argument("--data", default=None, help="data spec for --teacher exact")
     s.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"])
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    s.add_argument("--num", type=int, default=64, help="number of samples")
+    s.add_argument("--steps", type=int_in(1, 100_000), default=None, help="sampling steps (default: the model's)")
+    s.add_argument("--num", type=int_in(1), default=64, help="number of samples")
     s.add_argument("--out", required=True, help="output .npz (x float32; images uint8 NHWC; labels)")
     s.add_argument("--sampler", default=None, help="teachers only: ddim, dpm++2m, euler, heun")
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    s.add_argument("--guidance", type=float_in(0), default=1.0, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--labels", default="cycle", help="cycle | random | a class index")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=1000)
+    s.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    s.add_argument("--batch-size", type=int_in(1), default=1000)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 images")
     s.set_defaults(func=cmd_sample)
@@ -246,10 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--teacher-samples", default=None, help=".npz of the teacher from the same noise (fidelity)")
     e.add_argument("--feature-net", default=None, help="directory of the feature classifier (trained if empty)")
-    e.add_argument("--reference-num", type=int, default=10000, help="fresh true samples for mog data")
+    e.add_argument("--reference-num", type=int_in(1, 10_000_000), default=10000,
+                   help="fresh true samples for mog data")
     e.add_argument("--method", default=None, help="row label (default: the samples file name)")
-    e.add_argument("--nfe", type=int, default=None, help="row NFE label")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--nfe", type=int_in(0), default=None, help="row NFE label (default: recorded by rayflow sample)")
+    e.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     e.add_argument("--out", required=True, help="directory for results.json / results.md (rows are merged)")
     e.set_defaults(func=cmd_eval)
 
@@ -258,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", default="digits")
     m.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
     m.add_argument("--quick", action="store_true", help="a much smaller budget (for tests)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     m.set_defaults(func=cmd_demo)
 
     ls = sub.add_parser("methods", help="list the distillation methods")
@@ -268,11 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except RayflowError as exc:
-        print(f"rayflow: error: {exc}", file=sys.stderr)
+        _one_line_error(str(exc))
+        return 2
+    except OSError as exc:
+        # a disk that fills, a folder made read-only mid-run, a path the checks could not foresee: the
+        # file and the reason, never a traceback (what was written before stays: every write is atomic)
+        where = f"{exc.filename}: " if exc.filename else ""
+        _one_line_error(f"{where}{exc.strerror or exc}")
+        return 2
+    except MemoryError:
+        _one_line_error("out of memory; use a smaller --batch-size, --num or data set")
+        return 2
+    except RuntimeError as exc:
+        if not _is_allocation_failure(exc):
+            raise  # a bug, not a user mistake: keep the traceback
+        _one_line_error(f"out of memory ({str(exc).splitlines()[0][:160]}); use a smaller --batch-size, --num "
+                        "or data set")
         return 2
     except KeyboardInterrupt:
         print("rayflow: interrupted; run the same command again to resume", file=sys.stderr)

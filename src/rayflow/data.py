@@ -32,6 +32,7 @@ import torch
 
 from rayflow.errors import RayflowError
 from rayflow.gmm import GaussianMixture
+from rayflow.validate import MAX_CLASSES, check_fits_memory
 
 DEFAULT_DATA = "digits"
 
@@ -249,6 +250,7 @@ def _pad_images(x: torch.Tensor, pad: int | str | None, where: str) -> torch.Ten
     size = 1 << (side - 1).bit_length() if pad == "pow2" else int(pad)
     if size < side:
         raise RayflowError(f"{where}: pad={size} is smaller than the {h}x{w} images; pad must be >= {side}")
+    check_fits_memory(4.0 * math.prod(x.shape[:-2]) * size * size, f"{where}: pad={size}")
     if size == h and size == w:
         return x
     top, left = (size - h) // 2, (size - w) // 2
@@ -409,6 +411,7 @@ def _load_folder(opts: _Options, split: str, spec: str) -> Dataset:
     size = opts.integer("size", 32, minimum=1)
     channels = int(opts.choice("channels", ("1", "3"), "3"))
     limit = _limit(opts)
+    check_fits_memory(4.0 * channels * size * size, f"folder: size={size} (per image)")
     if not directory.is_dir():
         raise RayflowError(f"folder: {directory} is not a directory" if directory.exists()
                            else f"folder: directory {directory} does not exist")
@@ -496,6 +499,9 @@ def _load_npy(opts: _Options, split: str, spec: str) -> Dataset:
             raise RayflowError(f"npy: {path}: {labels.shape[0]} labels for {x.shape[0]} samples")
         if labels.min() < 0:
             raise RayflowError(f"npy: {path}: labels must be >= 0, found {int(labels.min())}")
+        if int(labels.max()) >= MAX_CLASSES:
+            raise RayflowError(f"npy: {path}: label {int(labels.max())} means more than {MAX_CLASSES} classes; "
+                               "labels must be class indices 0..K-1")
         num_classes = int(labels.max()) + 1
         labels_t = torch.from_numpy(labels[:limit].astype(np.int64))
     x = x[:limit]
@@ -548,6 +554,11 @@ def _load_mog(opts: _Options, split: str, spec: str) -> Dataset:
     conditional = opts.flag("conditional", True)
     if layout == "ring" and dim != 2:
         raise RayflowError(f"mog: layout=ring needs dim=2, got dim={dim}")
+    require_classes = modes if conditional else 0
+    if require_classes > MAX_CLASSES:
+        raise RayflowError(f"mog: modes={modes} is more than {MAX_CLASSES} classes")
+    # the samples (float32) and their mode indices (int64), plus the mixture's means and scales
+    check_fits_memory(4.0 * n * dim + 8.0 * n + 8.0 * modes * dim, f"mog: n={n}, dim={dim}, modes={modes}")
     mixture = GaussianMixture.from_options(dim=dim, modes=modes, std=std, seed=seed, layout=layout, scale=scale)
     stream = MOG_TRAIN_STREAM if split == "train" else MOG_TEST_STREAM
     x, labels = mixture.sample(n, torch.Generator().manual_seed(seed + stream))

@@ -8,6 +8,7 @@ sampler it needs. :func:`load_generator` turns any such directory - or the exact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from rayflow import __version__
-from rayflow.checkpoint import load_model_dir, read_json, write_json_atomic
+from rayflow.checkpoint import RunDirectory, load_model_dir, read_json, write_json_atomic
 from rayflow.data import Dataset, load_dataset
 from rayflow.errors import RayflowError, require
 from rayflow.gmm import ExactTeacher
@@ -25,6 +26,7 @@ from rayflow.samplers import get_sampler, sampler_nfe
 from rayflow.samplers import sample as solve_teacher
 from rayflow.schedules import VPSchedule
 from rayflow.training import EpsilonObjective, TrainConfig, Trainer
+from rayflow.validate import same_or_inside
 
 #: the teacher's default sampler and steps when a directory is sampled without --sampler/--steps
 TEACHER_SAMPLER = {"name": "dpm++2m", "steps": 25}
@@ -50,14 +52,49 @@ def train_teacher(
             f"the model is built for samples of shape {tuple(model_cfg.sample_shape)} but {dataset.spec} has "
             f"{tuple(dataset.sample_shape)}")
     model_cfg.num_classes = num_classes
-    net = build_model(model_cfg)
+    net = seeded_build(model_cfg, train.seed)
     objective = EpsilonObjective(dataset.x, dataset.labels if num_classes else None, schedule, train.batch_size,
                                  label_dropout=label_dropout, num_classes=num_classes)
     run_config = {
         "kind": "teacher", "model": model_cfg.to_dict(), "schedule": schedule.config, "data": dataset.spec,
         "label_dropout": label_dropout, "sampler": TEACHER_SAMPLER, "rayflow_version": __version__,
     }
-    return Trainer(net, objective, train, out_dir, run_config, accelerator=accelerator).train()
+    with RunDirectory(out_dir, is_main=accelerator is None or accelerator.is_main_process):
+        return Trainer(net, objective, train, out_dir, run_config, accelerator=accelerator).train()
+
+
+def seeded_build(config: ModelConfig, seed: int) -> Denoiser:
+    """:func:`build_model` with its initial weights drawn from ``seed`` (the global RNG is left as it was).
+
+    Two runs with one ``--seed`` start from the same weights, and a run killed before its first checkpoint
+    restarts from the same initialisation.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(config)
+
+
+def _schedule_of(config: dict, where: str) -> VPSchedule:
+    """The schedule a model directory's ``config.json`` records, with one-line errors for a malformed one."""
+    cfg = config.get("schedule")
+    require(isinstance(cfg, dict), f"{where}: no \"schedule\" section (a JSON object) describing the noise schedule")
+    try:
+        return VPSchedule.from_config(cfg)
+    except RayflowError as exc:
+        raise RayflowError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError, KeyError) as exc:
+        raise RayflowError(f"{where}: invalid \"schedule\" section: {exc}") from exc
+
+
+def _teacher_sampler_of(config: dict, where: str) -> tuple[str, int]:
+    """A teacher's default ``(sampler name, steps)`` from ``config.json``, checked."""
+    sampler = config.get("sampler", TEACHER_SAMPLER)
+    require(isinstance(sampler, dict) and isinstance(sampler.get("name"), str),
+            f"{where}: \"sampler\" must be an object with a \"name\" and \"steps\"")
+    steps = sampler.get("steps")
+    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            f"{where}: \"sampler\" needs an integer \"steps\" >= 1, got {steps!r}")
+    return sampler["name"], steps
 
 
 def load_teacher(teacher: str, dataset: Dataset, schedule_name: str = "linear") -> tuple[Denoiser, VPSchedule, dict]:
@@ -71,8 +108,8 @@ def load_teacher(teacher: str, dataset: Dataset, schedule_name: str = "linear") 
     model, config = load_model_dir(teacher)
     require(config.get("kind") == "teacher",
             f"{teacher}: holds a {config.get('kind', 'unknown')} model, not a teacher")
-    schedule = VPSchedule.from_config(config["schedule"])
-    shape = tuple(config["model"]["sample_shape"])
+    schedule = _schedule_of(config, f"{teacher}/config.json")
+    shape = tuple(net_shape(model))
     require(shape == tuple(dataset.sample_shape),
             f"{teacher}: the teacher was trained on samples of shape {shape} but {dataset.spec} has "
             f"{tuple(dataset.sample_shape)}")
@@ -91,8 +128,12 @@ def distill(
     (``student_model`` or the default for the data's shape) for the exact teacher. ``config.json`` of the
     result records the method, its config and the teacher NFEs spent.
     """
+    require(math.isfinite(guidance) and (guidance >= 1.0 or guidance == 0.0),
+            f"--guidance must be >= 1 (1 = no guidance) or 0, got {guidance}")
+    if teacher != "exact":
+        require(not same_or_inside(out_dir, teacher),
+                f"--out {out_dir} is the teacher's folder {teacher} or inside it; refusing to write over the teacher")
     dataset = load_dataset(data) if isinstance(data, str) else data
-    require(guidance >= 1.0 or guidance == 0.0, f"--guidance must be >= 1 (1 = no guidance), got {guidance}")
     net, schedule, info = load_teacher(teacher, dataset, schedule_name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if accelerator is not None:
@@ -103,6 +144,8 @@ def distill(
     counting = CountingDenoiser(eps_teacher.to(device).eval())
     if isinstance(net, ExactTeacher):
         student_cfg = student_model or default_model_config(dataset.sample_shape, dataset.num_classes)
+        # the student net is built by the method; its fresh weights then come from the seeded global RNG
+        torch.manual_seed(train.seed)
         init = None
     else:
         student_cfg = ModelConfig.from_dict(net.config.to_dict())
@@ -116,13 +159,19 @@ def distill(
         cache_dir=Path(cache_dir) if cache_dir is not None else None, device=device, accelerator=accelerator,
         progress=progress, base_config=base,
     )
-    result = method.distill(ctx)
+    with RunDirectory(out_dir, is_main=accelerator is None or accelerator.is_main_process):
+        result = method.distill(ctx)
     cfg_path = out_dir / "config.json"
     if cfg_path.exists() and (accelerator is None or accelerator.is_main_process):
         cfg = read_json(cfg_path)
         cfg["teacher_nfe"] = int(result.teacher_nfe)
         write_json_atomic(cfg, cfg_path)
     return result
+
+
+def net_shape(model: Denoiser) -> tuple[int, ...]:
+    """The sample shape a loaded network was built for (from its :class:`ModelConfig`)."""
+    return tuple(model.config.sample_shape)
 
 
 # ---------------------------------------------------------------------- generators
@@ -181,21 +230,27 @@ def load_generator(model: str | None = None, teacher: str | None = None, data: s
         dataset = load_dataset(data)
         net, schedule, _ = load_teacher("exact", dataset, schedule_name)
         return Generator(net, schedule, tuple(dataset.sample_shape), dataset.num_classes, dataset.spec)
+    require(teacher is None, f"give either --model or --teacher, not both (--model {model}, --teacher {teacher})")
+    require(data is None, "--data applies to --teacher exact only; a --model directory records its own data")
+    where = f"{model}/config.json"
     config = read_json(Path(model) / "config.json")
     kind = config.get("kind")
-    require(kind in ("teacher", "student"), f"{model}/config.json: unknown model kind {kind!r}")
+    require(kind in ("teacher", "student"), f"{where}: unknown model kind {kind!r}")
     network, config = load_model_dir(model, device=device)
-    schedule = VPSchedule.from_config(config["schedule"])
-    shape = tuple(config["model"]["sample_shape"])
+    schedule = _schedule_of(config, where)
+    shape = tuple(net_shape(network))
     if kind == "teacher":
-        sampler = config.get("sampler", TEACHER_SAMPLER)
-        return Generator(network.eval(), schedule, shape, network.num_classes, config.get("data", ""),
-                         default_sampler=sampler["name"], default_steps=int(sampler["steps"]))
-    method_info = config.get("method") or {}
-    method_cls = get_method(method_info.get("name", ""))
+        sampler_name, sampler_steps = _teacher_sampler_of(config, where)
+        return Generator(network.eval(), schedule, shape, network.num_classes, str(config.get("data", "")),
+                         default_sampler=sampler_name, default_steps=sampler_steps)
+    method_info = config.get("method")
+    require(isinstance(method_info, dict) and isinstance(method_info.get("name"), str)
+            and isinstance(method_info.get("config", {}), dict),
+            f"{where}: a student needs a \"method\" object with a \"name\" and a \"config\" object")
+    method_cls = get_method(method_info["name"])
     try:
         method = method_cls(method_cls.config_class(**method_info.get("config", {})))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise RayflowError(f"{model}/config.json: method config does not fit {method_cls.name}: {exc}") from exc
     student = method.wrap_student(network.eval(), schedule)
     return Generator(student, schedule, shape, network.num_classes, config.get("data", ""), method=method,

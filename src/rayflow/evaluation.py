@@ -252,10 +252,11 @@ def evaluate_vectors(
 
 def save_samples_npz(
     path: str | os.PathLike, x: torch.Tensor | np.ndarray, images: np.ndarray | None = None,
-    labels: torch.Tensor | np.ndarray | None = None,
+    labels: torch.Tensor | np.ndarray | None = None, nfe: int | None = None,
 ) -> Path:
     """Write samples as ``rayflow sample`` does, atomically: ``x`` float32 (model space), ``images`` uint8
-    ``[N, H, W, C]`` for image data, ``labels`` int64 ``[N]`` when conditional. The path is used as given."""
+    ``[N, H, W, C]`` for image data, ``labels`` int64 ``[N]`` when conditional, ``nfe`` an int64 scalar (the
+    network evaluations per sample, the default row label of ``rayflow eval``). The path is used as given."""
     arrays = {"x": np.ascontiguousarray(_numpy(x), dtype=np.float32)}
     n = arrays["x"].shape[0]
     if images is not None:
@@ -267,6 +268,8 @@ def save_samples_npz(
         labels = _numpy(labels).reshape(-1)
         require(labels.shape[0] == n, f"{labels.shape[0]} labels for {n} samples")
         arrays["labels"] = labels.astype(np.int64)
+    if nfe is not None:
+        arrays["nfe"] = np.asarray(int(nfe), dtype=np.int64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
@@ -289,7 +292,7 @@ def load_samples_npz(path: str | os.PathLike) -> dict[str, Any]:
             raise RayflowError(f"{path}: not a .npz samples file (expected arrays x[, images, labels])")
         with loaded as npz:
             found = ", ".join(npz.files) or "none"
-            arrays = {k: npz[k] for k in ("x", "images", "labels") if k in npz.files}
+            arrays = {k: npz[k] for k in ("x", "images", "labels", "nfe") if k in npz.files}
     except RayflowError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
@@ -307,10 +310,15 @@ def load_samples_npz(path: str | os.PathLike) -> dict[str, Any]:
     if labels is not None:
         require(labels.dtype.kind in "iu" and labels.shape == (x.shape[0],),
                 f"{path}: 'labels' must be integers [N={x.shape[0]}], got {labels.dtype} {list(labels.shape)}")
+    nfe = arrays.get("nfe")
+    if nfe is not None:
+        require(nfe.dtype.kind in "iu" and nfe.shape == () and int(nfe) >= 0,
+                f"{path}: 'nfe' must be a non-negative integer scalar, got {nfe.dtype} {list(nfe.shape)}")
     return {
         "x": torch.from_numpy(x.astype(np.float32)),
         "images": images,
         "labels": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
+        "nfe": None if nfe is None else int(nfe),
     }
 
 

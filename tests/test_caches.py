@@ -82,3 +82,19 @@ def test_fingerprint_tracks_weights_and_mixture():
     a = ExactTeacher(GaussianMixture.from_options(dim=2, modes=3), sched)
     b = ExactTeacher(GaussianMixture.from_options(dim=2, modes=4), sched)
     assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_auto_shard_size_and_an_old_cut_kept(tmp_path):
+    from rayflow.caches import auto_shard_size
+
+    assert auto_shard_size(16384) == 1024 and auto_shard_size(100) == 256 and auto_shard_size(10**7) == 4096
+
+    def make(i, s, c, g):
+        return {"v": torch.arange(s, s + c).float()}
+
+    build_or_load(tmp_path, {"k": 1}, 1000, make, shard_size=500, progress=False)  # an older 500-item cut
+    stamp = (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns
+    out = build_or_load(tmp_path, {"k": 1}, 1000, make, progress=False)  # auto would choose 256
+    assert torch.equal(out["v"], torch.arange(1000).float())
+    assert (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns == stamp  # reused, not recomputed
+    assert not (tmp_path / "shard-00003.safetensors").exists()

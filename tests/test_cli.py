@@ -86,7 +86,7 @@ def test_resume_with_other_config_refused_and_checkpoint_kept(teacher_dir, capsy
     [
         (["train-teacher", "--data", "nonsense", "--out", "{tmp}/t"], ["unknown dataset", "nonsense"]),
         (["train-teacher", "--data", "mnist:path={tmp}/nowhere", "--out", "{tmp}/t"], ["nowhere"]),
-        (["train-teacher", "--data", MOG, "--out", "{tmp}/t", "--batch-size", "0"], ["batch_size"]),
+        (["train-teacher", "--data", MOG, "--out", "{tmp}/t", "--batch-size", "0"], ["batch-size"]),
         (["sample", "--model", "{tmp}/missing", "--out", "{tmp}/s.npz"], ["missing"]),
         (["sample", "--teacher", "exact", "--data", "digits", "--out", "{tmp}/s.npz"], ["mog"]),
         (["sample", "--teacher", "exact", "--data", MOG, "--out", "{tmp}/s.npz", "--steps", "0"], ["--steps"]),

@@ -56,6 +56,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def auto_shard_size(num_items: int, shards: int = 16, lo: int = 256, hi: int = 4096) -> int:
+    """Items per shard when the caller does not choose: about ``shards`` shards, each of ``lo..hi`` items.
+
+    A kill loses at most the shard being computed, so a pool is cut into ~16 pieces rather than 4096-item
+    blocks (which made a 16384-pair pool lose a quarter of its work); shards stay large enough that their
+    per-file overhead does not matter.
+    """
+    return max(lo, min(hi, -(-num_items // shards)))
+
+
 def meta_fingerprint(meta: dict[str, Any]) -> str:
     """A short sha256 of a cache description (canonical JSON: sorted keys), stamped into every shard."""
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -82,11 +92,9 @@ class ShardedCache:
         require(num_items >= 1, f"a cache needs at least one item, got {num_items}")
         require(shard_size >= 1, f"shard_size must be >= 1, got {shard_size}")
         self.root = Path(root)
-        self.meta = {**json.loads(json.dumps(meta)), "num_items": num_items, "shard_size": shard_size}
-        self.num_items, self.shard_size = num_items, shard_size
         self.rank, self.world_size = rank, world_size
-        self.num_shards = (num_items + shard_size - 1) // shard_size
-        self.fingerprint = meta_fingerprint(self.meta)
+        self.num_items = num_items
+        self._set_meta(meta, shard_size)
         if self.root.exists() and not self.root.is_dir():
             raise RayflowError(f"{self.root}: the cache path exists and is not a directory")
         # short critical section (blocking): ranks of one run and concurrent runs wait for each other here only
@@ -95,6 +103,12 @@ class ShardedCache:
             remove_orphan_tmp_files(self.root)
 
     # ------------------------------------------------------------------ meta
+    def _set_meta(self, meta: dict[str, Any], shard_size: int) -> None:
+        self.meta = {**json.loads(json.dumps(meta)), "num_items": self.num_items, "shard_size": shard_size}
+        self.shard_size = shard_size
+        self.num_shards = (self.num_items + shard_size - 1) // shard_size
+        self.fingerprint = meta_fingerprint(self.meta)
+
     def _check_or_write_meta(self) -> None:
         path = self.root / "meta.json"
         if path.exists():
@@ -102,6 +116,15 @@ class ShardedCache:
                 old = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise RayflowError(f"{path}: unreadable cache description ({exc})") from exc
+            same_but_cut = (isinstance(old, dict) and isinstance(old.get("shard_size"), int)
+                            and old["shard_size"] >= 1 and old["shard_size"] != self.shard_size
+                            and {k: v for k, v in old.items() if k != "shard_size"}
+                            == {k: v for k, v in self.meta.items() if k != "shard_size"})
+            if same_but_cut:
+                # the same cache cut into other shards (built before the shard size was chosen from the pool):
+                # keep its cut, so its finished shards are reused rather than recomputed
+                self._set_meta({k: v for k, v in old.items() if k not in ("num_items", "shard_size")},
+                               old["shard_size"])
             if old != self.meta:
                 key = next(k for k in sorted(set(old) | set(self.meta)) if old.get(k) != self.meta.get(k))
                 raise RayflowError(
@@ -201,14 +224,16 @@ class ShardedCache:
 
 
 def build_or_load(root: str | Path | None, meta: dict[str, Any], num_items: int, make_shard: ShardFn, *,
-                  seed: int = 0, shard_size: int = 4096, progress: bool = True, desc: str = "cache",
+                  seed: int = 0, shard_size: int | None = None, progress: bool = True, desc: str = "cache",
                   rank: int = 0, world_size: int = 1,
                   barrier: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """Build a cache at ``root`` (resuming) and return its contents; with ``root=None`` compute in memory.
 
     ``barrier`` (e.g. ``accelerator.wait_for_everyone``) is called between building and loading so that every
-    rank sees every shard.
+    rank sees every shard. ``shard_size=None`` chooses it from the pool (:func:`auto_shard_size`).
     """
+    if shard_size is None:
+        shard_size = auto_shard_size(num_items)
     if root is None:
         parts = []
         for index, start in enumerate(range(0, num_items, shard_size)):

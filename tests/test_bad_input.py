@@ -240,3 +240,74 @@ def test_bad_input(argv, needles, world, tmp_path, capsys):
 def test_case_count():
     """The issue asks for at least 60 bad-input cases."""
     assert len(CASES) >= 60
+
+
+def _one_line(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("rayflow: error:"), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_oserror_mid_run_is_one_line(world, tmp_path, capsys, monkeypatch):
+    import rayflow.evaluation
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(rayflow.evaluation, "save_samples_npz", full_disk)
+    code = main(["sample", "--model", str(world / "teacher"), "--steps", "1", "--num", "4",
+                 "--out", str(tmp_path / "s.npz")])
+    _one_line(code, capsys.readouterr().err, "No space left on device", "s.npz")
+
+
+def test_allocation_failure_is_one_line_and_a_bug_keeps_its_traceback(world, tmp_path, capsys, monkeypatch):
+    from rayflow.distillation import Generator
+
+    def oom(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(Generator, "generate", oom)
+    argv = ["sample", "--model", str(world / "teacher"), "--num", "4", "--out", str(tmp_path / "s.npz")]
+    _one_line(main(argv), capsys.readouterr().err, "out of memory")
+
+    def bug(self, *args, **kwargs):
+        raise RuntimeError("a programming error")
+
+    monkeypatch.setattr(Generator, "generate", bug)
+    with pytest.raises(RuntimeError, match="programming error"):  # not a user mistake: not hidden
+        main(argv)
+
+
+def test_device_cuda_without_cuda(world, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["sample", "--model", str(world / "teacher"), "--num", "4", "--out", str(tmp_path / "s.npz"),
+                 "--device", "cuda"])
+    _one_line(code, capsys.readouterr().err, "CUDA is not available")
+
+
+def test_eval_without_nfe_uses_the_recorded_one(world, tmp_path, capsys):
+    code = main(["eval", "--samples", str(world / "samples.npz"), "--data", MOG, "--reference-num", "64",
+                 "--out", str(tmp_path / "e")])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert rows[0]["nfe"] == 2  # dpm++2m with 2 steps, as `sample` recorded it
+
+
+def test_same_seed_same_teacher_from_step_zero(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        assert main(["train-teacher", "--data", MOG, "--out", str(tmp_path / name), "--max-steps", "0",
+                     "--no-progress", "--hidden", "16", "--ema-decay", "0"]) == 0
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
+    assert all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))

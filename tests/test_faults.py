@@ -187,7 +187,7 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["teacher", "reflow-pairs"])
+@pytest.mark.parametrize("kind", ["teacher", "reflow-pairs", "rayflow-eps-mu"])
 def test_kill_9_then_same_command_matches_uninterrupted(tmp_path, kind):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if kind == "teacher":
@@ -195,6 +195,13 @@ def test_kill_9_then_same_command_matches_uninterrupted(tmp_path, kind):
             return _cmd("train-teacher", "--data", MOG, "--out", str(out), "--max-steps", "40", "--batch-size", "32",
                         "--checkpoint-every", "10", "--no-progress", "--hidden", "32")
         watch, pattern = "checkpoints", "step-0000010"
+    elif kind == "rayflow-eps-mu":
+        def argv(out):
+            return _cmd("distill", "--method", "rayflow", "--teacher", "exact", "--data", MOG, "--out", str(out),
+                        "--cache", str(out.parent / f"cache-{out.name}"), "--max-steps", "10", "--batch-size", "32",
+                        "--no-progress", "--option", "cache_size=2048", "--option", "cache_shard_size=256",
+                        "--option", "teacher_steps=4", "--checkpoint-every", "5")
+        watch, pattern = None, "**/shard-00000.safetensors"
     else:
         def argv(out):
             return _cmd("distill", "--method", "reflow", "--teacher", "exact", "--data", MOG, "--out", str(out),

@@ -97,8 +97,7 @@ def _per_item_nfe(total: int, count: int) -> torch.Tensor:
     return torch.full((count,), base, dtype=torch.int64) + (torch.arange(count) < rem).long()
 
 
-def _build(root: Path | None, meta: dict[str, Any], num_items: int, make_shard, *, seed: int,
-           shard_size: int | None,
+def _build(root: Path | None, meta: dict[str, Any], num_items: int, make_shard, *, seed: int, shard_size: int,
            progress: bool, desc: str, accelerator: Any, counter: CountingDenoiser) -> Pairs:
     rank, world, barrier = distributed(accelerator)
     before = counter.evaluations
@@ -214,7 +213,7 @@ def teacher_global_solver(teacher: Denoiser, schedule: VPSchedule, solver: str =
 def global_pairs(
     solve: GlobalSolve, counter: Denoiser, dataset: Any, num_pairs: int, *, num_classes: int = 0,
     label_dropout: float = 0.0, seed: int = 0, cache: str | Path | None = None, meta: dict[str, Any] | None = None,
-    batch_size: int = 1024, shard_size: int | None = None, device: torch.device | str = "cpu", accelerator: Any = None,
+    batch_size: int = 1024, shard_size: int = 4096, device: torch.device | str = "cpu", accelerator: Any = None,
     progress: bool = False, desc: str = "pairs",
 ) -> Pairs:
     """(a) ``num_pairs`` pairs ``noise -> sample`` (keys ``noise``, ``sample``, ``labels`` when conditional, ``nfe``).
@@ -272,7 +271,7 @@ def window_pairs(
     solve: WindowSolve, counter: Denoiser, dataset: Any, schedule: VPSchedule, boundaries: torch.Tensor,
     num_pairs: int, *, num_classes: int = 0, label_dropout: float = 0.0, seed: int = 0,
     cache: str | Path | None = None, meta: dict[str, Any] | None = None, batch_size: int = 1024,
-    shard_size: int | None = None, device: torch.device | str = "cpu", accelerator: Any = None, progress: bool = False,
+    shard_size: int = 4096, device: torch.device | str = "cpu", accelerator: Any = None, progress: bool = False,
     desc: str = "window pairs",
 ) -> Pairs:
     """(b)/(c) ``num_pairs`` window pairs: keys ``window`` (index ``k``), ``z_start``, ``z_end``, ``labels``, ``nfe``.

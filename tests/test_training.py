@@ -220,8 +220,8 @@ def test_checkpoint_rotation_keeps_n(tmp_path):
 def test_resume_from_another_configuration_is_refused(tmp_path):
     _train(tmp_path, max_steps=10)
     with pytest.raises(RayflowError, match=r"step-0000010: checkpoint is from another configuration: "
-                                           r"train\.lr was 0\.003, now 0\.001"):
-        _train(tmp_path, max_steps=20, lr=1e-3)
+                                           r"train\.weight_decay was 0\.01, now 0\.02"):
+        _train(tmp_path, max_steps=20, weight_decay=0.02)
     with pytest.raises(RayflowError, match=r"another configuration: data was \"a\", now \"b\""):
         _train(tmp_path / "x", run_config={"model": MODEL_CFG.to_dict(), "data": "a"}, max_steps=5)
         _train(tmp_path / "x", run_config={"model": MODEL_CFG.to_dict(), "data": "b"}, max_steps=10)

@@ -62,11 +62,11 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "proreflow-ii": ("proreflow", {"preset": "II", "num_pairs": "4096"}),
 }
 TINY_OPTIONS: dict[str, dict[str, str]] = {
-    "rayflow": {"cache_size": "32", "teacher_steps": "2"},
-    "reflow": {"num_pairs": "32", "distill_num_pairs": "32"},
-    "rectified-diffusion": {"num_pairs": "32"},
-    "perflow": {"num_pairs": "32"},
-    "proreflow": {"num_pairs": "32"},
+    "rayflow": {"cache_size": "16", "teacher_steps": "2"},
+    "reflow": {"num_pairs": "16", "distill_num_pairs": "16"},
+    "rectified-diffusion": {"num_pairs": "16"},
+    "perflow": {"num_pairs": "16"},
+    "proreflow": {"num_pairs": "16"},
 }
 ROWS = ("inference", "teacher", *METHODS, "profile")
 
@@ -198,8 +198,8 @@ class Bench:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bf16 = self.device.type == "cuda"
         self.compile = self.device.type == "cuda"
-        self.warmup, self.measure = (2, 3) if self.tiny else (args.warmup, args.measure)
-        self.batch = 8 if self.tiny else 256
+        self.warmup, self.measure = (1, 1) if self.tiny else (args.warmup, args.measure)
+        self.batch = 4 if self.tiny else 256
         self.out = Path(args.out)
         self.results = Path(args.results)
         self.doc: dict[str, Any] = {
@@ -254,8 +254,8 @@ class Bench:
             teacher_dir = self.out / "tiny-teacher"
             if not (teacher_dir / "model.safetensors").exists():
                 train_teacher(self.dataset, teacher_dir, TrainConfig(
-                    max_steps=2, batch_size=8, lr=1e-3, checkpoint_every=0, log_every=0, progress=False),
-                    model=ModelConfig(kind="unet", sample_shape=(1, 32, 32), channels=(8, 16),
+                    max_steps=1, batch_size=4, lr=1e-3, checkpoint_every=0, log_every=0, progress=False),
+                    model=ModelConfig(kind="unet", sample_shape=(1, 32, 32), channels=(4, 8),
                                       layers_per_block=1))
             self.teacher_dir = teacher_dir
         else:
@@ -279,7 +279,7 @@ class Bench:
     def row_inference(self) -> dict[str, Any]:
         """1-NFE rate of the frozen teacher: eager bf16 and compiled with CUDA graphs (batch 2048)."""
         net, _, _ = load_teacher(str(self.teacher_dir), self.dataset)
-        bs = 64 if self.tiny else 2048
+        bs = 8 if self.tiny else 2048
         shape = tuple(self.teacher_config["model"]["sample_shape"])
         x = torch.randn(bs, *shape, device=self.device)
         t = torch.full((bs,), 999.0, device=self.device)
@@ -383,7 +383,7 @@ class Bench:
 
         model_cfg = ModelConfig.from_dict(self.teacher_config["model"])
         schedule = VPSchedule.from_config(self.teacher_config["schedule"])
-        steps = 3 if self.tiny else 10
+        steps = 1 if self.tiny else 10
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
 
         def objective() -> EpsilonObjective:
@@ -414,7 +414,7 @@ class Bench:
                 gen = torch.Generator(device=self.device).manual_seed(k)
                 with autocast(self.device, self.bf16):
                     loss = obj(model, k, gen).loss
-                float(loss)
+                float(loss.detach())
                 loss.backward()
                 float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
                 opt.step()
@@ -424,11 +424,11 @@ class Bench:
                     names = list(params)
                     torch._foreach_lerp_([shadow[n] for n in names], [params[n].detach() for n in names], 0.001)
 
-            for k in range(3):
+            for k in range(self.warmup):
                 step(k)
             sync(self.device)
             with profile(activities=activities) as prof:
-                for k in range(3, 3 + steps):
+                for k in range(self.warmup, self.warmup + steps):
                     step(k)
                 sync(self.device)
             return summarise(prof, "old-style eager step")

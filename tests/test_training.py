@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -515,3 +516,39 @@ def test_ema_update_matches_the_lerp_formula():
     d = min(0.9, 1 / 10)
     for b, s, p in zip(before, ema.module.parameters(), model.parameters()):
         torch.testing.assert_close(s, d * b + (1 - d) * p)
+
+
+# ---------------------------------------------------------------------- the frozen teacher
+def test_prepare_frozen_teacher_on_a_cpu_changes_nothing_but_eval_and_grad(capsys):
+    from rayflow.models import prepare_frozen_teacher
+
+    model = _model().train()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.5)
+    x, t = torch.randn(4, 2), torch.full((4,), 10.0)
+    with torch.no_grad():
+        ref = model.eval()(x, t)
+    model.train()
+    out = prepare_frozen_teacher(model, "cpu", dtype=torch.bfloat16, compile=True)
+    assert out is model and not model.training and not any(p.requires_grad for p in model.parameters())
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(out(x, t), ref)
+    assert capsys.readouterr().err.strip() == (
+        "rayflow: note: the frozen teacher is not compiled on a CPU (torch.compile and CUDA graphs are GPU settings "
+        "here)")
+
+
+def test_frozen_teacher_casts_weights_once_and_keeps_float32_outside():
+    from rayflow.models import FrozenTeacher
+
+    model = _model().eval()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.5)  # the output layer starts at zero: give it weights
+    x, t = torch.randn(8, 2), torch.full((8,), 10.0)
+    with torch.no_grad():
+        ref = model(x, t)
+    assert ref.abs().mean() > 0.1
+        frozen = FrozenTeacher(copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16)
+        out = frozen(x, t)
+    assert out.dtype == torch.float32 and frozen.prediction_type == model.prediction_type
+    assert next(frozen.model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.02)  # bf16 rounding only

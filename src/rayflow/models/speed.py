@@ -98,6 +98,8 @@ def prepare_frozen_teacher(
         compile = cuda_graphs = False
     if dtype is not None and dtype != torch.float32 and not cuda:
         dtype = None  # float32 on CPUs: bf16 matmuls are emulated there and slower
+    if not any(p.is_floating_point() for p in model.parameters()):
+        dtype = None  # no weights to store (an exact, analytic teacher): nothing to gain, precision to lose
     if resolve_channels_last(channels_last, model, device):
         to_channels_last(model)
     if dtype is None and not (compile or cuda_graphs):

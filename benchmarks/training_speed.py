@@ -144,7 +144,8 @@ class StepTimer:
 def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device: torch.device, warmup: int,
               measure: int, compile_model: bool, bf16: bool) -> float:
     """samples/s of the plainest loop doing the Trainer's work: the objective's loss, backward, clipping, fused
-    AdamW, a foreach EMA; the same compile setting; one generator; no logging, checks or checkpoints."""
+    AdamW, a foreach EMA, the objective's ``after_step``; the same compile setting; one generator; no logging,
+    checks or checkpoints."""
     model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
     if device.type == "cuda" and has_convolutions(model):
         to_channels_last(model)
@@ -165,6 +166,8 @@ def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema, params, 1 - train.ema_decay)
+        if hasattr(objective, "after_step"):  # e.g. RayFlow's Time Sampler update: part of the method's step
+            objective.after_step(net, k, gen)
 
     for k in range(warmup):
         step(k)

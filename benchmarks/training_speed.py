@@ -19,6 +19,7 @@ Rows go to ``benchmarks/results/training_speed.json`` as they finish (with the c
 versions); a row that fails is recorded with its error and the script goes on.
 
     python benchmarks/training_speed.py                      # one H200: about 5 minutes
+    python benchmarks/training_speed.py --rows teacher,rayflow --append   # redo some rows, keep the others
     python benchmarks/training_speed.py --tiny --allow-cpu   # a dry run of every row on a CPU (seconds)
 """
 
@@ -211,6 +212,10 @@ class Bench:
             "hardware": self.hardware(), "versions": self.versions(), "batch": self.batch,
             "warmup_steps": self.warmup, "measured_steps": self.measure, "rows": [], "profile": [],
         }
+        if args.append and self.results.is_file():  # a run split over several calls: keep the other rows
+            old = read_json(self.results)
+            self.doc["rows"], self.doc["profile"] = list(old.get("rows", [])), list(old.get("profile", []))
+            self.doc["command"] = "; ".join(x for x in (old.get("command"), self.doc["command"]) if x)
         self.matmul: float | None = None
         self.inference_rate: float | None = None
 
@@ -245,7 +250,7 @@ class Bench:
             traceback.print_exc()
             row = {"what": what, "error": f"{type(exc).__name__}: {exc}"}
         row["wall_s"] = round(time.time() - t0, 1)
-        self.doc[key].append(row)
+        self.doc[key] = [r for r in self.doc[key] if r.get("what") != what] + [row]
         self.write()
         print(f"   {json.dumps(row)}", flush=True)
 
@@ -490,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", type=int, default=150, help="Trainer steps timed")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of an existing --results file (a run split with --rows over several calls)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -65,6 +65,21 @@ def test_a_failing_row_is_recorded_and_the_rest_go_on(bench, data_dir, tmp_path,
     assert row["flops_per_sample"] > 0
 
 
+def test_append_keeps_the_other_rows(bench, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.Bench, "row_teacher", lambda self: {"samples_per_s": 1.0})
+    monkeypatch.setattr(bench.Bench, "row_inference", lambda self: {"samples_per_s": 2.0})
+    results = tmp_path / "speed.json"
+    common = ["--tiny", "--allow-cpu", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+              "--results", str(results)]
+    assert bench.main([*common, "--rows", "teacher"]) == 0
+    assert bench.main([*common, "--rows", "inference", "--append"]) == 0
+    doc = json.loads(results.read_text())
+    assert [r["what"] for r in doc["rows"]] == ["teacher training", "teacher inference, 1 NFE"]
+    assert bench.main([*common, "--rows", "teacher", "--append"]) == 0  # a row measured again replaces its old one
+    assert [r["what"] for r in json.loads(results.read_text())["rows"]] == ["teacher inference, 1 NFE",
+                                                                             "teacher training"]
+
+
 def test_refusals(bench, data_dir, tmp_path, capsys, monkeypatch):
     assert bench.main(["--tiny", "--allow-cpu", "--data", str(data_dir), "--rows", "teacher,lunch"]) == 2
     assert "unknown row(s) ['lunch']" in capsys.readouterr().err

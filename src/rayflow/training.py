@@ -882,20 +882,20 @@ class Trainer:
         every = (acc.gather(local) if acc.num_processes > 1 else local).cpu()
         mean = float(every[:, 0].sum()) / (steps * every.shape[0])
         bad_loss, bad_grad = int(every[:, 1].min()), int(every[:, 2].min())
-        where = self._checkpoint_note()
+        where = self._checkpoint_note  # listed only when the run is stopped
         if bad_loss <= last:
             raise TrainingStopped(f"step {bad_loss}: the loss is {'nan' if math.isnan(mean) else 'inf'} "
-                                  f"(diverged); {where}")
+                                  f"(diverged); {where()}")
         if bad_grad <= last:
-            raise TrainingStopped(f"step {bad_grad}: the gradient norm is not finite (diverged); {where}")
+            raise TrainingStopped(f"step {bad_grad}: the gradient norm is not finite (diverged); {where()}")
         if not bool(every[:, 3].all()):
-            raise TrainingStopped(f"steps {first}-{last}: the weights are no longer finite (diverged); {where}")
+            raise TrainingStopped(f"steps {first}-{last}: the weights are no longer finite (diverged); {where()}")
         if cfg.divergence_factor and self.loss_history:
             median = statistics.median(self.loss_history)
             if mean > cfg.divergence_factor * median:
                 raise TrainingStopped(
                     f"steps {first}-{last}: the mean loss {mean:.4g} is over {cfg.divergence_factor:g}x the run's "
-                    f"median so far ({median:.4g}): diverged; {where}")
+                    f"median so far ({median:.4g}): diverged; {where()}")
         self.loss_history.append(mean)
         return mean
 

@@ -98,3 +98,14 @@ def test_auto_shard_size_and_an_old_cut_kept(tmp_path):
     assert torch.equal(out["v"], torch.arange(1000).float())
     assert (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns == stamp  # reused, not recomputed
     assert not (tmp_path / "shard-00003.safetensors").exists()
+
+
+def test_fingerprint_of_channels_last_bf16_weights_is_layout_independent():
+    """A channels-last 1x1 conv weight counts as contiguous but has stride(-1) != 1 (the bf16 frozen teacher
+    on CUDA): the fingerprint must still read it, and equal the plain layout's."""
+    plain = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 3)).to(torch.bfloat16)
+    fast = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 3)).to(torch.bfloat16)
+    fast.load_state_dict(plain.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    assert fast[0].weight.stride(-1) != 1 and fast[1].weight.stride(-1) != 1
+    assert model_fingerprint(fast) == model_fingerprint(plain)

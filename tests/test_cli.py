@@ -76,8 +76,8 @@ def test_exact_teacher_sampling(tmp_path, capsys):
 def test_resume_with_other_config_refused_and_checkpoint_kept(teacher_dir, capsys):
     before = sorted(p.name for p in (teacher_dir / "checkpoints").iterdir())
     code, _, err = run(capsys, "train-teacher", "--data", MOG, "--out", str(teacher_dir), "--max-steps", "90",
-                       "--batch-size", "64", "--lr", "0.01", "--no-progress")
-    assert_user_error(code, err, "another configuration", "lr")
+                       "--batch-size", "32", "--no-progress")
+    assert_user_error(code, err, "another configuration", "batch_size")
     assert sorted(p.name for p in (teacher_dir / "checkpoints").iterdir()) == before
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -220,8 +221,8 @@ def test_checkpoint_rotation_keeps_n(tmp_path):
 def test_resume_from_another_configuration_is_refused(tmp_path):
     _train(tmp_path, max_steps=10)
     with pytest.raises(RayflowError, match=r"step-0000010: checkpoint is from another configuration: "
-                                           r"train\.lr was 0\.003, now 0\.001"):
-        _train(tmp_path, max_steps=20, lr=1e-3)
+                                           r"train\.weight_decay was 0\.01, now 0\.02"):
+        _train(tmp_path, max_steps=20, weight_decay=0.02)
     with pytest.raises(RayflowError, match=r"another configuration: data was \"a\", now \"b\""):
         _train(tmp_path / "x", run_config={"model": MODEL_CFG.to_dict(), "data": "a"}, max_steps=5)
         _train(tmp_path / "x", run_config={"model": MODEL_CFG.to_dict(), "data": "b"}, max_steps=10)
@@ -332,3 +333,222 @@ def test_epsilon_objective_label_dropout():
     assert model.seen[0] is None
     with pytest.raises(RayflowError, match="num_classes is 0"):
         EpsilonObjective(x, y, sched, batch_size=8)
+
+
+# ---------------------------------------------------------------------- divergence, resume notices (issue #12 item 3)
+class BlowUpObjective(ToyObjective):
+    """Finite, but the loss is multiplied by 1e6 from ``blow_at`` on (a learning rate far too high)."""
+
+    def __init__(self, blow_at: int) -> None:
+        super().__init__()
+        self.blow_at = blow_at
+
+    def __call__(self, model, step, generator):
+        out = super().__call__(model, step, generator)
+        if step >= self.blow_at:
+            out = LossOutput(out.loss * 1e6, out.logs)
+        return out
+
+
+def test_a_finite_blow_up_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(RayflowError, match=r"steps 20-24: the mean loss .* over 100x the run's median .* "
+                                           r"the newest checkpoint, step-0000020, is intact"):
+        _train(tmp_path, objective=BlowUpObjective(blow_at=22), max_steps=40, log_every=5)
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step-0000020"
+    assert not (tmp_path / "model.safetensors").exists()
+    assert max(_log_steps(tmp_path)) == 20  # nothing written for the bad interval
+
+
+def test_non_finite_weights_are_caught_at_the_check(tmp_path):
+    class PoisonWeights(ToyObjective):
+        def after_step(self, model, step, generator):
+            logs = super().after_step(model, step, generator)
+            if step == 14:  # the last step of an interval, its loss finite: only the weights tell
+                with torch.no_grad():
+                    next(unwrap_denoiser(model).parameters()).fill_(float("nan"))
+            return logs
+
+    with pytest.raises(RayflowError, match=r"steps 10-14: the weights are no longer finite"):
+        _train(tmp_path, objective=PoisonWeights(), max_steps=40, log_every=5)
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step-0000010"
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path):
+    with pytest.raises(RayflowError, match=r"step 3: the loss is nan \(diverged\); no checkpoint was written yet"):
+        _train(tmp_path, objective=ToyObjective(nan_at=3), max_steps=40, log_every=5)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_resume_may_change_lr_warmup_and_clipping_with_a_notice(tmp_path, capsys):
+    _train(tmp_path, max_steps=10)
+    capsys.readouterr()
+    trainer, _, _ = _train(tmp_path, max_steps=14, lr=1e-3, warmup_steps=0, grad_clip=0.0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rayflow: note: resuming step-0000010 with lr 0.003 -> 0.001, warmup_steps 5 -> 0, "
+                   "grad_clip 0.5 -> 0.0"]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if r["step"] > 10] == [pytest.approx(1e-3)] * 4
+    assert "grad_norm" not in records[-1] and "grad_norm" in records[0]
+
+
+def test_checkpoint_of_an_older_version_without_new_train_keys_resumes(tmp_path):
+    _train(tmp_path, max_steps=10)
+    state_path = tmp_path / "checkpoints/step-0000010/state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("gradient_accumulation_steps", "lr_schedule", "divergence_factor", "channels_last"):
+        del state["config"]["train"][key]
+    del state["loss_history"]
+    state_path.write_text(json.dumps(state))
+    _, resumed, _ = _train(tmp_path, max_steps=20)
+    _, straight, _ = _train(tmp_path / "ref", max_steps=20)
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+
+
+# ---------------------------------------------------------------------- speed-related behaviour (issue #13)
+def test_tensor_logs_are_read_only_at_log_steps(tmp_path):
+    class TensorLogs(ToyObjective):
+        def __call__(self, model, step, generator):
+            out = super().__call__(model, step, generator)
+            return LossOutput(out.loss, {"xmean": torch.tensor(float(step))})
+
+    _train(tmp_path, objective=TensorLogs(), max_steps=12, log_every=4)
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert [r["logs"]["xmean"] for r in records] == [3.0, 7.0, 11.0]  # the logged step's value, as a float
+    for r in records:
+        assert {"loss", "loss_mean", "lr", "time", "samples_per_s", "grad_norm"} <= set(r)
+        assert isinstance(r["loss"], float) and r["loss_mean"] > 0
+
+
+def test_gradient_accumulation_of_identical_micro_batches_equals_one_step(tmp_path):
+    class Fixed(ToyObjective):  # the same batch whatever the generator: n micro-batches = one batch
+        def __call__(self, model, step, generator):
+            self.calls += 1
+            x = torch.linspace(-1, 1, 32).reshape(16, 2)
+            t = torch.arange(16).float()
+            return LossOutput((model(x, t) - torch.sin(3 * x)).square().mean())
+
+        def after_step(self, model, step, generator):
+            return {}
+
+    _, one, obj1 = _train(tmp_path / "a", objective=Fixed(), max_steps=6)
+    _, two, obj2 = _train(tmp_path / "b", objective=Fixed(), max_steps=6, gradient_accumulation_steps=2)
+    assert (obj1.calls, obj2.calls) == (6, 12)
+    for p, q in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_accumulation_resumes_bit_identically(tmp_path):
+    _, straight, _ = _train(tmp_path / "a", max_steps=20, gradient_accumulation_steps=3)
+    _train(tmp_path / "b", max_steps=10, gradient_accumulation_steps=3)
+    _, resumed, _ = _train(tmp_path / "b", max_steps=20, gradient_accumulation_steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    with pytest.raises(RayflowError, match="gradient_accumulation_steps was 3, now 1"):
+        _train(tmp_path / "b", max_steps=30)
+
+
+def test_warmup_follows_diffusers_get_scheduler(tmp_path):
+    from diffusers.optimization import get_scheduler
+
+    _train(tmp_path, max_steps=8, warmup_steps=4, lr_schedule="cosine")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    ref = get_scheduler("cosine", opt, num_warmup_steps=4, num_training_steps=8)
+    expected = []
+    for _ in range(8):
+        opt.step()
+        ref.step()
+        expected.append(ref.get_last_lr()[0])
+    assert lrs == pytest.approx(expected)
+
+
+def test_config_aliases_and_new_validation():
+    assert TrainConfig.from_dict({"checkpoints_total_limit": 4}).keep_checkpoints == 4
+    assert TrainConfig(keep_checkpoints=3).checkpoints_total_limit == 3
+    with pytest.raises(RayflowError, match="gradient_accumulation_steps"):
+        TrainConfig(gradient_accumulation_steps=0)
+    with pytest.raises(RayflowError, match="lr_schedule"):
+        TrainConfig(lr_schedule="exponential")
+    with pytest.raises(RayflowError, match="divergence_factor"):
+        TrainConfig(divergence_factor=0.5)
+    with pytest.raises(RayflowError, match="channels_last"):
+        TrainConfig(channels_last="sometimes")
+
+
+def test_tensorboard_gets_the_same_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    _train(tmp_path, max_steps=4, log_every=2)
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_callbacks_see_start_steps_and_end(tmp_path):
+    seen = []
+
+    def callback(trainer, event, step):
+        seen.append((event, step))
+
+    Trainer.callbacks.append(callback)
+    try:
+        _train(tmp_path, max_steps=3, checkpoint_every=0)
+    finally:
+        Trainer.callbacks.remove(callback)
+    assert seen == [("start", 0), ("step", 1), ("step", 2), ("step", 3), ("end", 3)]
+
+
+def test_a_launch_whose_world_disagrees_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher started two processes, accelerate joined one
+    with pytest.raises(RayflowError, match="the launcher started 2 processes but accelerate sees 1"):
+        _train(tmp_path, max_steps=2)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ema_update_matches_the_lerp_formula():
+    from rayflow.training import EMA
+
+    model = _model()
+    ema = EMA(model, 0.9)
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    d = min(0.9, 1 / 10)
+    for b, s, p in zip(before, ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(s, d * b + (1 - d) * p)
+
+
+# ---------------------------------------------------------------------- the frozen teacher
+def test_prepare_frozen_teacher_on_a_cpu_changes_nothing_but_eval_and_grad(capsys):
+    from rayflow.models import prepare_frozen_teacher
+
+    model = _model().train()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.5)
+    x, t = torch.randn(4, 2), torch.full((4,), 10.0)
+    with torch.no_grad():
+        ref = model.eval()(x, t)
+    model.train()
+    out = prepare_frozen_teacher(model, "cpu", dtype=torch.bfloat16, compile=True)
+    assert out is model and not model.training and not any(p.requires_grad for p in model.parameters())
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(out(x, t), ref)
+    assert capsys.readouterr().err.strip() == (
+        "rayflow: note: the frozen teacher is not compiled on a CPU (torch.compile and CUDA graphs are GPU settings "
+        "here)")
+
+
+def test_frozen_teacher_casts_weights_once_and_keeps_float32_outside():
+    from rayflow.models import FrozenTeacher
+
+    model = _model().eval()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.5)  # the output layer starts at zero: give it weights
+    x, t = torch.randn(8, 2), torch.full((8,), 10.0)
+    with torch.no_grad():
+        ref = model(x, t)
+        frozen = FrozenTeacher(copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16)
+        out = frozen(x, t)
+    assert ref.abs().mean() > 0.1
+    assert out.dtype == torch.float32 and frozen.prediction_type == model.prediction_type
+    assert next(frozen.model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.02)  # bf16 rounding only

@@ -52,7 +52,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(str(model.fingerprint()).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1), not contiguous(): a channels-last 1x1 conv weight counts as contiguous yet has
+        # stride(-1) != 1, and viewing it as bytes then fails (seen on the GPU with the bf16 teacher)
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -74,14 +74,11 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _accelerator():
-    """An Accelerator only when launched by ``accelerate launch`` / torchrun with several processes."""
-    import os
+    """An Accelerator only when launched by ``accelerate launch`` / torchrun with several processes (the world
+    size as accelerate sees it; a launch whose ranks disagree is refused)."""
+    from rayflow.training import launch_accelerator
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import Accelerator
-
-        return Accelerator()
-    return None
+    return launch_accelerator()
 
 
 # ---------------------------------------------------------------------- commands

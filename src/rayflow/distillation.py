@@ -21,11 +21,19 @@ from rayflow.data import Dataset, load_dataset
 from rayflow.errors import RayflowError, require
 from rayflow.gmm import ExactTeacher
 from rayflow.methods import CountingDenoiser, DistillContext, DistillResult, Method, get_method
-from rayflow.models import Condition, Denoiser, ModelConfig, as_epsilon, build_model, default_model_config
+from rayflow.models import (
+    Condition,
+    Denoiser,
+    ModelConfig,
+    as_epsilon,
+    build_model,
+    default_model_config,
+    prepare_frozen_teacher,
+)
 from rayflow.samplers import get_sampler, sampler_nfe
 from rayflow.samplers import sample as solve_teacher
 from rayflow.schedules import VPSchedule
-from rayflow.training import EpsilonObjective, TrainConfig, Trainer
+from rayflow.training import EpsilonObjective, TrainConfig, Trainer, resolve_mixed_precision
 from rayflow.validate import same_or_inside
 
 #: the teacher's default sampler and steps when a directory is sampled without --sampler/--steps
@@ -138,10 +146,6 @@ def distill(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if accelerator is not None:
         device = accelerator.device
-    for p in net.parameters():
-        p.requires_grad_(False)
-    eps_teacher = as_epsilon(net, schedule)
-    counting = CountingDenoiser(eps_teacher.to(device).eval())
     if isinstance(net, ExactTeacher):
         student_cfg = student_model or default_model_config(dataset.sample_shape, dataset.num_classes)
         # the student net is built by the method; its fresh weights then come from the seeded global RNG
@@ -149,7 +153,11 @@ def distill(
         init = None
     else:
         student_cfg = ModelConfig.from_dict(net.config.to_dict())
-        init = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        init = {k: v.detach().clone() for k, v in net.state_dict().items()}  # before the teacher is cast
+    # the one place the frozen teacher is prepared (eval, no grad, bf16 weights and channels-last on CUDA)
+    teacher_dtype = torch.bfloat16 if resolve_mixed_precision(train, device) == "bf16" else None
+    eps_teacher = as_epsilon(prepare_frozen_teacher(net, device, dtype=teacher_dtype), schedule)
+    counting = CountingDenoiser(eps_teacher)
     out_dir = Path(out_dir)
     base = {"schedule": schedule.config, "data": dataset.spec, "teacher": info["teacher"],
             "guidance": guidance, "rayflow_version": __version__}

@@ -1,20 +1,33 @@
 """The one training loop, shared by teacher training and every distillation method.
 
 A method supplies an :class:`Objective`: a callable ``(model, step, generator) -> LossOutput``. The
-:class:`Trainer` owns everything else: accelerate (devices, DDP, mixed precision), AdamW with a linear
-warm-up, an EMA of the weights, gradient clipping, logging, crash-safe checkpoints and exact resume.
+:class:`Trainer` owns everything else: accelerate (devices, DDP, mixed precision, gradient accumulation),
+AdamW (fused on CUDA) with a warm-up from ``diffusers.optimization.get_scheduler``, an EMA of the weights,
+gradient clipping, logging through ``accelerator.log``, divergence checks, crash-safe checkpoints and exact
+resume.
+
+Speed. A step queues its work on the device and never waits for it: the loss, the gradient norm and the
+objective's logs stay device tensors (accumulated on the device), and are read - one host synchronisation -
+only every ``log_every`` steps and before each checkpoint. There the run is checked: a non-finite loss,
+gradient norm or weight, or an interval mean loss more than ``divergence_factor`` times the median of the
+run's earlier interval means, stops it with a :class:`RayflowError` before anything is written for the bad
+interval, so the last checkpoint is a good one. On CUDA the model is also put in channels-last layout and
+compiled (``compile="auto"``), and AdamW is fused.
 
 Determinism. Step ``k`` on process ``r`` hands the objective a fresh ``torch.Generator`` on the accelerator's
 device seeded with :func:`step_seed` ``(config.seed, k, r)`` (the global torch RNG is re-seeded from the same
-value, so dropout and any stray ``torch.rand`` are covered too). Draws never depend on history, so a run
-interrupted at a checkpoint and resumed is bit-identical to an uninterrupted one (eager mode, one GPU or DDP;
-with ``torch.compile`` two fresh runs already differ in the last bits, since Inductor picks kernels per
-compilation, so a compiled resume matches only to rounding).
+value, so dropout and any stray ``torch.rand`` are covered too; micro-batch ``m > 0`` of an accumulated step
+uses :func:`micro_seed`). Draws never depend on history, so a run interrupted at a checkpoint and resumed is
+bit-identical to an uninterrupted one (eager mode, one GPU or DDP; with ``torch.compile`` two fresh runs
+already differ in the last bits, since Inductor picks kernels per compilation, so a compiled resume matches
+only to rounding).
 
 On-disk layout of ``out_dir``::
 
     model.safetensors, config.json      final weights (the EMA if enabled) + run config (see checkpoint.py)
-    train_log.jsonl                     one JSON line per ``log_every`` steps: step, loss, logs, lr, time
+    train_log.jsonl                     one JSON line per ``log_every`` steps: step, loss, loss_mean, logs, lr,
+                                        time (written by a JSONL accelerate tracker)
+    tensorboard/                        the same scalars, when tensorboard is installed
     checkpoints/latest                  text: the name of the newest complete checkpoint, e.g. "step-0000500"
     checkpoints/step-0000500/
         model.safetensors               raw (non-EMA) weights
@@ -22,10 +35,11 @@ On-disk layout of ``out_dir``::
         optimizer.safetensors           AdamW state tensors (exp_avg, exp_avg_sq, step) + LR scheduler tensors
         optimizer.json                  the rest: param groups, hyperparameters, LambdaLR counters
         objective.safetensors/.json     the objective's state_dict(), when it has one
-        state.json                      {"step", "config": run_config + "train", "rayflow_version"}
+        state.json                      {"step", "config": run_config + "train", "rayflow_version", "loss_history"}
 
 A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXX`` and renamed into place only when complete;
-``latest`` is then replaced atomically and the oldest checkpoints beyond ``keep_checkpoints`` are removed.
+``latest`` is then replaced atomically and the oldest checkpoints beyond ``keep_checkpoints`` (diffusers'
+``checkpoints_total_limit``) are removed.
 """
 
 from __future__ import annotations
@@ -35,11 +49,16 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
+import statistics
+import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -59,35 +78,52 @@ from rayflow.checkpoint import (
 )
 from rayflow.errors import RayflowError, require
 from rayflow.models.base import Denoiser
+from rayflow.models.speed import resolve_channels_last, to_channels_last
 from rayflow.schedules import VPSchedule, convert_prediction, expand_like
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "yes", "no")
-#: train-config keys that may change between a checkpoint and its resume: they do not affect the weights
-RESUME_MUTABLE_TRAIN_KEYS = ("max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints")
+CHANNELS_LAST_CHOICES = ("auto", "yes", "no")
+#: learning-rate schedules (diffusers.optimization names), each after ``warmup_steps`` of linear warm-up
+LR_SCHEDULE_CHOICES = ("constant", "linear", "cosine")
+#: train-config keys that may change between a checkpoint and its resume: they do not affect the weights (or,
+#: for the speed settings, only in the last bits)
+RESUME_MUTABLE_TRAIN_KEYS = ("max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
+                             "compile", "channels_last", "divergence_factor")
+#: train-config keys that may change on resume with a one-line notice: the remedies for a diverged run
+RESUME_NOTICE_TRAIN_KEYS = ("lr", "warmup_steps", "lr_schedule", "grad_clip")
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAIN_LOG = "train_log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+_HISTORY = 1000  # interval losses kept in state.json for the divergence check of a resumed run
 
 
 # ---------------------------------------------------------------------- configuration
 @dataclass
 class TrainConfig:
-    """Optimisation settings of one run (stored in every checkpoint and in the final ``config.json``)."""
+    """Optimisation settings of one run (stored in every checkpoint and in the final ``config.json``).
 
-    max_steps: int = 2000
-    batch_size: int = 128  # per process (diffusers convention)
+    The effective batch of one update is ``batch_size * gradient_accumulation_steps * num_processes``.
+    """
+
+    max_steps: int = 2000  # optimizer updates
+    batch_size: int = 128  # per process and micro-batch (diffusers convention)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up of the lr
+    warmup_steps: int = 0  # linear warm-up of the lr from 0 (diffusers' get_scheduler)
+    lr_schedule: str = "constant"  # after the warm-up: "constant" | "linear" | "cosine" decay to 0 at max_steps
     grad_clip: float = 1.0  # 0 disables
     ema_decay: float = 0.999  # 0 disables EMA
     seed: int = 0
+    gradient_accumulation_steps: int = 1
     checkpoint_every: int = 500  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 50  # 0 disables train_log.jsonl
+    keep_checkpoints: int = 2  # diffusers' checkpoints_total_limit
+    log_every: int = 50  # 0 disables train_log.jsonl (the run is still checked every 100 steps)
+    divergence_factor: float = 100.0  # stop when an interval's mean loss exceeds this x the median so far; 0 = off
     mixed_precision: str = "auto"  # "auto" = bf16 on CUDA, "no" elsewhere | "no" | "bf16" | "fp16"
     compile: str = "auto"  # "auto" = torch.compile on CUDA only | "yes" | "no"
+    channels_last: str = "auto"  # "auto" = on CUDA for convolutional networks | "yes" | "no"
     progress: bool = True  # tqdm bar
 
     def __post_init__(self) -> None:
@@ -97,24 +133,47 @@ class TrainConfig:
         """Raise :class:`RayflowError` for values out of range."""
         require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.lr_schedule in LR_SCHEDULE_CHOICES,
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULE_CHOICES)}, got {self.lr_schedule!r}")
         require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
+        require(isinstance(self.gradient_accumulation_steps, int) and self.gradient_accumulation_steps >= 1,
+                f"gradient_accumulation_steps must be an integer >= 1, got {self.gradient_accumulation_steps}")
         require(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         require(self.log_every >= 0, f"log_every must be >= 0, got {self.log_every}")
+        require(self.divergence_factor == 0 or self.divergence_factor > 1,
+                f"divergence_factor must be > 1 (0 disables), got {self.divergence_factor}")
         require(self.mixed_precision in MIXED_PRECISION_CHOICES,
                 f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {self.mixed_precision!r}")
         require(self.compile in COMPILE_CHOICES,
                 f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        require(self.channels_last in CHANNELS_LAST_CHOICES,
+                f"channels_last must be one of {', '.join(CHANNELS_LAST_CHOICES)}, got {self.channels_last!r}")
+
+    @property
+    def checkpoints_total_limit(self) -> int:
+        """diffusers' name for :attr:`keep_checkpoints`."""
+        return self.keep_checkpoints
+
+    @property
+    def check_every(self) -> int:
+        """Steps between two reads of the device-side loss (host synchronisations)."""
+        return self.log_every or 100
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; ``checkpoints_total_limit`` is accepted for ``keep_checkpoints``."""
+        d = dict(d)
+        if "checkpoints_total_limit" in d:
+            require("keep_checkpoints" not in d, "give keep_checkpoints or checkpoints_total_limit, not both")
+            d["keep_checkpoints"] = d.pop("checkpoints_total_limit")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         require(not unknown, f"train config has unknown keys {unknown}; known: {', '.join(sorted(names))}")
@@ -162,11 +221,27 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def micro_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The seed of micro-batch ``micro`` of an accumulated step: :func:`step_seed` for ``micro = 0`` (so a run
+    without accumulation draws exactly what it always drew), an unrelated hash otherwise."""
+    if micro == 0:
+        return step_seed(seed, step, rank)
+    digest = hashlib.blake2b(f"rayflow:{int(seed)}:{int(step)}:{int(rank)}:{int(micro)}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 # ---------------------------------------------------------------------- objectives
 @dataclass
 class LossOutput:
+    """What an objective returns: the loss and logs.
+
+    ``logs`` values may be floats or 0-d tensors; tensors are preferred, because the trainer reads them only at
+    log steps, so a step needs no host synchronisation (``float(t)`` in an objective forces one every step).
+    """
+
     loss: torch.Tensor  # scalar, differentiable
-    logs: dict[str, float] = field(default_factory=dict)  # shown in the bar postfix and written to the log
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -175,18 +250,17 @@ class Objective(Protocol):
 
     ``model`` is the accelerate-prepared (possibly DDP-wrapped / compiled) network: call it, but read
     attributes such as ``prediction_type`` from :func:`unwrap_denoiser` ``(model)``. Draw all randomness from
-    ``generator`` (on the training device). Optional methods, called when present:
+    ``generator`` (on the training device). With ``gradient_accumulation_steps = n`` it is called ``n`` times
+    per step (same ``step``, a fresh generator each). Optional methods, called when present:
 
-    * ``after_step(model, step, generator) -> dict[str, float]`` after the optimizer step (e.g. a time-sampler
-      update); the returned logs are merged into the step's logs.
+    * ``after_step(model, step, generator) -> dict[str, float | Tensor]`` after the optimizer step (e.g. a
+      time-sampler update); the returned logs are merged into the step's logs.
     * ``state_dict() -> dict`` / ``load_state_dict(d)``: state that must survive a resume. Tensors (nested
       dicts/lists of tensors and JSON scalars, e.g. ``{"net": net.state_dict(), "opt": opt.state_dict()}``,
       are fine) are saved as ``objective.safetensors`` + ``objective.json``, never pickled.
     """
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput: ...
-
-
 
 
 class EpsilonObjective:
@@ -267,9 +341,10 @@ class EpsilonObjective:
 class EMA:
     """Exponential moving average of a model's trainable parameters, as a full shadow copy of the module.
 
-    ``shadow <- lerp(shadow, param, 1 - d_n)`` with ``torch._foreach_lerp_`` and diffusers' default decay
-    warm-up ``d_n = min(decay, (1 + n) / (10 + n))`` (``n`` = updates so far), so short runs are not dominated
-    by the initial weights. Buffers are copied. The shadow module's ``state_dict()`` is what gets saved.
+    ``shadow <- lerp(shadow, param, 1 - d_n)`` with one ``torch._foreach_lerp_`` over all parameters and
+    diffusers' default decay warm-up ``d_n = min(decay, (1 + n) / (10 + n))`` (``n`` = updates so far), so short
+    runs are not dominated by the initial weights. Buffers are copied. The shadow module's ``state_dict()`` is
+    what gets saved.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
@@ -277,19 +352,31 @@ class EMA:
         self.step = 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._pairs: tuple[int, list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]] | None
+        self._pairs = None
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.step) / (10 + self.step))
 
+    def _lists(self, model: torch.nn.Module):
+        # the (source, shadow) tensor lists are built once per model: rebuilding name dicts every step costs
+        # host time on networks with hundreds of parameters
+        if self._pairs is None or self._pairs[0] != id(model):
+            params = dict(model.named_parameters())
+            shadow = dict(self.module.named_parameters())
+            src = [params[n] for n in self._names]
+            dst = [shadow[n] for n in self._names]
+            buffers = [(b_dst, b_src) for (_, b_dst), (_, b_src) in zip(self.module.named_buffers(),
+                                                                         model.named_buffers())]
+            self._pairs = (id(model), src, dst, buffers)
+        return self._pairs[1:]
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        shadow = dict(self.module.named_parameters())
-        src = [params[n].detach() for n in self._names]
-        dst = [shadow[n] for n in self._names]
+        src, dst, buffers = self._lists(model)
         if dst:
-            torch._foreach_lerp_(dst, src, 1.0 - self.current_decay())
-        for (_, b_dst), (_, b_src) in zip(self.module.named_buffers(), model.named_buffers()):
+            torch._foreach_lerp_(dst, src, 1.0 - self.current_decay())  # under no_grad: no detach needed
+        for b_dst, b_src in buffers:
             b_dst.copy_(b_src)
         self.step += 1
 
@@ -317,13 +404,29 @@ def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any
     return None
 
 
-def _comparable(config: dict) -> dict:
+def _with_train_defaults(config: dict) -> dict:
+    """``config`` with the train keys a checkpoint of an older version lacks filled in with their defaults (a
+    key added since then, e.g. ``gradient_accumulation_steps``, had its default's behaviour)."""
     cfg = copy.deepcopy(config)
     train = cfg.get("train")
     if isinstance(train, dict):
-        for key in RESUME_MUTABLE_TRAIN_KEYS:
+        defaults = _normalise(dataclasses.asdict(TrainConfig()))
+        cfg["train"] = {**defaults, **train}
+    return cfg
+
+
+def _comparable(config: dict) -> dict:
+    cfg = _with_train_defaults(config)
+    train = cfg.get("train")
+    if isinstance(train, dict):
+        for key in RESUME_MUTABLE_TRAIN_KEYS + RESUME_NOTICE_TRAIN_KEYS:
             train.pop(key, None)
     return cfg
+
+
+def _notice(message: str) -> None:
+    """A one-line notice on stderr (not an error: the run goes on)."""
+    print(f"rayflow: note: {message}", file=sys.stderr, flush=True)
 
 
 def _step_of(name: str) -> int | None:
@@ -339,31 +442,140 @@ def _fmt(v: Any) -> str:
     return v if isinstance(v, str) and v == "<absent>" else json.dumps(v)
 
 
-def _make_accelerator(mixed_precision: str) -> Any:
+def _launched_world_size() -> int:
+    """The number of processes the launcher (torchrun, accelerate launch, mpirun) says it started."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        value = os.environ.get(key, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise RayflowError(f"the launcher set {key}={value!r}, which is not a process count") from None
+    return 1
+
+
+def distributed_state() -> Any:
+    """accelerate's process-wide ``PartialState``, initialised (gloo on a machine without CUDA, so that
+    ``torchrun --nproc_per_node N`` works on CPUs too, where accelerate alone sees no distributed set-up)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse a launch whose processes disagree about the world: the launcher started ``WORLD_SIZE`` of them but
+    accelerate joined ``num_processes`` (each would train alone and all would write the same checkpoints)."""
+    launched = _launched_world_size()
+    require(launched == num_processes,
+            f"the launcher started {launched} processes but accelerate sees {num_processes} "
+            f"(each rank would train alone and write the same files); launch with "
+            f"`accelerate launch --num_processes {launched} ...` or torchrun --nproc_per_node {launched}")
+
+
+def launch_accelerator(mixed_precision: str | None = None) -> Any | None:
+    """An ``Accelerator`` when this process is one of several (the world size taken from accelerate, checked
+    against the launcher's), ``None`` for a single process (the :class:`Trainer` then makes its own).
+    ``mixed_precision=None`` takes the launcher's (``accelerate launch --mixed_precision``)."""
+    state = distributed_state()
+    check_launch(state.num_processes)
+    if state.num_processes <= 1:
+        return None
+    return _make_accelerator(mixed_precision)
+
+
+def _make_accelerator(mixed_precision: str | None) -> Any:
     """``Accelerator(mixed_precision=...)``. accelerate keeps one process-wide state and refuses a second
     Accelerator with another precision (a teacher trained in fp32, then a student in bf16, in one process);
     the finished run's precision state is then reset. The distributed state (PartialState) is kept."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    distributed_state()
+    cpu = not torch.cuda.is_available()
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError as exc:
         if "already been initialized" not in str(exc):
             raise
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+# ---------------------------------------------------------------------- trackers
+def _jsonl_tracker(path: Path) -> Any:
+    """An accelerate tracker that appends each ``accelerator.log`` record to ``path`` as one JSON line (the
+    record as given: ``{"step", "loss", "loss_mean", "logs": {...}, "lr", "time", ...}``)."""
+    from accelerate.tracking import GeneralTracker
+
+    class JSONLTracker(GeneralTracker):
+        name = "rayflow-jsonl"
+        requires_logging_directory = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.path = path
+
+        @property
+        def tracker(self) -> Path:
+            return self.path
+
+        def store_init_configuration(self, values: dict) -> None:  # the config lives in state.json
+            pass
+
+        def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(values) + "\n")
+
+    return JSONLTracker()
+
+
+def _tensorboard_tracker(logging_dir: Path) -> Any | None:
+    """accelerate's TensorBoard tracker with the nested ``logs`` flattened to scalars; None when tensorboard is
+    not installed."""
+    try:
+        import tensorboard  # noqa: F401
+        from accelerate.tracking import TensorBoardTracker
+    except ImportError:
+        return None
+
+    class FlatTensorBoard(TensorBoardTracker):
+        def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+            flat = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+            flat.update({f"logs/{k}": v for k, v in (values.get("logs") or {}).items() if isinstance(v, (int, float))})
+            for key, value in flat.items():
+                self.writer.add_scalar(key, value, global_step=step)
+            self.writer.flush()
+
+    tracker = FlatTensorBoard("run", logging_dir)
+    tracker.start()
+    return tracker
 
 
 # ---------------------------------------------------------------------- the trainer
+class TrainingStopped(RayflowError):
+    """The run diverged (a non-finite loss, gradient or weight, or a loss blow-up) and was stopped; nothing was
+    written for the bad interval, so the newest checkpoint is a good one."""
+
+
+def _to_float(value: Any) -> float:
+    return float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
+
+
 class Trainer:
     """Train ``model`` on ``objective`` with accelerate; see the module docstring for files and guarantees.
 
     ``run_config`` (JSON-serialisable) describes the run: it is stored in checkpoints and in the final
-    ``config.json`` and must match on resume. When it has no ``"model"`` entry and the model carries a
-    :class:`~rayflow.models.ModelConfig` as ``model.config``, that is added so the output loads with
-    :func:`rayflow.checkpoint.load_model_dir`.
+    ``config.json`` and must match on resume (the lr, warm-up and clipping may change, with a notice). When it
+    has no ``"model"`` entry and the model carries a :class:`~rayflow.models.ModelConfig` as ``model.config``,
+    that is added so the output loads with :func:`rayflow.checkpoint.load_model_dir`.
+
+    ``Trainer.callbacks`` (class-wide, for tools that cannot reach where a method builds its trainer, such as
+    benchmarks and profilers): callables ``callback(trainer, event, step)`` with ``event`` one of ``"start"``
+    (``step`` = the first step to run), ``"step"`` (after each optimizer step; ``step`` = steps done) and
+    ``"end"``.
     """
+
+    callbacks: ClassVar[list[Callable[[Trainer, str, int], None]]] = []
 
     def __init__(
         self,
@@ -374,17 +586,16 @@ class Trainer:
         run_config: dict,
         accelerator: Any | None = None,
     ) -> None:
-        from accelerate import PartialState
-
         config.validate()
         self.config = config
         self.objective = objective
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / CHECKPOINTS
         if accelerator is None:
-            accelerator = _make_accelerator(resolve_mixed_precision(config, PartialState().device))
+            accelerator = _make_accelerator(resolve_mixed_precision(config, distributed_state().device))
         self.accelerator = accelerator
         self.device = accelerator.device
+        check_launch(accelerator.num_processes)
 
         run_config = dict(run_config)
         model_cfg = getattr(model, "config", None)
@@ -395,23 +606,56 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise RayflowError(f"run_config must be JSON-serialisable: {exc}") from exc
         self.full_config = {**self.run_config, "train": _normalise(config.to_dict())}
+        self._check_ranks_agree()
 
+        model.to(self.device)
+        self.channels_last = resolve_channels_last(config.channels_last, model, self.device)
+        if self.channels_last:
+            to_channels_last(model)
         self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
-        if self.ema is not None:
-            self.ema.module.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         require(len(params) > 0, "the model has no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
-        warmup = config.warmup_steps
+        # fused AdamW: one kernel for all parameters instead of a dozen per tensor; CUDA only (on a CPU the
+        # default single-tensor loop is kept, which also keeps CPU runs bit-identical to earlier versions)
+        fused = all(p.device.type == "cuda" for p in params)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                                      **({"fused": True} if fused else {}))
         # not prepared: accelerate's scheduler wrapper steps num_processes times per step
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-        )
+        self.lr_scheduler = self._make_lr_scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self._prepared = self.model  # the DDP module (before compile), for no_sync
+        self._params = params
         self.compiled = resolve_compile(config, self.device)
         if self.compiled:
             self.model = torch.compile(self.model)
         self.mixed_precision = str(accelerator.mixed_precision)
+        self.loss_history: list[float] = []  # interval mean losses, for the divergence check
+        self.stats: dict[str, float] = {}  # filled by train(): steps, samples, seconds of the last run
+
+    def _make_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """diffusers' ``get_scheduler``: linear warm-up from 0 over ``warmup_steps``, then constant, linear or
+        cosine (to 0 at ``max_steps``)."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        name = cfg.lr_schedule
+        if name == "constant" and cfg.warmup_steps > 0:
+            name = "constant_with_warmup"
+        return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=max(cfg.max_steps, cfg.warmup_steps + 1))
+
+    def _check_ranks_agree(self) -> None:
+        """Every process must run the same configuration (one rank launched with other options would silently
+        train on other targets and write the same checkpoints)."""
+        acc = self.accelerator
+        if acc.num_processes <= 1:
+            return
+        digest = hashlib.blake2b(json.dumps(self.full_config, sort_keys=True).encode(), digest_size=7).digest()
+        mine = torch.tensor([int.from_bytes(digest, "little")], dtype=torch.int64, device=self.device)
+        every = acc.gather(mine)
+        require(bool((every == every[0]).all()),
+                f"the {acc.num_processes} processes of this launch were given different configurations; "
+                "launch every rank with the same command")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -421,8 +665,13 @@ class Trainer:
 
     def _final_model(self) -> Denoiser:
         if self.ema is not None:
-            return self.ema.module.eval()
-        return self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False, keep_torch_compile=False).eval()
+            model = self.ema.module.eval()
+        else:
+            model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False,
+                                                  keep_torch_compile=False).eval()
+        if self.channels_last:  # hand back the ordinary layout: callers may .view() its outputs' inputs
+            model.to(memory_format=torch.contiguous_format)
+        return model
 
     # ------------------------------------------------------------------ checkpoints
     def _list_checkpoints(self) -> list[tuple[int, Path]]:
@@ -470,8 +719,8 @@ class Trainer:
                     raise RayflowError(f"the objective's state_dict cannot be saved: {exc}") from exc
             from rayflow import __version__
 
-            write_json_atomic({"step": steps_done, "config": self.full_config, "rayflow_version": __version__},
-                              tmp / "state.json")
+            write_json_atomic({"step": steps_done, "config": self.full_config, "rayflow_version": __version__,
+                               "loss_history": self.loss_history[-_HISTORY:]}, tmp / "state.json")
             fsync_dir(tmp)
             old = None
             if final.exists():  # only after a manual edit of `latest`: keep it until the new one is in place
@@ -510,6 +759,11 @@ class Trainer:
                 f"{path}: checkpoint is from another configuration: {key} was {_fmt(was)}, now {_fmt(now)} "
                 f"(use another output directory, or delete {self.ckpt_dir} to start over)"
             )
+        saved_train = _with_train_defaults(saved).get("train", {})
+        changed = [f"{k} {_fmt(saved_train.get(k))} -> {_fmt(self.full_config['train'][k])}"
+                   for k in RESUME_NOTICE_TRAIN_KEYS if saved_train.get(k) != self.full_config["train"][k]]
+        if changed and self.accelerator.is_main_process:
+            _notice(f"resuming {path.name} with {', '.join(changed)}")
         load_weights_strict(self.raw_model, path / "model.safetensors")
         if self.ema is not None:
             ema_file = path / "ema.safetensors"
@@ -526,11 +780,35 @@ class Trainer:
             self.lr_scheduler.load_state_dict(opt["lr_scheduler"])
         except (KeyError, ValueError, TypeError) as exc:
             raise RayflowError(f"{path / 'optimizer.json'}: cannot restore the optimizer: {exc}") from exc
+        self._apply_lr_config()
+        self._match_state_layout()
+        history = state.get("loss_history")
+        self.loss_history = [float(v) for v in history] if isinstance(history, list) else []
         if hasattr(self.objective, "load_state_dict"):
             obj_t = path / "objective.safetensors"
             if obj_t.is_file():
                 self.objective.load_state_dict(load_state(obj_t, path / "objective.json"))
         return step
+
+    def _apply_lr_config(self) -> None:
+        """After loading an optimizer: the lr, warm-up and schedule are this run's (they may have changed on
+        resume), at the restored step count. The saved state carries the old base lr; the schedule's lambda is
+        never saved (it is code), so it is already this run's."""
+        sched = self.lr_scheduler
+        sched.base_lrs = [self.config.lr for _ in sched.base_lrs]
+        for group, lr_lambda in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * lr_lambda(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _match_state_layout(self) -> None:
+        """Loaded optimizer moments are contiguous; give them their parameter's layout (channels-last weights),
+        which the fused AdamW kernel expects."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                        self.optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     # ------------------------------------------------------------------ logging
     def _trim_log(self, step: int) -> None:
@@ -547,9 +825,6 @@ class Trainer:
                 continue
         write_text_atomic("".join(x + "\n" for x in kept), log)
 
-    def _log(self, record: dict) -> None:
-        with open(self.out_dir / TRAIN_LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
 
     def _write_final(self, steps_done: int) -> Denoiser:
         model = self._final_model()
@@ -560,14 +835,85 @@ class Trainer:
         return model
 
     # ------------------------------------------------------------------ the loop
+    def _start_trackers(self) -> list[Any]:
+        """The JSONL tracker (train_log.jsonl) and, when installed, TensorBoard, added to the accelerator's own
+        trackers for this run, so ``accelerator.log`` reaches them and any the caller configured."""
+        if not (self.accelerator.is_main_process and self.config.log_every):
+            return []
+        mine = [_jsonl_tracker(self.out_dir / TRAIN_LOG)]
+        tb = _tensorboard_tracker(self.out_dir / TENSORBOARD_DIR)
+        if tb is not None:
+            mine.append(tb)
+        self.accelerator.trackers.extend(mine)
+        return mine
+
+    def _stop_trackers(self, mine: list[Any]) -> None:
+        for tracker in mine:
+            if tracker in self.accelerator.trackers:
+                self.accelerator.trackers.remove(tracker)
+            try:
+                tracker.finish()
+            except Exception:  # noqa: BLE001 - closing a log writer must not hide the run's own outcome
+                pass
+
+    def _micro_step(self, step: int, micro: int, n: int) -> tuple[torch.Tensor, dict[str, Any], torch.Generator]:
+        """One forward/backward of micro-batch ``micro`` of ``n``; returns the loss (detached, on the device), the
+        objective's logs and the generator it drew from."""
+        acc, cfg = self.accelerator, self.config
+        seed = micro_seed(cfg.seed, step, acc.process_index, micro)
+        torch.manual_seed(seed)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        # gradients are all-reduced once per step, on the last micro-batch
+        sync = micro == n - 1 or acc.num_processes == 1
+        with nullcontext() if sync else acc.no_sync(self._prepared):
+            with acc.autocast():
+                out = self.objective(self.model, step, generator)
+            acc.backward(out.loss / n if n > 1 else out.loss)
+        return out.loss.detach().float().reshape(()), out.logs, generator
+
+    def _check(self, sums: torch.Tensor, steps: int, first: int, last: int) -> float:
+        """Read the device-side accumulators (the one host synchronisation of an interval) and stop a diverged
+        run. ``sums = [loss sum, first step with a non-finite loss, first with a non-finite gradient norm]`` on
+        this process; returns the interval's mean loss over all processes."""
+        acc, cfg = self.accelerator, self.config
+        weights_ok = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(self._params)]).all()
+        local = torch.cat([sums.double(), weights_ok.double().reshape(1)]).reshape(1, -1)
+        every = (acc.gather(local) if acc.num_processes > 1 else local).cpu()
+        mean = float(every[:, 0].sum()) / (steps * every.shape[0])
+        bad_loss, bad_grad = int(every[:, 1].min()), int(every[:, 2].min())
+        where = self._checkpoint_note  # listed only when the run is stopped
+        if bad_loss <= last:
+            raise TrainingStopped(f"step {bad_loss}: the loss is {'nan' if math.isnan(mean) else 'inf'} "
+                                  f"(diverged); {where()}")
+        if bad_grad <= last:
+            raise TrainingStopped(f"step {bad_grad}: the gradient norm is not finite (diverged); {where()}")
+        if not bool(every[:, 3].all()):
+            raise TrainingStopped(f"steps {first}-{last}: the weights are no longer finite (diverged); {where()}")
+        if cfg.divergence_factor and self.loss_history:
+            median = statistics.median(self.loss_history)
+            if mean > cfg.divergence_factor * median:
+                raise TrainingStopped(
+                    f"steps {first}-{last}: the mean loss {mean:.4g} is over {cfg.divergence_factor:g}x the run's "
+                    f"median so far ({median:.4g}): diverged; {where()}")
+        self.loss_history.append(mean)
+        return mean
+
+    def _checkpoint_note(self) -> str:
+        found = self._list_checkpoints()
+        remedy = "a lower lr, more warmup_steps or grad_clip > 0 (these may change on resume)"
+        if not found:
+            return f"no checkpoint was written yet: start again with {remedy}"
+        return f"the newest checkpoint, {found[-1][1].name}, is intact: resume from it with {remedy}"
+
     def train(self) -> Denoiser:
         """Train to ``config.max_steps``, resuming from ``out_dir/checkpoints`` if present; returns the EMA model
         (or the raw model if EMA is off), unwrapped, in eval mode.
 
         At the end writes ``out_dir/model.safetensors`` + ``out_dir/config.json`` via
         :func:`~rayflow.checkpoint.save_model_dir` (weights = EMA), with ``run_config`` as the config plus
-        ``"train"`` and ``"steps_done"``. A non-finite loss raises :class:`RayflowError` naming the step before
-        anything is written for it.
+        ``"train"`` and ``"steps_done"``. A diverged run (see the module docstring) raises
+        :class:`TrainingStopped`, naming the step, before anything is written for the interval.
         """
         from tqdm.auto import tqdm
 
@@ -589,59 +935,76 @@ class Trainer:
             return self._write_final(start)
 
         self.model.train()
-        rank = acc.process_index
+        n = cfg.gradient_accumulation_steps
+        per_step = cfg.batch_size * n * acc.num_processes
+        big = float(cfg.max_steps + 1)
+        # device-side accumulators: [loss sum, first non-finite loss step, first non-finite grad-norm step]
+        sums = torch.tensor([0.0, big, big], device=self.device)
+        clip = cfg.grad_clip > 0
+        check_grad = clip and self.mixed_precision != "fp16"  # fp16 skips inf steps on purpose
+        trackers = self._start_trackers()
         bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_main_process))
+        for callback in list(Trainer.callbacks):
+            callback(self, "start", start)
         t0 = time.time()
-        last_saved = start
+        t_interval, interval_first = t0, start
         try:
             for step in range(start, cfg.max_steps):
-                seed = step_seed(cfg.seed, step, rank)
-                torch.manual_seed(seed)
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(seed)
-                with acc.autocast():
-                    out = self.objective(self.model, step, generator)
-                loss_mean = acc.reduce(out.loss.detach().float().reshape(()), reduction="mean")
-                loss_value = float(loss_mean)
-                if not math.isfinite(loss_value):
-                    raise RayflowError(
-                        f"step {step}: the loss is {loss_value} (diverged); try a lower lr, more warmup_steps "
-                        f"or grad_clip > 0. Checkpoints up to step {last_saved} are intact."
-                    )
-                acc.backward(out.loss)
-                grad_norm = None
-                if cfg.grad_clip > 0:
-                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-                    if not math.isfinite(grad_norm) and self.mixed_precision != "fp16":
-                        raise RayflowError(
-                            f"step {step}: the gradient norm is {grad_norm}; try a lower lr or more warmup_steps. "
-                            f"Checkpoints up to step {last_saved} are intact."
-                        )
+                loss = None
+                for micro in range(n):
+                    micro_loss, logs, generator = self._micro_step(step, micro, n)
+                    loss = micro_loss if loss is None else loss + micro_loss
+                if n > 1:
+                    loss = loss / n
+                grad_norm = acc.clip_grad_norm_(self._params, cfg.grad_clip) if clip else None
                 self.optimizer.step()
                 if not acc.optimizer_step_was_skipped:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.raw_model)
-                logs = {k: float(v) for k, v in out.logs.items()}
                 if hasattr(self.objective, "after_step"):
-                    logs.update({k: float(v) for k, v in (self.objective.after_step(self.model, step, generator)
-                                                          or {}).items()})
+                    logs = {**logs, **(self.objective.after_step(self.model, step, generator) or {})}
+                # no host synchronisation: the checks below read these once per interval
+                sums[0] += loss
+                sums[1] = torch.minimum(sums[1], torch.where(torch.isfinite(loss), big, float(step)))
+                if check_grad and torch.is_tensor(grad_norm):
+                    sums[2] = torch.minimum(sums[2], torch.where(torch.isfinite(grad_norm), big, float(step)))
                 steps_done = step + 1
                 bar.update(1)
-                bar.set_postfix({"loss": f"{loss_value:.4g}", **{k: f"{v:.4g}" for k, v in logs.items()}},
-                                refresh=False)
-                if acc.is_main_process and cfg.log_every and (steps_done % cfg.log_every == 0
-                                                               or steps_done == cfg.max_steps):
-                    record = {"step": steps_done, "loss": loss_value, "logs": logs,
-                              "lr": float(self.lr_scheduler.get_last_lr()[0]), "time": round(time.time() - t0, 3)}
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
-                    self._log(record)
-                if steps_done == cfg.max_steps or (cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0):
+                for callback in list(Trainer.callbacks):
+                    callback(self, "step", steps_done)
+                log_now = bool(cfg.log_every) and (steps_done % cfg.log_every == 0 or steps_done == cfg.max_steps)
+                save_now = steps_done == cfg.max_steps or bool(
+                    cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0)
+                if log_now or save_now or steps_done % cfg.check_every == 0:
+                    mean = self._check(sums, steps_done - interval_first, interval_first, step)
+                    now = time.time()
+                    if log_now:
+                        values = {k: _to_float(v) for k, v in logs.items()}
+                        record = {"step": steps_done, "loss": _to_float(loss), "loss_mean": mean, "logs": values,
+                                  "lr": float(self.lr_scheduler.get_last_lr()[0]), "time": round(now - t0, 3),
+                                  "samples_per_s": round(per_step * (steps_done - interval_first)
+                                                         / max(now - t_interval, 1e-9), 1)}
+                        if grad_norm is not None:
+                            record["grad_norm"] = _to_float(grad_norm)
+                        if acc.is_main_process:
+                            acc.log(record, step=steps_done)
+                        bar.set_postfix({"loss": f"{record['loss']:.4g}",
+                                         **{k: f"{v:.4g}" for k, v in values.items()}}, refresh=False)
+                    sums = torch.tensor([0.0, big, big], device=self.device)
+                    t_interval, interval_first = now, steps_done
+                if save_now:
                     self._save_checkpoint(steps_done)
-                    last_saved = steps_done
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.time() - t0
+            self.stats = {"steps": cfg.max_steps - start, "samples": (cfg.max_steps - start) * per_step,
+                          "seconds": seconds}
+            for callback in list(Trainer.callbacks):
+                callback(self, "end", cfg.max_steps)
         finally:
             bar.close()
+            self._stop_trackers(trackers)
         return self._write_final(cfg.max_steps)

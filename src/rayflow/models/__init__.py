@@ -17,9 +17,10 @@ from rayflow.models.networks import (
     build_model,
     default_model_config,
 )
+from rayflow.models.speed import FrozenTeacher, prepare_frozen_teacher, to_channels_last
 
 __all__ = [
-    "ClassifierFreeGuidance", "Condition", "Denoiser", "DiffusersDenoiser", "EpsilonView", "MLPDenoiser",
-    "ModelConfig", "UNetDenoiser", "as_epsilon", "broadcast_timesteps", "build_model", "default_model_config",
-    "with_guidance",
+    "ClassifierFreeGuidance", "Condition", "Denoiser", "DiffusersDenoiser", "EpsilonView", "FrozenTeacher",
+    "MLPDenoiser", "ModelConfig", "UNetDenoiser", "as_epsilon", "broadcast_timesteps", "build_model",
+    "default_model_config", "prepare_frozen_teacher", "to_channels_last", "with_guidance",
 ]

@@ -1,0 +1,523 @@
+"""Training speed on one GPU (issue #13): rayflow's Trainer against a bare PyTorch loop, and the teacher side.
+
+For the Fashion-MNIST benchmark's network (the committed teacher, a 4.2 M-parameter class-conditional UNet on
+32x32x1, batch 256, bf16), in one command:
+
+* **teacher training** and **each method's student training**: samples/s through rayflow's Trainer (measured
+  on the steps after a warm-up, which includes compilation) and through a bare PyTorch loop of the same
+  network, loss (the method's own objective, called directly), optimizer (fused AdamW, the same lr and
+  clipping), EMA, batch and compile settings, in the same process; peak GPU memory; the share of the roofline
+  (training FLOPs per sample counted by ``torch.utils.flop_counter`` over the bf16 matmul rate measured here);
+* **the teacher side** of each method (pairs, eps_mu, teacher-ODE x0): teacher evaluations per second while
+  building its pool, against the compiled 1-NFE inference rate of the same teacher (bf16, torch.compile with
+  CUDA graphs, batch 2048) - the rate a pool build could reach;
+* **a torch.profiler summary of one step** (CPU ms, GPU ms, kernel launches, dtype copies per step) of the
+  old-style eager step (autocast over float32 weights, foreach AdamW, a host read of the loss and gradient
+  norm every step, the EMA rebuilt by name) and of the Trainer's step now.
+
+Rows go to ``benchmarks/results/training_speed.json`` as they finish (with the command, hardware and
+versions); a row that fails is recorded with its error and the script goes on.
+
+    python benchmarks/training_speed.py                      # one H200: about 5 minutes
+    python benchmarks/training_speed.py --rows teacher,rayflow --append   # redo some rows, keep the others
+    python benchmarks/training_speed.py --tiny --allow-cpu   # a dry run of every row on a CPU (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from rayflow.checkpoint import read_json, unwrap_denoiser, write_json_atomic  # noqa: E402
+from rayflow.data import load_dataset  # noqa: E402
+from rayflow.distillation import distill, load_teacher, train_teacher  # noqa: E402
+from rayflow.errors import RayflowError, require  # noqa: E402
+from rayflow.methods import get_method  # noqa: E402
+from rayflow.models import ModelConfig, build_model, prepare_frozen_teacher, to_channels_last  # noqa: E402
+from rayflow.models.speed import has_convolutions  # noqa: E402
+from rayflow.schedules import VPSchedule  # noqa: E402
+from rayflow.training import EpsilonObjective, TrainConfig, Trainer  # noqa: E402
+
+TEACHER = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"
+#: the methods timed, with pools small enough for the time budget (the rate does not depend on the pool size)
+METHODS: dict[str, tuple[str, dict[str, str]]] = {
+    "rayflow": ("rayflow", {"cache_size": "8192"}),
+    "rayflow-no-time-sampler": ("rayflow", {"cache_size": "8192", "time_sampler": "uniform"}),
+    "reflow": ("reflow", {"num_pairs": "4096"}),
+    "rectified-diffusion": ("rectified-diffusion", {"num_pairs": "4096"}),
+    "perflow": ("perflow", {"num_pairs": "4096"}),
+    "proreflow-ii": ("proreflow", {"preset": "II", "num_pairs": "4096"}),
+}
+TINY_OPTIONS: dict[str, dict[str, str]] = {
+    "rayflow": {"cache_size": "16", "teacher_steps": "2"},
+    "reflow": {"num_pairs": "16", "distill_num_pairs": "16"},
+    "rectified-diffusion": {"num_pairs": "16"},
+    "perflow": {"num_pairs": "16"},
+    "proreflow": {"num_pairs": "16"},
+}
+ROWS = ("inference", "teacher", *METHODS, "profile")
+
+
+# ---------------------------------------------------------------------- measurement helpers
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def matmul_rate(device: torch.device, tiny: bool) -> float:
+    """FLOP/s of a square bf16 matmul (8192^3 on a GPU): the roofline's denominator."""
+    n = 512 if tiny else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    iters = 3 if tiny else 20
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ a
+    sync(device)
+    return iters * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class StepTimer:
+    """A Trainer callback that times steps ``warmup .. warmup + measure`` of each Trainer run (synchronising
+    the device only at those two steps) and keeps the last trainer it saw, for the bare loop to reuse."""
+
+    def __init__(self, warmup: int, measure: int) -> None:
+        self.warmup, self.measure = warmup, measure
+        self.trainer: Trainer | None = None
+        self.start_step = 0
+        self.t_start: float | None = None
+        self.rate: float | None = None
+        self.train_seconds = 0.0  # all Trainer runs (start -> end), to separate the teacher side
+        self._t_run = 0.0
+        self.hook: Callable[[Trainer, int], None] | None = None  # extra per-step hook (the profiler)
+
+    def __call__(self, trainer: Trainer, event: str, step: int) -> None:
+        if event == "start":
+            self.trainer, self.start_step, self.t_start = trainer, step, None
+            self._t_run = time.perf_counter()
+            return
+        if event == "end":
+            sync(trainer.device)
+            self.train_seconds += time.perf_counter() - self._t_run
+            return
+        done = step - self.start_step
+        if self.hook is not None:
+            self.hook(trainer, done)
+        if done == self.warmup:
+            sync(trainer.device)
+            self.t_start = time.perf_counter()
+        elif done == self.warmup + self.measure and self.t_start is not None:
+            sync(trainer.device)
+            per_step = trainer.config.batch_size * trainer.config.gradient_accumulation_steps
+            self.rate = self.measure * per_step / (time.perf_counter() - self.t_start)
+
+
+def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device: torch.device, warmup: int,
+              measure: int, compile_model: bool, bf16: bool) -> float:
+    """samples/s of the plainest loop doing the Trainer's work: the objective's loss, backward, clipping, fused
+    AdamW, a foreach EMA, the objective's ``after_step``; the same compile setting; one generator; no logging,
+    checks or checkpoints."""
+    model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
+    if device.type == "cuda" and has_convolutions(model):
+        to_channels_last(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    ema = [p.detach().clone() for p in params]
+    net = torch.compile(model) if compile_model else model
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step(k: int) -> None:
+        with autocast(device, bf16):
+            loss = objective(net, k, gen).loss
+        loss.backward()
+        if train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - train.ema_decay)
+        if hasattr(objective, "after_step"):  # e.g. RayFlow's Time Sampler update: part of the method's step
+            objective.after_step(net, k, gen)
+
+    for k in range(warmup):
+        step(k)
+    sync(device)
+    t0 = time.perf_counter()
+    for k in range(warmup, warmup + measure):
+        step(k)
+    sync(device)
+    return measure * train.batch_size / (time.perf_counter() - t0)
+
+
+def train_flops_per_sample(model: torch.nn.Module, objective: Any, device: torch.device, batch: int,
+                           bf16: bool) -> float:
+    """FLOPs of one training step per sample (forward + backward of the objective, teacher calls included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with FlopCounterMode(display=False) as fc:
+        with autocast(device, bf16):
+            loss = objective(model, 0, gen).loss
+        loss.backward()
+    return fc.get_total_flops() / batch
+
+
+# ---------------------------------------------------------------------- the benchmark
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tiny = args.tiny
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bf16 = self.device.type == "cuda"
+        self.compile = self.device.type == "cuda"
+        self.warmup, self.measure = (1, 1) if self.tiny else (args.warmup, args.measure)
+        self.batch = 4 if self.tiny else 256
+        self.out = Path(args.out)
+        self.results = Path(args.results)
+        self.doc: dict[str, Any] = {
+            "command": "python " + " ".join([sys.argv[0] if sys.argv[0] else "benchmarks/training_speed.py",
+                                             *(args.argv or [])]),
+            "hardware": self.hardware(), "versions": self.versions(), "batch": self.batch,
+            "warmup_steps": self.warmup, "measured_steps": self.measure, "rows": [], "profile": [],
+        }
+        if args.append and self.results.is_file():  # a run split over several calls: keep the other rows
+            old = read_json(self.results)
+            self.doc["rows"], self.doc["profile"] = list(old.get("rows", [])), list(old.get("profile", []))
+            self.doc["command"] = "; ".join(x for x in (old.get("command"), self.doc["command"]) if x)
+        self.matmul: float | None = None
+        self.inference_rate: float | None = None
+
+    @staticmethod
+    def hardware() -> dict[str, Any]:
+        hw: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            hw.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        return hw
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        out = {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
+        for name in ("diffusers", "accelerate", "safetensors"):
+            try:
+                out[name] = __import__(name).__version__
+            except ImportError:
+                out[name] = "absent"
+        return out
+
+    def write(self) -> None:
+        write_json_atomic(self.doc, self.results)
+
+    def record(self, what: str, fn: Callable[[], dict[str, Any]], key: str = "rows") -> None:
+        """Run one row; its failure is recorded (with the error) and the benchmark goes on."""
+        t0 = time.time()
+        print(f"== {what}", flush=True)
+        try:
+            row = {"what": what, **fn()}
+        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+            traceback.print_exc()
+            row = {"what": what, "error": f"{type(exc).__name__}: {exc}"}
+        row["wall_s"] = round(time.time() - t0, 1)
+        self.doc[key] = [r for r in self.doc[key] if r.get("what") != what] + [row]
+        self.write()
+        print(f"   {json.dumps(row)}", flush=True)
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        spec = f"fashion-mnist:path={self.args.data},pad=32" + (",limit=256" if self.tiny else "")
+        self.dataset = load_dataset(spec)
+        if self.tiny:  # a tiny teacher of the same kind, trained for two steps here
+            teacher_dir = self.out / "tiny-teacher"
+            if not (teacher_dir / "model.safetensors").exists():
+                train_teacher(self.dataset, teacher_dir, TrainConfig(
+                    max_steps=1, batch_size=4, lr=1e-3, checkpoint_every=0, log_every=0, progress=False),
+                    model=ModelConfig(kind="unet", sample_shape=(1, 32, 32), channels=(4, 8),
+                                      layers_per_block=1))
+            self.teacher_dir = teacher_dir
+        else:
+            self.teacher_dir = Path(self.args.teacher)
+        self.teacher_config = read_json(self.teacher_dir / "config.json")
+        self.matmul = matmul_rate(self.device, self.tiny)
+        self.doc["matmul_flops_per_s"] = self.matmul
+        self.write()
+
+    def train_config(self, steps: int, lr: float) -> TrainConfig:
+        return TrainConfig(max_steps=steps, batch_size=self.batch, lr=lr, ema_decay=0.999, grad_clip=1.0,
+                           checkpoint_every=0, log_every=max(1, steps // 2), progress=False,
+                           mixed_precision="bf16" if self.bf16 else "no", compile="auto")
+
+    def roofline(self, samples_per_s: float | None, flops: float) -> float | None:
+        if samples_per_s is None or not self.matmul:
+            return None
+        return samples_per_s * flops / self.matmul
+
+    # ------------------------------------------------------------------ rows
+    def row_inference(self) -> dict[str, Any]:
+        """1-NFE rate of the frozen teacher: eager bf16 and compiled with CUDA graphs (batch 2048)."""
+        net, _, _ = load_teacher(str(self.teacher_dir), self.dataset)
+        bs = 8 if self.tiny else 2048
+        shape = tuple(self.teacher_config["model"]["sample_shape"])
+        x = torch.randn(bs, *shape, device=self.device)
+        t = torch.full((bs,), 999.0, device=self.device)
+        c = torch.arange(bs, device=self.device) % 10
+        out: dict[str, Any] = {"batch": bs}
+        for label, kw in (("eager", {}), ("compiled_graphs", {"cuda_graphs": True})):
+            teacher = prepare_frozen_teacher(copy.deepcopy(net), self.device,
+                                             dtype=torch.bfloat16 if self.bf16 else None, **kw)
+            with torch.no_grad():
+                for _ in range(3):
+                    teacher(x, t, c)
+                sync(self.device)
+                iters = 2 if self.tiny else 20
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    teacher(x, t, c)
+                sync(self.device)
+            out[f"{label}_images_per_s"] = round(iters * bs / (time.perf_counter() - t0), 1)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            net.to(self.device)(x[:1], t[:1], c[:1])
+        self.inference_rate = out["compiled_graphs_images_per_s"]
+        out.update(samples_per_s=self.inference_rate, bare_samples_per_s=None, flops_per_sample=fc.get_total_flops(),
+                   roofline_share=self.roofline(self.inference_rate, fc.get_total_flops()))
+        return out
+
+    def _train_row(self, trainer_run: Callable[[StepTimer], None], lr: float) -> dict[str, Any]:
+        timer = StepTimer(self.warmup, self.measure)
+        Trainer.callbacks.append(timer)
+        reset_peak(self.device)
+        t0 = time.perf_counter()
+        try:
+            trainer_run(timer)
+        finally:
+            Trainer.callbacks.remove(timer)
+        total = time.perf_counter() - t0
+        peak = peak_memory_gib(self.device)
+        require(timer.trainer is not None, "no Trainer ran")
+        trainer = timer.trainer
+        obj, model = trainer.objective, trainer.raw_model
+        flops = train_flops_per_sample(model, obj, self.device, self.batch, self.bf16)
+        reset_peak(self.device)
+        bare = bare_loop(model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16)
+        rate = timer.rate
+        return {"samples_per_s": None if rate is None else round(rate, 1), "bare_samples_per_s": round(bare, 1),
+                "trainer_over_bare": None if rate is None else round(rate / bare, 3),
+                "roofline_share": self.roofline(rate, flops), "bare_roofline_share": self.roofline(bare, flops),
+                "flops_per_sample": flops, "peak_memory_gib": peak,
+                "bare_peak_memory_gib": peak_memory_gib(self.device),
+                "total_s": round(total, 1), "train_s": round(timer.train_seconds, 1),
+                "_timer": timer}
+
+    def row_teacher(self) -> dict[str, Any]:
+        model_cfg = ModelConfig.from_dict(self.teacher_config["model"])
+        schedule = VPSchedule.from_config(self.teacher_config["schedule"])
+
+        def run(timer: StepTimer) -> None:
+            shutil.rmtree(self.out / "teacher-training", ignore_errors=True)  # a fresh run, not a resume
+            torch.manual_seed(0)
+            objective = EpsilonObjective(self.dataset.x, self.dataset.labels, schedule, self.batch,
+                                         label_dropout=0.1, num_classes=model_cfg.num_classes)
+            Trainer(build_model(model_cfg), objective, self.train_config(self.warmup + self.measure, 3e-4),
+                    self.out / "teacher-training", {"kind": "speed-teacher"}).train()
+
+        row = self._train_row(run, 3e-4)
+        row.pop("_timer")
+        return row
+
+    def row_method(self, name: str) -> dict[str, Any]:
+        method_name, options = METHODS[name]
+        if self.tiny:
+            options = {k: v for k, v in options.items() if k not in ("cache_size", "num_pairs")}
+            options.update(TINY_OPTIONS.get(method_name, {}))
+        method = get_method(method_name).from_options(options)
+        # ProReflow splits the steps over its stages: give its last stage enough to be measured
+        steps = (self.warmup + self.measure) * (3 if method_name == "proreflow" else 1)
+        result: dict[str, Any] = {}
+
+        def run(timer: StepTimer) -> None:
+            shutil.rmtree(self.out / "students" / name, ignore_errors=True)  # a fresh run, not a resume
+            t0 = time.perf_counter()
+            res = distill(method, str(self.teacher_dir), self.dataset, self.out / "students" / name,
+                          self.train_config(steps, 1e-4))
+            result["distill_s"] = time.perf_counter() - t0
+            result["teacher_nfe"] = int(res.teacher_nfe)
+
+        row = self._train_row(run, 1e-4)
+        timer = row.pop("_timer")
+        side = result["distill_s"] - timer.train_seconds  # pool building: pairs, eps_mu, teacher-ODE x0
+        nfe_rate = result["teacher_nfe"] / side if side > 0 else None
+        row.update(teacher_nfe=result["teacher_nfe"], teacher_side_s=round(side, 2),
+                   teacher_side_nfe_per_s=None if nfe_rate is None else round(nfe_rate, 1),
+                   teacher_side_over_inference=None if (nfe_rate is None or not self.inference_rate)
+                   else round(nfe_rate / self.inference_rate, 3))
+        return row
+
+    def row_profile(self) -> None:
+        """torch.profiler over a few steps of the old-style eager step and of the Trainer's step (teacher loss)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        model_cfg = ModelConfig.from_dict(self.teacher_config["model"])
+        schedule = VPSchedule.from_config(self.teacher_config["schedule"])
+        steps = 1 if self.tiny else 10
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+
+        def objective() -> EpsilonObjective:
+            return EpsilonObjective(self.dataset.x, self.dataset.labels, schedule, self.batch, label_dropout=0.1,
+                                    num_classes=model_cfg.num_classes)
+
+        def summarise(prof: Any, label: str) -> dict[str, Any]:
+            events = prof.key_averages()
+            cpu_us = sum(e.self_cpu_time_total for e in events)
+            gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+            launches = sum(e.count for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
+            copies = sum(e.count for e in events if e.key in ("aten::_to_copy",))
+            return {"what": label, "cpu_ms_per_step": round(cpu_us / 1000 / steps, 2),
+                    "gpu_ms_per_step": round(gpu_us / 1000 / steps, 2) if self.device.type == "cuda" else None,
+                    "kernel_launches_per_step": round(launches / steps, 1),
+                    "dtype_copies_per_step": round(copies / steps, 1)}
+
+        def old_style() -> dict[str, Any]:
+            """The step as it was: eager fp32 weights under autocast, foreach AdamW, EMA dicts rebuilt per step,
+            the loss and gradient norm read on the host every step."""
+            torch.manual_seed(0)
+            model = build_model(model_cfg).to(self.device).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+            ema_model = copy.deepcopy(model).requires_grad_(False)
+            obj = objective()
+
+            def step(k: int) -> None:
+                gen = torch.Generator(device=self.device).manual_seed(k)
+                with autocast(self.device, self.bf16):
+                    loss = obj(model, k, gen).loss
+                float(loss.detach())
+                loss.backward()
+                float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    params, shadow = dict(model.named_parameters()), dict(ema_model.named_parameters())
+                    names = list(params)
+                    torch._foreach_lerp_([shadow[n] for n in names], [params[n].detach() for n in names], 0.001)
+
+            for k in range(self.warmup):
+                step(k)
+            sync(self.device)
+            with profile(activities=activities) as prof:
+                for k in range(self.warmup, self.warmup + steps):
+                    step(k)
+                sync(self.device)
+            return summarise(prof, "old-style eager step")
+
+        def new_style() -> dict[str, Any]:
+            state: dict[str, Any] = {}
+
+            def hook(trainer: Trainer, done: int) -> None:
+                if done == self.warmup:
+                    sync(trainer.device)
+                    state["prof"] = profile(activities=activities)
+                    state["prof"].__enter__()
+                elif done == self.warmup + steps and "prof" in state:
+                    sync(trainer.device)
+                    state["prof"].__exit__(None, None, None)
+
+            timer = StepTimer(self.warmup, steps)
+            timer.hook = hook
+            Trainer.callbacks.append(timer)
+            try:
+                shutil.rmtree(self.out / "profile-training", ignore_errors=True)
+                torch.manual_seed(0)
+                Trainer(build_model(model_cfg), objective(), self.train_config(self.warmup + steps + 1, 3e-4),
+                        self.out / "profile-training", {"kind": "speed-profile"}).train()
+            finally:
+                Trainer.callbacks.remove(timer)
+            require("prof" in state, "the profiler did not run")
+            label = "Trainer step (" + ("torch.compile, fused AdamW, channels-last, bf16" if self.compile
+                                        else "eager, CPU") + ")"
+            return summarise(state["prof"], label)
+
+        self.record("old-style eager step", old_style, key="profile")
+        self.record("Trainer step", new_style, key="profile")
+
+    def run(self, rows: list[str]) -> None:
+        self.prepare()
+        if "inference" in rows or any(r in METHODS for r in rows):
+            self.record("teacher inference, 1 NFE", self.row_inference)
+        if "teacher" in rows:
+            self.record("teacher training", self.row_teacher)
+        for name in METHODS:
+            if name in rows:
+                self.record(f"{name} student training", lambda name=name: self.row_method(name))
+        if "profile" in rows:
+            self.row_profile()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fashion-mnist"))
+    p.add_argument("--teacher", default=str(TEACHER))
+    p.add_argument("--out", default="runs/training-speed", help="scratch directory for the runs' files")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "training_speed.json"))
+    p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)} (default all)")
+    p.add_argument("--warmup", type=int, default=30, help="Trainer steps before timing (compilation included)")
+    p.add_argument("--measure", type=int, default=150, help="Trainer steps timed")
+    p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
+    p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of an existing --results file (a run split with --rows over several calls)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rows = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = sorted(set(rows) - set(ROWS))
+        require(not unknown, f"--rows: unknown row(s) {unknown}; expected {', '.join(ROWS)}")
+        require(args.warmup >= 1 and args.measure >= 1, "--warmup and --measure must be >= 1")
+        require(Path(args.data).is_dir(), f"--data {args.data}: no such directory (the Fashion-MNIST IDX files)")
+        require(args.tiny or (Path(args.teacher) / "config.json").is_file(),
+                f"--teacher {args.teacher}: no teacher directory (config.json) there")
+        require(torch.cuda.is_available() or args.allow_cpu,
+                "no GPU found: this benchmark measures one GPU (use --tiny --allow-cpu for a dry run)")
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        Bench(args).run(rows)
+    except RayflowError as exc:
+        print(f"training_speed: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Device-side speed settings for networks: channels-last layout and the frozen-teacher preparation.
+
+Nothing here changes what a network computes beyond rounding: channels-last is a memory layout, and a bf16
+teacher computes in the precision autocast would have used for its matrix products anyway (its norms and
+the sampler's state stay in float32 outside the network). Every setting applies to CUDA only unless asked
+for; on a CPU the network is returned as it was, so CPU runs (and their caches' fingerprints) do not change.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from rayflow.errors import require
+from rayflow.models.base import Condition, Denoiser
+
+CHANNELS_LAST_CHOICES = ("auto", "yes", "no")
+
+
+def _notice(message: str) -> None:
+    print(f"rayflow: note: {message}", file=sys.stderr, flush=True)
+
+
+def has_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` holds 2-d convolutions (the only layers channels-last helps)."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def resolve_channels_last(setting: str, model: nn.Module, device: str | torch.device) -> bool:
+    """``"auto"``: channels-last on CUDA for convolutional networks (cuDNN's bf16 kernels are NHWC, so an NCHW
+    network pays a layout conversion around every convolution); ``"yes"`` / ``"no"`` force it."""
+    require(setting in CHANNELS_LAST_CHOICES,
+            f"channels_last must be one of {', '.join(CHANNELS_LAST_CHOICES)}, got {setting!r}")
+    if setting == "auto":
+        return torch.device(device).type == "cuda" and has_convolutions(model)
+    return setting == "yes"
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Put every 4-d parameter and buffer of ``model`` in channels-last layout, in place (``Module.to`` keeps the
+    parameter objects, so an optimizer built before or after sees the same tensors)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+class FrozenTeacher(Denoiser):
+    """A frozen network stored in ``dtype`` (bf16) that takes and returns float32: inputs are cast on the way
+    in, the prediction back to float32 on the way out, so samplers and losses keep float32 state.
+
+    ``forward`` calls ``fn`` (the network itself, or its ``torch.compile``\\ d version); the network's own
+    attributes (``prediction_type``, ``num_classes``, ``null_condition``) are its.
+    """
+
+    def __init__(self, model: Denoiser, dtype: torch.dtype, fn: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.prediction_type = model.prediction_type
+        self.num_classes = model.num_classes
+        self._fn = fn if fn is not None else model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        if torch.is_tensor(cond) and cond.is_floating_point():
+            cond = cond.to(self.dtype)
+        out = self._fn(x.to(self.dtype), t, cond)
+        return out.float()
+
+    def null_condition(self, batch_size: int, device: torch.device) -> Condition:
+        return self.model.null_condition(batch_size, device)
+
+
+def prepare_frozen_teacher(
+    model: Denoiser,
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+    compile: bool = False,
+    cuda_graphs: bool = False,
+    channels_last: str = "auto",
+) -> Denoiser:
+    """Make ``model`` a frozen teacher on ``device``: eval mode, no gradients, and on CUDA its speed settings.
+
+    * ``dtype`` (e.g. ``torch.bfloat16``): store the weights in it once, instead of autocast re-casting them
+      every call; inputs and outputs stay float32 (:class:`FrozenTeacher`). Ignored on a CPU (with a notice
+      when asked for), where bf16 matrix products are slower than float32.
+    * ``channels_last``: see :func:`resolve_channels_last`.
+    * ``compile`` / ``cuda_graphs``: ``torch.compile`` the forward (``mode="reduce-overhead"`` = CUDA graphs,
+      one per batch shape). CUDA only; on a CPU they are skipped with a one-line notice.
+
+    The network is modified in place (moved, cast); take any copy of its weights (a student's initialisation)
+    before calling this. Returns ``model`` itself when nothing but eval/no-grad/device applies.
+    """
+    device = torch.device(device)
+    model.eval().requires_grad_(False).to(device)
+    cuda = device.type == "cuda"
+    if (compile or cuda_graphs) and not cuda:
+        _notice("the frozen teacher is not compiled on a CPU (torch.compile and CUDA graphs are GPU settings here)")
+        compile = cuda_graphs = False
+    if dtype is not None and dtype != torch.float32 and not cuda:
+        dtype = None  # float32 on CPUs: bf16 matmuls are emulated there and slower
+    if not any(p.is_floating_point() for p in model.parameters()):
+        dtype = None  # no weights to store (an exact, analytic teacher): nothing to gain, precision to lose
+    if resolve_channels_last(channels_last, model, device):
+        to_channels_last(model)
+    if dtype is None and not (compile or cuda_graphs):
+        return model
+    if dtype is not None:
+        model.to(dtype)
+    fn: nn.Module | None = None
+    if compile or cuda_graphs:
+        fn = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+    return FrozenTeacher(model, dtype or torch.float32, fn)
+
+
+__all__ = ["FrozenTeacher", "has_convolutions", "prepare_frozen_teacher", "resolve_channels_last",
+           "to_channels_last"]

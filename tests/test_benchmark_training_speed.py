@@ -1,0 +1,103 @@
+"""benchmarks/training_speed.py: its CPU dry run, its refusals, and that a failing row is recorded, not fatal."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_data import make_mnist_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_training_speed", REPO / "benchmarks" / "training_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    root = tmp_path / "fm"
+    root.mkdir()
+    make_mnist_dir(root, gz=True, n_train=32, n_test=8)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(bench, data_dir, tmp_path, rows: str) -> dict:
+    results = tmp_path / "speed.json"
+    code = bench.main(["--tiny", "--allow-cpu", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                       "--results", str(results), "--rows", rows])
+    assert code == 0
+    return json.loads(results.read_text())
+
+
+def test_a_failing_row_is_recorded_and_the_rest_go_on(bench, data_dir, tmp_path, monkeypatch):
+    def broken(self):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(bench.Bench, "row_inference", broken)
+    doc = _run(bench, data_dir, tmp_path, "inference,teacher")
+    assert doc["rows"][0] == {"what": "teacher inference, 1 NFE", "error": "RuntimeError: simulated out of memory",
+                              "wall_s": doc["rows"][0]["wall_s"]}
+    assert "--tiny" in doc["command"] and doc["versions"]["torch"] == torch.__version__ and doc["hardware"]
+    assert doc["matmul_flops_per_s"] > 0
+    row = doc["rows"][1]
+    assert row["what"] == "teacher training" and "error" not in row, row
+    assert row["samples_per_s"] > 0 and row["bare_samples_per_s"] > 0 and 0 < row["roofline_share"] < 1
+    assert row["flops_per_sample"] > 0
+
+
+def test_append_keeps_the_other_rows(bench, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.Bench, "row_teacher", lambda self: {"samples_per_s": 1.0})
+    monkeypatch.setattr(bench.Bench, "row_inference", lambda self: {"samples_per_s": 2.0})
+    results = tmp_path / "speed.json"
+    common = ["--tiny", "--allow-cpu", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+              "--results", str(results)]
+    assert bench.main([*common, "--rows", "teacher"]) == 0
+    assert bench.main([*common, "--rows", "inference", "--append"]) == 0
+    doc = json.loads(results.read_text())
+    assert [r["what"] for r in doc["rows"]] == ["teacher training", "teacher inference, 1 NFE"]
+    assert bench.main([*common, "--rows", "teacher", "--append"]) == 0  # a row measured again replaces its old one
+    assert [r["what"] for r in json.loads(results.read_text())["rows"]] == ["teacher inference, 1 NFE",
+                                                                             "teacher training"]
+
+
+def test_refusals(bench, data_dir, tmp_path, capsys, monkeypatch):
+    assert bench.main(["--tiny", "--allow-cpu", "--data", str(data_dir), "--rows", "teacher,lunch"]) == 2
+    assert "unknown row(s) ['lunch']" in capsys.readouterr().err
+    assert bench.main(["--tiny", "--allow-cpu", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--data", str(data_dir), "--out", str(tmp_path / "run")]) == 2
+    assert "no GPU found" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_of_every_row(bench, data_dir, tmp_path):
+    doc = _run(bench, data_dir, tmp_path, "all")
+    rows = {r["what"]: r for r in doc["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    for name in bench.METHODS:
+        row = rows[f"{name} student training"]
+        assert row["samples_per_s"] > 0 and row["bare_samples_per_s"] > 0 and row["teacher_nfe"] > 0
+        assert row["teacher_side_nfe_per_s"] > 0
+    assert [p["what"] for p in doc["profile"]] == ["old-style eager step", "Trainer step (eager, CPU)"]
+    assert all(p["cpu_ms_per_step"] > 0 and "error" not in p for p in doc["profile"])

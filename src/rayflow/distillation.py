@@ -194,7 +194,7 @@ def load_generator(model: str | None = None, teacher: str | None = None, data: s
     method_info = config.get("method") or {}
     method_cls = get_method(method_info.get("name", ""))
     try:
-        method = method_cls(method_cls.config_class(**method_info.get("config", {})))
+        method = method_cls(method_cls.config_from_dict(method_info.get("config", {})))
     except TypeError as exc:
         raise RayflowError(f"{model}/config.json: method config does not fit {method_cls.name}: {exc}") from exc
     student = method.wrap_student(network.eval(), schedule)

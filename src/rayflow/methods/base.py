@@ -106,15 +106,23 @@ class Method:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Method:
-        """Build from ``--option key=value`` pairs (strings are converted to the field types)."""
-        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        """Build from ``--option key=value`` pairs (strings are converted to the field types).
+
+        Keys are flat even when the config nests its options in sections (:func:`config_fields`).
+        """
+        fields = config_fields(cls.config_class)
+        default = cls.config_class()
         kwargs: dict[str, Any] = {}
         for key, value in options.items():
             key = key.replace("-", "_")
             require(key in fields, f"--method {cls.name}: unknown option {key!r}; valid: {', '.join(sorted(fields))}")
-            default = getattr(cls.config_class(), key)
-            kwargs[key] = _coerce(value, default, f"--method {cls.name}: option {key}")
-        return cls(cls.config_class(**kwargs))
+            kwargs[key] = _coerce(value, _get_path(default, fields[key]), f"--method {cls.name}: option {key}")
+        return cls(config_from_dict(cls.config_class, kwargs))
+
+    @classmethod
+    def config_from_dict(cls, mapping: dict[str, Any]) -> Any:
+        """The config saved in a student's ``config.json`` (nested by section, or flat as older runs wrote it)."""
+        return config_from_dict(cls.config_class, mapping)
 
     def distill(self, ctx: DistillContext) -> DistillResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -130,6 +138,69 @@ class Method:
     def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
                cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _section_class(f: dataclasses.Field) -> type | None:
+    """The dataclass of a config section (a field whose default factory is a dataclass), else None."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def config_fields(config_class: type) -> dict[str, tuple[str, ...]]:
+    """Flat option name -> attribute path, through nested sections: ``{"sigma": ("ray", "sigma"), ...}``.
+
+    Option names stay flat (``--option sigma=0.1``) whatever the nesting, so they must be unique across sections.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(config_class):
+        sub = _section_class(f)
+        if sub is None:
+            out[f.name] = (f.name,)
+            continue
+        for name, path in config_fields(sub).items():
+            if name in out:
+                raise TypeError(f"{config_class.__name__}: option {name!r} appears in two sections")
+            out[name] = (f.name, *path)
+    return out
+
+
+def _get_path(obj: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def config_from_dict(config_class: type, mapping: dict[str, Any]) -> Any:
+    """Build a (possibly nested) config from flat option names, nested section dicts, or a mix of the two.
+
+    Unknown names raise ``TypeError`` (as the dataclass constructor would).
+    """
+    fields = config_fields(config_class)
+    sections = {f.name: _section_class(f) for f in dataclasses.fields(config_class)}
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if sections.get(key) is not None and isinstance(value, dict):
+            for sub_key, sub_value in value.items():  # a nested section as dataclasses.asdict writes it
+                if sub_key not in fields or fields[sub_key][0] != key:
+                    raise TypeError(f"unexpected option {sub_key!r} in section {key!r}")
+                flat[sub_key] = sub_value
+        elif key in fields:
+            flat[key] = value
+        else:
+            raise TypeError(f"unexpected option {key!r}")
+    return _build(config_class, flat)
+
+
+def _build(config_class: type, flat: dict[str, Any]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(config_class):
+        sub = _section_class(f)
+        if sub is not None:
+            kwargs[f.name] = _build(sub, flat)
+        elif f.name in flat:
+            value = flat[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value  # JSON wrote a tuple as a list
+    return config_class(**kwargs)
 
 
 def _coerce(value: Any, default: Any, what: str) -> Any:

@@ -27,14 +27,6 @@ from rayflow.methods import available_methods, get_method
 from rayflow.training import TrainConfig
 
 SAMPLERS = ("ddim", "dpm++2m", "euler", "heun")
-#: pools sized for the demo's few hundred student steps (each method's defaults are sized for real runs)
-DEMO_OPTIONS: dict[str, dict[str, str]] = {
-    "rayflow": {"cache_size": "4096"},
-    "proreflow": {"num_pairs": "4096"},
-    "perflow": {"num_pairs": "4096"},
-    "reflow": {"num_pairs": "4096"},
-    "rectified-diffusion": {"num_pairs": "4096"},
-}
 NFES = [1, 2, 4, 8]
 
 
@@ -92,7 +84,8 @@ def run_demo(out: str | Path, data: str = "digits", quick: bool = False, methods
     for name in methods:
         t0 = time.time()
         student_dir = out / "students" / name
-        method = get_method(name).from_options(DEMO_OPTIONS.get(name, {}))
+        cls = get_method(name)
+        method = cls.from_options(dict(cls.demo_options))  # each method declares its demo preset
         distill(method, str(out / "teacher"), dataset, student_dir, train, progress=False)
         extra[name] = {"teacher_nfe": read_json(student_dir / "config.json").get("teacher_nfe"),
                        "train_seconds": round(time.time() - t0, 1)}

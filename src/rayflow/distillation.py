@@ -122,6 +122,8 @@ def distill(
         cfg = read_json(cfg_path)
         cfg["teacher_nfe"] = int(result.teacher_nfe)
         write_json_atomic(cfg, cfg_path)
+        # the diffusers scheduler that samples this student, so any diffusers-style loop can drive it
+        method.make_scheduler(schedule, method.raw_network(result.student)).save_config(str(out_dir / "scheduler"))
     return result
 
 

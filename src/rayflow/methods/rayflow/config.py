@@ -45,7 +45,7 @@ class TargetConfig:
     # eps_mu pools: cached in the run's cache directory (resumable), else computed in memory at the start;
     # online=true computes eps_mu (and teacher x0) afresh for every batch instead (no cache directory then)
     online: bool = False
-    cache_size: int = 0  # instances per pool; 0 = max(len(dataset), 16384)
+    pool_size: int = 0  # instances per pool (old name: cache_size); 0 = max(len(dataset), 16384)
     cache_shard_size: int = 4096
     cache_seed: int = 0
 
@@ -134,7 +134,7 @@ def validate_config(config: RayFlowConfig) -> None:
         v = getattr(c, name)
         require(0 <= v <= 1, f"rayflow: {name} must be in [0, 1], got {v}")
     require(0 <= r.label_dropout < 1, f"rayflow: label_dropout must be in [0, 1), got {r.label_dropout}")
-    require(c.cache_size >= 0, f"rayflow: cache_size must be >= 0 (0 = automatic), got {c.cache_size}")
+    require(c.pool_size >= 0, f"rayflow: pool_size must be >= 0 (0 = automatic), got {c.pool_size}")
     require(c.cache_shard_size >= 1, f"rayflow: cache_shard_size must be >= 1, got {c.cache_shard_size}")
     require(ts.weight_clip >= 1, f"rayflow: weight_clip must be >= 1, got {ts.weight_clip}")
     require(r.snr_weight_max >= 1, f"rayflow: snr_weight_max must be >= 1, got {r.snr_weight_max}")

@@ -26,6 +26,7 @@ from rayflow.methods.rayflow.targets import (
 )
 from rayflow.methods.rayflow.time_sampler import make_time_sampler, write_time_sampler_log
 from rayflow.models import Condition, Denoiser, ModelConfig, as_epsilon, build_model
+from rayflow.schedulers import RayFlowScheduler, run_scheduler, schedule_fields
 from rayflow.schedules import VPSchedule
 from rayflow.time_samplers import TimeSampler
 
@@ -41,6 +42,17 @@ class RayFlow(Method):
     eps_mu; the student learns it in a few steps; a learned Time Sampler picks the training timesteps."""
 
     name = "rayflow"
+    display_name = "RayFlow"
+    tiny_options = {"pool_size": "64", "teacher_steps": "2"}
+    benchmark_variants = {
+        "rayflow": {},
+        "rayflow-no-time-sampler": {"time_sampler": "uniform"},
+        "rayflow-no-instance-target": {"instance_target": "false"},
+        # the teacher's epsilon head kept (the exact init, RayFlow's default until the flow head): the head ablation
+        "rayflow-epsilon-head": {"network_prediction": "epsilon"},
+        # start noise scaled to the RMS of the rays' noise ends (eps_mu), measured at distillation: an option
+        "rayflow-matched-start": {"start_noise": "variance-matched"},
+    }
     config_class = RayFlowConfig
     nfes = (1, 2, 4, 8)
 
@@ -62,10 +74,7 @@ class RayFlow(Method):
         as the teacher), at the price of dividing its epsilon error by ``a_t`` near the noise end.
         """
         cfg = dataclasses.replace(ctx.student_config)
-        wanted = self.config.ray.network_prediction
-        if wanted == "auto":
-            wanted = "epsilon" if self.config.ray.parameterization == "epsilon" else "flow"
-        cfg.prediction_type = wanted
+        cfg.prediction_type = self.network_prediction()
         return cfg
 
     def build_network(self, ctx: DistillContext) -> Denoiser:
@@ -175,13 +184,34 @@ class RayFlow(Method):
         require(s.start_std > 0, "rayflow: start_noise=variance-matched needs start_std (measured at distillation)")
         return s.start_std
 
+    def network_prediction(self, network: Denoiser | None = None) -> str:
+        """What the raw network outputs at the VP-matched point (the config's, else ``auto``'s choice)."""
+        if network is not None and not str(network.prediction_type).startswith("ray-"):
+            return str(network.prediction_type)
+        wanted = self.config.ray.network_prediction
+        if wanted == "auto":
+            wanted = "epsilon" if self.config.ray.parameterization == "epsilon" else "flow"
+        return wanted
+
+    def raw_network(self, student: Denoiser) -> Denoiser:
+        return student.network if isinstance(student, RayStudent) else student
+
+    def make_scheduler(self, schedule: VPSchedule, network: Denoiser | None = None) -> RayFlowScheduler:
+        s = self.config.sampling
+        return RayFlowScheduler(**schedule_fields(schedule), prediction_type=self.network_prediction(network),
+                                timestep_spacing=s.spacing, start_std=self.start_scale())
+
     def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
                cond: Condition = None, guidance: float = 1.0, timesteps: torch.Tensor | None = None
                ) -> torch.Tensor:
         require(timesteps is not None or int(steps) >= 1, f"rayflow: steps must be >= 1, got {steps}")
-        student = self.wrap_student(student, schedule)
-        return ray_sample(student, noise, schedule, steps, cond, guidance, timesteps, self.config.sampling.spacing,
-                          self.start_scale())
+        network = self.raw_network(student)
+        if str(network.prediction_type).startswith("ray-"):  # a model that predicts along the ray itself
+            student = self.wrap_student(network, schedule)
+            return ray_sample(student, noise, schedule, steps, cond, guidance, timesteps,
+                              self.config.sampling.spacing, self.start_scale())
+        scheduler = self.make_scheduler(schedule, network)
+        return run_scheduler(network, scheduler, noise, int(steps or 0), cond, guidance, grid=timesteps)
 
 
 __all__ = ["RayFlow", "epsilon_teacher"]

@@ -13,6 +13,9 @@ from rayflow.errors import RayflowError, require
 from rayflow.methods.rayflow.config import PARAMETERIZATIONS, _choice
 from rayflow.models import Condition, Denoiser, with_guidance
 from rayflow.samplers import make_timesteps
+
+# the sampling maths lives with the scheduler (a floor below the methods), re-exported here
+from rayflow.schedulers import check_grid, vp_matched
 from rayflow.schedules import VPSchedule, expand_like, to_x0_eps
 
 
@@ -52,20 +55,6 @@ def ray_target(x0: torch.Tensor, eps_mu: torch.Tensor, parameterization: str) ->
     if parameterization == "velocity":
         return x0 - eps_mu
     raise RayflowError(f"rayflow: unknown parameterization {parameterization!r}")
-
-
-def vp_matched(schedule: VPSchedule, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The VP point with the ray point's SNR: ``(c, a', s', t')`` (float64, ``[B]``) for ray timesteps ``t``.
-
-    ``c = 1/sqrt(a^2 + (1-a)^2)``, ``a' = c a``, ``s' = c (1 - a)`` (so ``a'^2 + s'^2 = 1`` and
-    ``a'/s' = a/(1-a)``), ``t' = alpha_bar^{-1}(a'^2)``. The ray's SNR is higher than VP's at the same ``t``
-    (``(1+a)/(1-a)`` times), so ``t' <= t``; below the schedule's first step (``a'^2 > alpha_bar_0``, only for
-    ``a_t`` within ~1% of 1) ``t'`` is clamped to 0 and the network sees slightly more signal than it expects.
-    """
-    a = schedule.a(torch.as_tensor(t, dtype=torch.float64).cpu())
-    c = 1.0 / torch.sqrt(a * a + (1 - a) ** 2)
-    a2, s2 = c * a, c * (1 - a)
-    return c, a2, s2, schedule.timestep_from_alpha_bar(a2 * a2)
 
 
 class RayParameterization:
@@ -123,16 +112,6 @@ class RayStudent(Denoiser):
 
 
 # ---------------------------------------------------------------------- sampling (Algorithms 2 and 3)
-def check_grid(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """A sampling grid ``[N+1]``: strictly decreasing, from at most ``T-1`` down to ``-1`` (data) or above."""
-    ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
-    require(ts.numel() >= 2, f"rayflow: a timestep grid needs at least 2 entries (1 step), got {ts.numel()}")
-    require(bool(torch.all(ts[1:] < ts[:-1])), f"rayflow: timesteps must decrease strictly, got {ts.tolist()}")
-    require(float(ts[0]) <= num_train_timesteps - 1 and float(ts[-1]) >= -1,
-            f"rayflow: timesteps must lie in [-1, {num_train_timesteps - 1}], got {ts.tolist()}")
-    return ts
-
-
 @torch.no_grad()
 def ray_sample(student: RayStudent, noise: torch.Tensor, schedule: VPSchedule, steps: int | None = None,
                cond: Condition = None, guidance: float = 1.0, timesteps: torch.Tensor | None = None,

@@ -216,7 +216,7 @@ def pool_meta(cfg: TargetConfig, ctx: DistillContext, teacher: Denoiser, source:
 
 
 def pool_size(cfg: TargetConfig, ctx: DistillContext) -> int:
-    return cfg.cache_size or max(len(ctx.dataset), 16384)
+    return cfg.pool_size or max(len(ctx.dataset), 16384)
 
 
 def build_pool(cfg: TargetConfig, ctx: DistillContext, teacher: Denoiser, source: str, root: Path | None,

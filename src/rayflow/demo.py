@@ -45,11 +45,16 @@ class DemoBudget:
         return cls(teacher_steps=150, distill_steps=40, batch_size=64, num_eval=200, feature_steps=60)
 
 
+def demo_methods() -> list[str]:
+    """The methods the demo runs by default: every registered one, each with its own ``demo_options``."""
+    return available_methods()
+
+
 def run_demo(out: str | Path, data: str = "digits", quick: bool = False, methods: list[str] | None = None,
              seed: int = 0, budget: DemoBudget | None = None) -> list[dict]:
     out = Path(out)
     budget = budget or (DemoBudget.quick() if quick else DemoBudget())
-    methods = methods if methods is not None else available_methods()
+    methods = methods if methods is not None else demo_methods()
     for name in methods:
         get_method(name)  # fail fast on a typo, before any training
     t_start = time.time()

@@ -246,6 +246,6 @@ def test_format_comparison_reads_at_a_glance():
     # sorted by NFE 4 (best first), a method without NFE 4 last; the best of each column in bold
     assert [line.split(" | ")[0][2:] for line in lines[5:]] == ["2-Rectified Flow", "rayflow", "heun", "broken"]
     assert lines[5] == "| 2-Rectified Flow | 4 | **3** |" and lines[8] == "| broken | **2** | – |"
-    higher = format_comparison([{"method": "a", "nfe": 1, "accuracy": 0.5}, {"method": "b", "nfe": 1, "accuracy": 0.9}],
-                               "accuracy", sort_nfe=1).splitlines()
+    acc = [{"method": "a", "nfe": 1, "accuracy": 0.5}, {"method": "b", "nfe": 1, "accuracy": 0.9}]
+    higher = format_comparison(acc, "accuracy", sort_nfe=1).splitlines()
     assert "higher is better" in higher[0] and higher[4] == "| b | **0.9** |"

@@ -50,6 +50,34 @@ class DistillContext:
             net.load_state_dict(copy.deepcopy(self.student_init))
         return net.to(self.device)
 
+    def build_student(self, config: ModelConfig | None = None, init: Denoiser | None = None) -> Denoiser:
+        """The student every method starts from: ``config`` (default: the teacher's architecture) initialised from
+        the run's seed alone, then given ``init``'s weights (an earlier stage) or the teacher's (``student_init``).
+
+        Seeding a forked RNG makes two runs of one configuration the same run, and a resumed run match an
+        uninterrupted one, whatever the global RNG holds.
+        """
+        from rayflow.checkpoint import unwrap_denoiser
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.train.seed))
+            net = build_model(config or self.student_config)
+        if init is not None:
+            net.load_state_dict(unwrap_denoiser(init).state_dict())
+        elif self.student_init is not None:
+            net.load_state_dict({k: v.clone() for k, v in self.student_init.items()})
+        return net.to(self.device)
+
+    def train_stage(self, method: Method, network: Denoiser, objective: Any, steps: int, out_dir: Path,
+                    **run_extra: Any) -> Denoiser:
+        """Train ``network`` on ``objective`` for ``steps`` updates into ``out_dir`` with the shared trainer;
+        ``run_extra`` is added to (and may override keys of) the run's ``config.json``."""
+        from rayflow.training import Trainer
+
+        train = dataclasses.replace(self.train, max_steps=int(steps))
+        run_config = {**self.run_config(method), **run_extra}
+        return Trainer(network, objective, train, out_dir, run_config, accelerator=self.accelerator).train()
+
     def run_config(self, method: Method, **extra: Any) -> dict[str, Any]:
         """The ``config.json`` of a student directory: enough to rebuild and sample it."""
         return {

@@ -48,7 +48,7 @@ from rayflow.methods.base import DistillContext, DistillResult, Method
 from rayflow.models.base import Condition, Denoiser
 from rayflow.schedulers import PiecewiseFlowScheduler, schedule_fields
 from rayflow.schedules import VPSchedule, expand_like, timestep_to_flow_time
-from rayflow.training import LossOutput, Trainer, unwrap_denoiser
+from rayflow.training import LossOutput
 from rayflow.windows import (  # re-exported: PeRFlow's names before the window maths moved to rayflow.windows
     WindowPoint,
     epsilon_target,
@@ -175,15 +175,7 @@ def train_windows(ctx: DistillContext, method: Method, objective: Any, steps: in
                   run_extra: dict[str, Any] | None = None) -> Denoiser:
     """Train a student (fresh from the teacher, or ``init``) on ``objective`` for ``steps`` updates into ``out_dir``;
     ``run_extra`` is added to (and may override keys of) the run config."""
-    with torch.random.fork_rng(devices=[]):  # a fresh network's initialisation depends on the seed alone
-        torch.manual_seed(ctx.train.seed)
-        net = ctx.new_student()
-    if init is not None:
-        net.load_state_dict(unwrap_denoiser(init).state_dict())
-    train = dataclasses.replace(ctx.train, max_steps=int(steps))
-    run_config = {**ctx.run_config(method), **(run_extra or {})}
-    return Trainer(net, objective, train, out_dir, run_config,
-                   accelerator=ctx.accelerator).train()
+    return ctx.train_stage(method, ctx.build_student(init=init), objective, steps, out_dir, **(run_extra or {}))
 
 
 # ---------------------------------------------------------------------- the method

@@ -45,7 +45,7 @@ from rayflow.methods.base import CountingDenoiser, DistillContext, DistillResult
 from rayflow.models.base import Condition, Denoiser
 from rayflow.schedulers import FlowEulerScheduler, flow_timesteps, schedule_fields, velocity_from_vp, vp_point
 from rayflow.schedules import VPSchedule, expand_like
-from rayflow.training import LossOutput, Trainer, unwrap_denoiser
+from rayflow.training import LossOutput
 
 PARAMETERIZATIONS = ("flow", "eps")
 
@@ -186,18 +186,8 @@ class Reflow(Method):
 
     def _train(self, ctx: DistillContext, cfg, objective, steps: int, out_dir, init: Denoiser | None,
                **extra) -> Denoiser:
-        from rayflow.models import build_model
-
-        with torch.random.fork_rng(devices=[]):  # a fresh network's initialisation depends on the seed alone
-            torch.manual_seed(ctx.train.seed)
-            net = build_model(cfg)
-        if init is not None:
-            net.load_state_dict(unwrap_denoiser(init).state_dict())
-        elif ctx.student_init is not None:
-            net.load_state_dict(ctx.student_init)
-        train = dataclasses.replace(ctx.train, max_steps=int(steps))
-        return Trainer(net.to(ctx.device), objective, train, out_dir,
-                       ctx.run_config(self, model=cfg.to_dict(), **extra), accelerator=ctx.accelerator).train()
+        return ctx.train_stage(self, ctx.build_student(cfg, init), objective, steps, out_dir, model=cfg.to_dict(),
+                               **extra)
 
     def distill(self, ctx: DistillContext) -> DistillResult:
         cfg = self._student_config(ctx)

@@ -21,7 +21,7 @@ from rayflow.errors import RayflowError, require
 from rayflow.methods.base import config_from_dict
 from rayflow.samplers import SPACINGS, get_sampler
 from rayflow.schedules import PREDICTION_TYPES
-from rayflow.time_samplers import TIME_SAMPLERS
+from rayflow.timestep_dists import TIMESTEP_DISTRIBUTIONS as TIME_SAMPLERS
 
 PARAMETERIZATIONS = ("epsilon", "velocity")
 X0_SOURCES = ("data", "teacher", "mixed")

@@ -25,10 +25,10 @@ from rayflow.methods.rayflow.targets import (
     teacher_nfe_per_instance,
 )
 from rayflow.methods.rayflow.time_sampler import make_time_sampler, write_time_sampler_log
-from rayflow.models import Condition, Denoiser, ModelConfig, as_epsilon, build_model
+from rayflow.models import Condition, Denoiser, ModelConfig, as_epsilon
 from rayflow.schedulers import RayFlowScheduler, run_scheduler, schedule_fields
 from rayflow.schedules import VPSchedule
-from rayflow.time_samplers import TimeSampler
+from rayflow.timestep_dists import TimestepDistribution as TimeSampler
 
 
 def epsilon_teacher(teacher: Denoiser, schedule: VPSchedule) -> Denoiser:
@@ -78,14 +78,7 @@ class RayFlow(Method):
         return cfg
 
     def build_network(self, ctx: DistillContext) -> Denoiser:
-        # a from-scratch student is initialised from the run's seed, not from whatever the global RNG holds,
-        # so two runs of one configuration are the same run (and a resumed one matches an uninterrupted one)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(getattr(ctx.train, "seed", 0)))
-            net = build_model(self.student_config(ctx))
-        if ctx.student_init is not None:
-            net.load_state_dict({k: v.clone() for k, v in ctx.student_init.items()})
-        return net.to(ctx.device)
+        return ctx.build_student(self.student_config(ctx))
 
     def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
         form = self.config.ray.parameterization
@@ -127,8 +120,6 @@ class RayFlow(Method):
 
     # -------------------------------------------------------------- distillation
     def distill(self, ctx: DistillContext) -> DistillResult:
-        from rayflow.training import Trainer
-
         cfg, schedule = self.config, ctx.schedule
         require(float(schedule.a(schedule.num_train_timesteps - 1)) > 0,
                 "rayflow: the schedule's last a_T is 0; the ray inversion divides by a_T")
@@ -156,8 +147,8 @@ class RayFlow(Method):
         steps = max(1, int(ctx.train.max_steps))
         objective = RayFlowObjective(source, schedule, cfg, sampler, ctx.train.batch_size,
                                      network.num_classes, snapshot_every=max(1, steps // 20))
-        run_config = ctx.run_config(self, model=student_cfg.to_dict(), sampler=self.sampler_info())
-        trained = Trainer(network, objective, ctx.train, ctx.out_dir, run_config, accelerator=ctx.accelerator).train()
+        trained = ctx.train_stage(self, network, objective, ctx.train.max_steps, ctx.out_dir,
+                                  model=student_cfg.to_dict(), sampler=self.sampler_info())
         if ctx.accelerator is None or ctx.accelerator.is_main_process:
             write_time_sampler_log(cfg.time.time_sampler, objective.snapshots, ctx.out_dir,
                                    schedule.num_train_timesteps)

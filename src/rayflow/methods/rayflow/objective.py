@@ -20,7 +20,8 @@ from rayflow.methods.rayflow.config import RayFlowConfig
 from rayflow.methods.rayflow.ray import RayParameterization, ray_point, ray_target, ray_x0_eps
 from rayflow.methods.rayflow.targets import InstanceSource, instance_features
 from rayflow.schedules import VPSchedule, expand_like
-from rayflow.time_samplers import TimeSampler, downsample
+from rayflow.timestep_dists import TimestepDistribution as TimeSampler
+from rayflow.timestep_dists import downsample
 
 
 def snr_weight_table(schedule: VPSchedule, clip: float) -> torch.Tensor:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from rayflow.methods.rayflow.config import TimeSamplerConfig
-from rayflow.time_samplers import TimeSampler, build_time_sampler, plot_time_distribution
+from rayflow.timestep_dists import TimestepDistribution as TimeSampler
+from rayflow.timestep_dists import build_timestep_distribution as build_time_sampler
+from rayflow.timestep_dists import plot_time_distribution
 
 NUM_FEATURES = 4  # instance features of the conditioned Time Sampler (see targets.instance_features)
 

@@ -269,7 +269,7 @@ def test_cache_resumes_after_a_kill_and_refuses_a_mismatch(tmp_path):
     ds = load_dataset(MOG)
     sched = SCHEDULES["linear"]
     exact = ExactTeacher(ds.mixture, sched)
-    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=4, cache_size=100, cache_shard_size=32, x0_source="data"))
+    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=4, pool_size=100, cache_shard_size=32, x0_source="data"))
     root = tmp_path / "cache" / "eps_mu" / "data"
     # one teacher call per shard for data x0: the 3rd call dies while shard 2 is computed
     dying = DyingTeacher(exact, die_at=3)
@@ -291,7 +291,7 @@ def test_cache_resumes_after_a_kill_and_refuses_a_mismatch(tmp_path):
     want = unified_noise_expectation(exact, ds.x[resumed["index"][:5]], eps, ts, sched)
     torch.testing.assert_close(resumed["eps_mu"][:5], want)
     # another K, another teacher or another data set: refused with the differing key named
-    other = RayFlow(RayFlowConfig.from_dict(k_timesteps=8, cache_size=100, cache_shard_size=32, x0_source="data"))
+    other = RayFlow(RayFlowConfig.from_dict(k_timesteps=8, pool_size=100, cache_shard_size=32, x0_source="data"))
     with pytest.raises(RayflowError, match="k_timesteps=4.*k_timesteps=8"):
         other.build_pool(_context(tmp_path, ds, exact, sched), exact, "data", root)
     stranger = ExactTeacher(GaussianMixture.from_options(dim=8, modes=6, std=0.3, seed=3), sched)
@@ -305,7 +305,7 @@ def test_teacher_pool_holds_teacher_samples(tmp_path):
     ds = load_dataset(MOG)
     sched = SCHEDULES["scaled_linear"]
     exact = ExactTeacher(ds.mixture, sched)
-    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=2, cache_size=40, cache_shard_size=16, x0_source="teacher",
+    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=2, pool_size=40, cache_shard_size=16, x0_source="teacher",
                                    teacher_steps=10))
     pool = method.build_pool(_context(tmp_path, ds, exact, sched), exact, "teacher", tmp_path / "tp")
     from rayflow.methods.rayflow import _noise_from_seeds, teacher_x0
@@ -316,7 +316,7 @@ def test_teacher_pool_holds_teacher_samples(tmp_path):
 
 # ---------------------------------------------------------------------- distillation end to end
 def _small_method(**options):
-    opts = {"k_timesteps": "4", "cache_size": "2048", "teacher_steps": "15", **options}
+    opts = {"k_timesteps": "4", "pool_size": "2048", "teacher_steps": "15", **options}
     return RayFlow.from_options(opts)
 
 
@@ -377,7 +377,7 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
     (the learned Time Sampler's state included)."""
     ds = load_dataset(MOG)
     small = ModelConfig(kind="mlp", sample_shape=(8,), hidden=32, depth=1)
-    opts = {"time_sampler": "learned", "time_sampler_warmup": "3", "x0_source": "data", "cache_size": "512"}
+    opts = {"time_sampler": "learned", "time_sampler_warmup": "3", "x0_source": "data", "pool_size": "512"}
     train = _train(max_steps=16, checkpoint_every=5, batch_size=32)
     straight = distill(_small_method(**opts), "exact", ds, tmp_path / "a", train, cache_dir=tmp_path / "cache",
                        student_model=small, progress=False)
@@ -479,7 +479,7 @@ def test_bad_sampling_requests():
 def test_mismatched_cache_through_the_command_line(tmp_path, capsys):
     args = ["distill", "--method", "rayflow", "--teacher", "exact", "--data", MOG, "--out", str(tmp_path / "o"),
             "--max-steps", "2", "--batch-size", "16", "--cache", str(tmp_path / "c"), "--no-progress",
-            "--option", "cache_size=64", "--option", "x0_source=data"]
+            "--option", "pool_size=64", "--option", "x0_source=data"]
     assert cli_main([*args, "--option", "k_timesteps=2"]) == 0
     capsys.readouterr()
     code = cli_main([*args[:8], str(tmp_path / "o2"), *args[9:], "--option", "k_timesteps=3"])

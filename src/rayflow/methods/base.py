@@ -69,13 +69,13 @@ class DistillContext:
         return net.to(self.device)
 
     def train_stage(self, method: Method, network: Denoiser, objective: Any, steps: int, out_dir: Path,
-                    **run_extra: Any) -> Denoiser:
+                    run_extra: dict[str, Any] | None = None) -> Denoiser:
         """Train ``network`` on ``objective`` for ``steps`` updates into ``out_dir`` with the shared trainer;
         ``run_extra`` is added to (and may override keys of) the run's ``config.json``."""
         from rayflow.training import Trainer
 
         train = dataclasses.replace(self.train, max_steps=int(steps))
-        run_config = {**self.run_config(method), **run_extra}
+        run_config = {**self.run_config(method), **(run_extra or {})}
         return Trainer(network, objective, train, out_dir, run_config, accelerator=self.accelerator).train()
 
     def run_config(self, method: Method, **extra: Any) -> dict[str, Any]:

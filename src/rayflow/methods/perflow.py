@@ -175,7 +175,7 @@ def train_windows(ctx: DistillContext, method: Method, objective: Any, steps: in
                   run_extra: dict[str, Any] | None = None) -> Denoiser:
     """Train a student (fresh from the teacher, or ``init``) on ``objective`` for ``steps`` updates into ``out_dir``;
     ``run_extra`` is added to (and may override keys of) the run config."""
-    return ctx.train_stage(method, ctx.build_student(init=init), objective, steps, out_dir, **(run_extra or {}))
+    return ctx.train_stage(method, ctx.build_student(init=init), objective, steps, out_dir, run_extra)
 
 
 # ---------------------------------------------------------------------- the method

@@ -186,8 +186,8 @@ class Reflow(Method):
 
     def _train(self, ctx: DistillContext, cfg, objective, steps: int, out_dir, init: Denoiser | None,
                **extra) -> Denoiser:
-        return ctx.train_stage(self, ctx.build_student(cfg, init), objective, steps, out_dir, model=cfg.to_dict(),
-                               **extra)
+        return ctx.train_stage(self, ctx.build_student(cfg, init), objective, steps, out_dir,
+                               {"model": cfg.to_dict(), **extra})
 
     def distill(self, ctx: DistillContext) -> DistillResult:
         cfg = self._student_config(ctx)

@@ -148,7 +148,7 @@ class RayFlow(Method):
         objective = RayFlowObjective(source, schedule, cfg, sampler, ctx.train.batch_size,
                                      network.num_classes, snapshot_every=max(1, steps // 20))
         trained = ctx.train_stage(self, network, objective, ctx.train.max_steps, ctx.out_dir,
-                                  model=student_cfg.to_dict(), sampler=self.sampler_info())
+                                  {"model": student_cfg.to_dict(), "sampler": self.sampler_info()})
         if ctx.accelerator is None or ctx.accelerator.is_main_process:
             write_time_sampler_log(cfg.time.time_sampler, objective.snapshots, ctx.out_dir,
                                    schedule.num_train_timesteps)

@@ -107,7 +107,7 @@ def short_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny MLP: more threads only contend on a shared CPU
     out = tmp_path_factory.mktemp("perflow")
-    method = get_method("perflow").from_options({"num_pairs": "2048", "solver_steps": "4"})
+    method = get_method("perflow").from_options({"pool_size": "2048", "solver_steps": "4"})
     student = ModelConfig(kind="mlp", sample_shape=(8,), num_classes=6, hidden=64, depth=2)
     train = TrainConfig(max_steps=300, batch_size=256, lr=3e-3, ema_decay=0.99, checkpoint_every=0, progress=False)
     result = distill(method, "exact", MOG, out, train, student_model=student, progress=False)

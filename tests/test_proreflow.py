@@ -133,7 +133,7 @@ def _tiny(steps=6, **extra):
 
 def test_stages_chain_and_record_what_made_their_pairs(tmp_path, one_thread):
     kw, train = _tiny(steps=9)
-    method = ProReflow.from_options({"preset": "II", "num_pairs": "64", "solver_steps": "2"})
+    method = ProReflow.from_options({"preset": "II", "pool_size": "64", "solver_steps": "2"})
     result = distill(method, "exact", MOG, tmp_path, train, **kw)
     s1 = json.loads((tmp_path / "stages" / "stage-1-w8" / "config.json").read_text())
     s2 = json.loads((tmp_path / "stages" / "stage-2-w4" / "config.json").read_text())
@@ -150,15 +150,15 @@ def test_stages_chain_and_record_what_made_their_pairs(tmp_path, one_thread):
         assert gen.method.config.windows[-1] == k
         assert torch.isfinite(gen.generate(torch.randn(5, 8), k)).all()
     # resuming from stage 3 reuses stages 1-2 and still reports stage 1's teacher cost
-    again = ProReflow.from_options({"preset": "II", "num_pairs": "64", "solver_steps": "2", "start_stage": "3"})
+    again = ProReflow.from_options({"preset": "II", "pool_size": "64", "solver_steps": "2", "start_stage": "3"})
     assert distill(again, "exact", MOG, tmp_path, train, **kw).teacher_nfe == 64 * 2
 
 
 def test_without_both_is_perflow(tmp_path, one_thread):
     kw, train = _tiny(steps=5)
-    pro = distill(ProReflow.from_options({"preset": "I", "progressive": "0", "aligned": "0", "num_pairs": "64"}),
+    pro = distill(ProReflow.from_options({"preset": "I", "progressive": "0", "aligned": "0", "pool_size": "64"}),
                   "exact", MOG, tmp_path / "pro", train, **kw)
-    per = distill(get_method("perflow").from_options({"windows": "4", "solver_steps": "8", "num_pairs": "64"}),
+    per = distill(get_method("perflow").from_options({"windows": "4", "solver_steps": "8", "pool_size": "64"}),
                   "exact", MOG, tmp_path / "per", train, **kw)
     assert pro.teacher_nfe == per.teacher_nfe == 64 * 8
     for (name, a), b in zip(pro.student.state_dict().items(), per.student.state_dict().values()):
@@ -181,7 +181,7 @@ def test_missing_previous_stage_is_a_one_line_error(tmp_path, capsys):
 
 def test_stage_cache_from_another_previous_stage_is_refused(tmp_path, one_thread):
     kw, train = _tiny(steps=4)
-    opts = {"preset": "I", "num_pairs": "32", "solver_steps": "1"}
+    opts = {"preset": "I", "pool_size": "32", "solver_steps": "1"}
     distill(ProReflow.from_options(opts), "exact", MOG, tmp_path / "a", train, cache_dir=tmp_path / "c", **kw)
     train.seed = 1  # another stage-1 student, so stage 2's cached pairs no longer match it
     with pytest.raises(RayflowError, match="cache was built with"):
@@ -192,7 +192,7 @@ def test_stage_cache_from_another_previous_stage_is_refused(tmp_path, one_thread
 def test_short_distillation_beats_ddim_at_4_nfe(tmp_path, one_thread):
     student = ModelConfig(kind="mlp", sample_shape=(8,), num_classes=6, hidden=64, depth=2)
     train = TrainConfig(max_steps=600, batch_size=256, lr=3e-3, ema_decay=0.99, checkpoint_every=0, progress=False)
-    method = ProReflow.from_options({"preset": "I", "num_pairs": "2048", "solver_steps": "2"})
+    method = ProReflow.from_options({"preset": "I", "pool_size": "2048", "solver_steps": "2"})
     result = distill(method, "exact", MOG, tmp_path, train, student_model=student, progress=False)
     sched = VPSchedule.linear(1000)
     mix = GaussianMixture.from_options(dim=8, modes=6, std=0.2, seed=3)
@@ -212,7 +212,7 @@ def test_short_distillation_beats_ddim_at_4_nfe(tmp_path, one_thread):
     ("rectified-diffusion", ["phased=1", "phase_steps=2"]), ("proreflow", ["preset=II", "solver_steps=1"]),
 ])
 def test_cli_distill_then_sample_round_trip(tmp_path, capsys, one_thread, method, options):
-    opts = [x for o in ["num_pairs=64", *options] for x in ("--option", o)]
+    opts = [x for o in ["pool_size=64", *options] for x in ("--option", o)]
     code = cli(["distill", "--method", method, "--teacher", "exact", "--data", MOG, "--out", str(tmp_path / "s"),
                 "--max-steps", "6", "--batch-size", "16", "--no-progress", *opts])
     assert code == 0, capsys.readouterr().err

@@ -95,8 +95,8 @@ def _run(tmp_path_factory, name, options, schedule):
 # plain: DDPM's linear teacher with the default (scaled-linear) student schedule; phased: it keeps the teacher's
 # schedule, so it runs on Stable Diffusion's, the one it was made for (on DDPM's linear schedule a fresh epsilon
 # student cannot learn the noisiest phase in this budget: docs/proreflow.md)
-@pytest.mark.parametrize("options,schedule", [({"num_pairs": "2048", "pair_steps": "10"}, "linear"),
-                                              ({"num_pairs": "2048", "phased": "1", "phase_steps": "4"},
+@pytest.mark.parametrize("options,schedule", [({"pool_size": "2048", "pair_steps": "10"}, "linear"),
+                                              ({"pool_size": "2048", "phased": "1", "phase_steps": "4"},
                                                "scaled_linear")], ids=["plain", "phased"])
 def test_short_distillation_beats_ddim_at_4_nfe(tmp_path_factory, options, schedule):
     result, out = _run(tmp_path_factory, "rd", options, schedule)

@@ -78,7 +78,7 @@ def short_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("reflow")
-    method = get_method("reflow").from_options({"num_pairs": "2048", "pair_steps": "10"})
+    method = get_method("reflow").from_options({"pool_size": "2048", "pair_steps": "10"})
     student = ModelConfig(kind="mlp", sample_shape=(8,), num_classes=6, hidden=64, depth=2)
     train = TrainConfig(max_steps=300, batch_size=256, lr=3e-3, ema_decay=0.99, checkpoint_every=0, progress=False)
     result = distill(method, "exact", MOG, out, train, student_model=student, progress=False)
@@ -106,7 +106,7 @@ def test_short_distillation_beats_ddim_at_1_2_4_nfe(short_run):
 
 
 def test_one_step_distillation_runs_and_reports_costs(tmp_path, one_thread):
-    method = get_method("reflow").from_options({"num_pairs": "256", "pair_steps": "4", "one_step_distill": "1",
+    method = get_method("reflow").from_options({"pool_size": "256", "pair_steps": "4", "one_step_distill": "1",
                                                 "distill_num_pairs": "128", "distill_pair_steps": "3"})
     student = ModelConfig(kind="mlp", sample_shape=(8,), num_classes=6, hidden=32, depth=1)
     train = TrainConfig(max_steps=10, batch_size=32, lr=1e-3, ema_decay=0, checkpoint_every=0, progress=False)
@@ -123,7 +123,7 @@ def test_one_step_distillation_runs_and_reports_costs(tmp_path, one_thread):
 def test_cache_from_another_teacher_is_refused_by_the_cli(tmp_path, capsys, one_thread):
     base = ["distill", "--method", "reflow", "--teacher", "exact", "--data", MOG, "--max-steps", "2",
             "--batch-size", "16", "--no-progress", "--cache", str(tmp_path / "cache"),
-            "--option", "num_pairs=64", "--option", "pair_steps=2"]
+            "--option", "pool_size=64", "--option", "pair_steps=2"]
     assert cli([*base, "--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
     assert cli([*base, "--out", str(tmp_path / "b")]) == 0  # same teacher: the cache is reused

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rayflow.errors import RayflowError
+from rayflow.stein_time_sampler import _rbf_stein_kernel
 from rayflow.time_samplers import (
     TIME_SAMPLERS,
     LogitNormalSampler,
@@ -15,7 +16,6 @@ from rayflow.time_samplers import (
     SteinSampler,
     UniformSampler,
     UShapedSampler,
-    _rbf_stein_kernel,
     build_time_sampler,
     downsample,
     plot_time_distribution,

@@ -115,7 +115,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     if args.cache is not None:
         check_output_dir(args.cache, "--cache")
-    method = get_method(args.method).from_options(_parse_options(args.option))
+    options = _parse_options(args.option)
+    if args.pool_size is not None:  # one name for every method's pool of pairs / instances
+        require(args.pool_size >= 1, f"--pool-size must be >= 1, got {args.pool_size}")
+        options["pool_size"] = str(args.pool_size)
+    method = get_method(args.method).from_options(options)
     t0 = time.time()
     result = distill(method, args.teacher, args.data, args.out, _train_config(args), guidance=args.guidance,
                      cache_dir=args.cache, schedule_name=args.schedule, progress=not args.no_progress,
@@ -251,6 +255,8 @@ def _is_allocation_failure(exc: RuntimeError) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rayflow.methods import available_methods  # the registry names the methods in the help
+
     p = _Parser(prog="rayflow", description="Few-step generators distilled from diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -268,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train_teacher)
 
     d = sub.add_parser("distill", help="distil a teacher into a few-step student")
-    d.add_argument("--method", required=True, help="rayflow, proreflow, perflow, reflow, rectified-diffusion")
+    d.add_argument("--method", required=True, help="one of: " + ", ".join(available_methods()))
     d.add_argument("--teacher", required=True, help="teacher directory, or 'exact' for mog data")
     d.add_argument("--data", required=True, help="data spec (the teacher's data)")
     d.add_argument("--out", required=True, help="output directory (resumes if it holds a checkpoint)")
@@ -278,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
                    help="noise schedule of the exact teacher")
     d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeat)")
+    d.add_argument("--pool-size", type=int, default=None, metavar="N",
+                   help="pairs (or RayFlow instances) in the method's training pool; sets option pool_size")
     _train_args(d, max_steps=2000, batch_size=256, lr=5e-4, ema=0.999)
     d.set_defaults(func=cmd_distill)
 

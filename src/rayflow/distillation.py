@@ -3,7 +3,7 @@
 Every model directory is self-describing: ``config.json`` says whether it holds a teacher or a student, the
 network, the schedule, the data spec it was trained on and, for students, the method (with its config) whose
 sampler it needs. :func:`load_generator` turns any such directory - or the exact mixture teacher - into a
-:class:`Generator` with one ``generate(noise, steps, cond)`` call.
+:class:`FewStepModel` with one ``generate(noise, steps, cond)`` call.
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ def distill(
         cfg = read_json(cfg_path)
         cfg["teacher_nfe"] = int(result.teacher_nfe)
         write_json_atomic(cfg, cfg_path)
+        # the diffusers scheduler that samples this student, so any diffusers-style loop can drive it
+        method.make_scheduler(schedule, method.raw_network(result.student)).save_config(str(out_dir / "scheduler"))
     return result
 
 
@@ -184,7 +186,7 @@ def net_shape(model: Denoiser) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------- generators
 @dataclass
-class Generator:
+class FewStepModel:
     """A teacher (solved with a training-free sampler) or a distilled student (its method's sampler)."""
 
     model: Denoiser
@@ -231,13 +233,13 @@ class Generator:
 
 
 def load_generator(model: str | None = None, teacher: str | None = None, data: str | None = None,
-                   schedule_name: str = "linear", device: str | torch.device = "cpu") -> Generator:
+                   schedule_name: str = "linear", device: str | torch.device = "cpu") -> FewStepModel:
     """``model=DIR`` (teacher or student directory), or ``teacher="exact"`` with ``data="mog:..."``."""
     if model is None:
         require(teacher == "exact" and data is not None, "give --model DIR, or --teacher exact with --data SPEC")
         dataset = load_dataset(data)
         net, schedule, _ = load_teacher("exact", dataset, schedule_name)
-        return Generator(net, schedule, tuple(dataset.sample_shape), dataset.num_classes, dataset.spec)
+        return FewStepModel(net, schedule, tuple(dataset.sample_shape), dataset.num_classes, dataset.spec)
     require(teacher is None, f"give either --model or --teacher, not both (--model {model}, --teacher {teacher})")
     require(data is None, "--data applies to --teacher exact only; a --model directory records its own data")
     where = f"{model}/config.json"
@@ -249,20 +251,23 @@ def load_generator(model: str | None = None, teacher: str | None = None, data: s
     shape = tuple(net_shape(network))
     if kind == "teacher":
         sampler_name, sampler_steps = _teacher_sampler_of(config, where)
-        return Generator(network.eval(), schedule, shape, network.num_classes, str(config.get("data", "")),
-                         default_sampler=sampler_name, default_steps=sampler_steps)
+        return FewStepModel(network.eval(), schedule, shape, network.num_classes, str(config.get("data", "")),
+                            default_sampler=sampler_name, default_steps=sampler_steps)
     method_info = config.get("method")
     require(isinstance(method_info, dict) and isinstance(method_info.get("name"), str)
             and isinstance(method_info.get("config", {}), dict),
             f"{where}: a student needs a \"method\" object with a \"name\" and a \"config\" object")
     method_cls = get_method(method_info["name"])
     try:
-        method = method_cls(method_cls.config_class(**method_info.get("config", {})))
+        method = method_cls(method_cls.config_from_dict(method_info.get("config", {})))
     except (TypeError, ValueError) as exc:
         raise RayflowError(f"{model}/config.json: method config does not fit {method_cls.name}: {exc}") from exc
     student = method.wrap_student(network.eval(), schedule)
-    return Generator(student, schedule, shape, network.num_classes, config.get("data", ""), method=method,
+    return FewStepModel(student, schedule, shape, network.num_classes, config.get("data", ""), method=method,
                      default_steps=4)
 
 
-__all__ = ["Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]
+#: the old name (it collided with ``torch.Generator``); kept for one release
+Generator = FewStepModel
+
+__all__ = ["FewStepModel", "Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]

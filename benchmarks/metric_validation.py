@@ -109,6 +109,7 @@ def corrupt(name: str, s: float, clean: torch.Tensor, clean_labels: torch.Tensor
         # N held-out images of the classes that are kept: the same number of samples, less variety
         keep = pool_labels >= int(s)
         idx = torch.nonzero(keep).squeeze(1)
+        require(idx.shape[0] >= n, f"drop_classes {s}: {idx.shape[0]} held-out images left, need {n}")
         y = test_pool[idx[torch.randperm(idx.shape[0], generator=g)[:n]]]
     elif name == "memorise":
         # copies of int(s) training images (plus rounding-level noise): a generator that memorised its data

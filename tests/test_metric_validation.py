@@ -200,8 +200,8 @@ def test_metric_validation_corruptions_grow_with_strength():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
     mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
     g = torch.Generator().manual_seed(0)
-    data = two_class(40, 0, size=16)
-    pool = SimpleNamespace(x=data.x, labels=torch.arange(40) % 10)
+    data = two_class(200, 0, size=16)  # 20 of each of 10 "classes": enough to keep 20 after dropping 8
+    pool = SimpleNamespace(x=data.x, labels=torch.arange(200) % 10)
     for name, strengths in mv.STRENGTHS.items():
         outs = [mv.corrupt(name, s, data.x[:20], pool.labels[:20], pool.x, pool.labels, data.x, g)
                 for s in strengths]

@@ -202,6 +202,34 @@ def checks(rows: list[dict], metrics: list[str]) -> dict[str, dict]:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The rows as a Markdown table (each score also as a multiple of its floor) and the checks under it."""
+    rows, checks_ = result["rows"], result["checks"]
+    metrics = list(checks_)
+    floors = {"corruption": "train vs test", "floor": "train vs test", "ddim": "test, ddim n"}
+    lines = ["| row | strength | n | " + " | ".join(metrics) + " |", "|---|---:|---:|" + "---:|" * len(metrics)]
+    for r in rows:
+        floor = next(f for f in rows if f["name"] == floors[r["group"]])
+        cells = [f"{r[m]:.4g} ({r[m] / floor[m]:.2g}×)" if r["group"] != "floor" else f"{r[m]:.4g}"
+                 for m in metrics]
+        lines.append(f"| {r['name']} | {r['strength']:g} | {r['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "| check | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    def monotone(m: str) -> str:
+        bad = [c for c, ok in checks_[m]["monotone"].items() if not ok]
+        return f"{len(STRENGTHS) - len(bad)}/{len(STRENGTHS)}" + (f" (not: {', '.join(bad)})" if bad else "")
+
+    lines.append("| rises with strength | " + " | ".join(monotone(m) for m in metrics) + " |")
+    lines.append(f"| mildest blur, noise ≥ {FLOOR_FACTOR}× floor | " + " | ".join(
+        f"{checks_[m]['floor']['blur_ratio']:.2f}×, {checks_[m]['floor']['noise_ratio']:.2f}×" for m in metrics)
+                 + " |")
+    lines.append("| DDIM falls with steps | " + " | ".join(str(checks_[m]["ddim_monotone"]) for m in metrics) + " |")
+    lines.append("| Kendall τ vs fd_net2 (all non-floor rows) | " + " | ".join(
+        f"{checks_[m]['kendall_tau_vs_fd_net2']:.3f}" if "kendall_tau_vs_fd_net2" in checks_[m] else "–"
+        for m in metrics) + " |")
+    lines.append("| passes | " + " | ".join(str(checks_[m]["pass"]) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], metrics: list[str], path: Path) -> None:
     from rayflow.evaluation import _new_figure, _save_figure
 
@@ -232,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-teacher"))
     p.add_argument("--feature-net", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-feature-net"))
     p.add_argument("--net2", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-feature-net-2"),
-                   help="second feature net (width 48, seed 1); trained and saved here when missing")
+                   help="second feature net (width 24, 64-d head, seed 1); trained and saved here when missing")
     p.add_argument("--num", type=int, default=1000, help="images per corruption row")
     p.add_argument("--ref-num", type=int, default=5000, help="held-out reference images")
     p.add_argument("--ddim-num", type=int, default=300, help="teacher samples per DDIM row (0: no DDIM rows)")
     p.add_argument("--ddim-steps", default=",".join(map(str, DDIM_STEPS)), help="DDIM step counts of the rows")
-    p.add_argument("--net2-steps", type=int, default=2000, help="training steps of the second feature net")
+    p.add_argument("--net2-steps", type=int, default=600, help="training steps of the second feature net")
     p.add_argument("--cache", default="runs/metric-validation",
                    help="where DDIM samples and finished rows are cached (a re-run resumes)")
     p.add_argument("--results", default=str(REPO / "benchmarks/results"))
@@ -265,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         steps = 20 if args.tiny else args.net2_steps
         with torch.random.fork_rng(devices=[]):
-            net2 = train_feature_net(train, steps=steps, seed=1, width=48, feature_dim=96, progress=False)
+            net2 = train_feature_net(train, steps=steps, batch_size=64, seed=1, width=24, feature_dim=64,
+                                     progress=False)
         if not args.tiny:
             save_feature_net(net2, args.net2)
         print(f"second feature net: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -300,14 +329,14 @@ def run(args: argparse.Namespace) -> int:
     tr_idx = torch.randperm(train.x.shape[0], generator=g)[: args.num]
     add("floor", "train vs test", 0, train.x[tr_idx])
     add("floor", "test vs test", 0, clean)
-    for c, strengths in STRENGTHS.items():
-        for s in strengths:
-            add("corruption", c, s, corrupt(c, s, clean, clean_labels, pool, pool_labels, train.x, g))
     if args.ddim_num > 0:
         add("floor", "test, ddim n", 0, pool[: args.ddim_num])
         steps_list = tuple(int(v) for v in args.ddim_steps.split(","))
         for steps, x in ddim_samples(args.teacher, args.ddim_num, cache, steps_list).items():
             add("ddim", "ddim", steps, x)
+    for c, strengths in STRENGTHS.items():
+        for s in strengths:
+            add("corruption", c, s, corrupt(c, s, clean, clean_labels, pool, pool_labels, train.x, g))
     metrics = [m for m in METRICS if m in rows[0]]
     result = {"rows": rows, "checks": checks(rows, metrics), "seconds": time.perf_counter() - t_start,
               "config": {"num": args.num, "ref_num": args.ref_num, "ddim_num": args.ddim_num,
@@ -322,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
     stem = "metric_validation" + ("_tiny" if args.tiny else "")
     (results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, metrics, results / f"{stem}.png")
+    (results / f"{stem}.md").write_text(markdown(result))
     for m, r in result["checks"].items():
         fails = [c for c, ok in r["monotone"].items() if not ok]
         print(f"{m:14s} pass={r['pass']}  non-monotone: {fails or 'none'}  floor x{r['floor']['blur_ratio']:.1f} "

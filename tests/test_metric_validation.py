@@ -209,3 +209,29 @@ def test_metric_validation_corruptions_grow_with_strength():
         if name in ("blur", "noise", "contrast", "erode", "dilate", "jpeg"):
             dist = [float((o - data.x[:20]).abs().mean()) for o in outs]
             assert dist[0] > 0 and dist == sorted(dist), (name, dist)
+
+
+def test_metric_validation_checks_and_table():
+    import importlib.machinery
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
+    mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
+    rows = [{"group": "floor", "name": "train vs test", "strength": 0, "n": 10, "good": 1.0, "bad": 1.0,
+             "fd_net2": 1.0},
+            {"group": "floor", "name": "test, ddim n", "strength": 0, "n": 5, "good": 2.0, "bad": 2.0, "fd_net2": 2.0}]
+    for c, strengths in mv.STRENGTHS.items():
+        for i, s in enumerate(strengths):
+            # "good" rises with strength from 2x the floor; "bad" is flat for blur
+            rows.append({"group": "corruption", "name": c, "strength": s, "n": 10, "good": 2.0 + i,
+                         "bad": 1.2 if c == "blur" else 2.0 + i, "fd_net2": 2.0 + i})
+    for i, steps in enumerate((1, 2, 4, 8)):
+        rows.append({"group": "ddim", "name": "ddim", "strength": steps, "n": 5, "good": 10.0 - i, "bad": 5.0 + i,
+                     "fd_net2": 10.0 - i})
+    checks = mv.checks(rows, ["good", "bad", "fd_net2"])
+    assert checks["good"]["pass"] and checks["good"]["ddim_monotone"]
+    assert not checks["bad"]["pass"] and not checks["bad"]["monotone"]["blur"] and not checks["bad"]["ddim_monotone"]
+    assert checks["bad"]["floor"]["blur_ratio"] == pytest.approx(1.2)
+    assert checks["good"]["kendall_tau_vs_fd_net2"] == pytest.approx(1.0)
+    table = mv.markdown({"rows": rows, "checks": checks})
+    assert "7/8 (not: blur)" in table and "| passes | True | False |" in table

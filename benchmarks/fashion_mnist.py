@@ -157,8 +157,13 @@ def adopt(source: str, target: Path, files: tuple[str, ...]) -> None:
 
 
 def _scorer(run: Path, spec: str, cfg: BenchConfig, device: str) -> Scorer:
-    return Scorer.for_data(spec, run / "feature-net", feature_steps=cfg.feature_steps, seed=cfg.seed,
-                           device=device)
+    scorer = Scorer.for_data(spec, run / "feature-net", feature_steps=cfg.feature_steps, seed=cfg.seed,
+                             device=device)
+    if (run / "feature-net-2" / "feature_net.safetensors").exists():  # --feature-net-2: rows also get fd_net2
+        from rayflow.metrics import load_feature_net
+
+        scorer.second_net = load_feature_net(run / "feature-net-2").to(device)
+    return scorer
 
 
 def _teacher_ddim50(run: Path, cfg: BenchConfig, device: str) -> torch.Tensor:
@@ -388,11 +393,21 @@ def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     if by_seed:
         write_seed_summary(rows_one_seed + by_seed, results)
     curve = [r for r in rows_one_seed if r["nfe"] <= 8]
-    for metric in ("fd", "kid", "accuracy", "fidelity"):
+    both = [r for r in rows_one_seed if "fd" in r and "fd_net2" in r]
+    if len(both) >= 2:  # do two independently trained feature nets rank the rows alike? (issue 11's target)
+        from rayflow.metrics import kendall_tau
+
+        meta["kendall_tau_fd_vs_fd_net2"] = kendall_tau([r["fd"] for r in both], [r["fd_net2"] for r in both])
+        write_json_atomic(meta, results / "fashion_mnist_meta.json")
+        print(f"Kendall tau between fd and fd_net2 over {len(both)} rows: {meta['kendall_tau_fd_vs_fd_net2']:.3f}")
+    # fd: multi-layer feature statistics (the default since issue 11); fd_classifier: the old pooled-feature FD
+    for metric in ("fd", "fd_classifier", "kid", "accuracy", "fidelity"):
+        if not any(metric in r for r in curve):
+            continue  # rows scored before fd_classifier existed
         plot_metric_vs_nfe(curve, metric, results / f"fashion_mnist_{metric}.png",
                            title=f"Fashion-MNIST: {metric} against NFE",
                            reference=("teacher, 50 DDIM steps", ref) if metric == "fd" and ref else None,
-                           log_y=metric in ("fd", "kid"))
+                           log_y=metric in ("fd", "fd_classifier", "kid"))
     for grid in sorted((run / "grids").glob("*.png")):
         if "@seed" not in grid.stem:  # one grid per variant is enough to look at
             shutil.copyfile(grid, results / f"fashion_mnist_grid_{grid.stem}.png")
@@ -424,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="reuse this teacher directory (e.g. benchmarks/checkpoints/fashion-mnist-teacher) "
                         "instead of training one")
     p.add_argument("--feature-net", default=None, help="reuse this feature-classifier directory")
+    p.add_argument("--feature-net-2", default=None,
+                   help="an independently trained second feature net (e.g. benchmarks/checkpoints/"
+                        "fashion-mnist-feature-net-2): rows also get fd_net2 and the report the Kendall tau "
+                        "between fd and fd_net2")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
     args = p.parse_args(argv)
@@ -467,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic({"reused": args.teacher}, run / "rows" / "teacher_train.json")
         if args.feature_net and not (run / "feature-net" / "feature_net.safetensors").exists():
             adopt(args.feature_net, run / "feature-net", ("feature_net.safetensors", "feature_net.json"))
+        if args.feature_net_2 and not (run / "feature-net-2" / "feature_net.safetensors").exists():
+            adopt(args.feature_net_2, run / "feature-net-2", ("feature_net.safetensors", "feature_net.json"))
         for part in PARTS:
             if part not in parts:
                 continue

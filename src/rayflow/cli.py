@@ -191,7 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     teacher = load_samples_npz(args.teacher_samples) if args.teacher_samples else None
     dataset = load_dataset(args.data, split=args.split)
     metrics = evaluate_npz(samples, dataset, teacher_samples=teacher, feature_net_dir=args.feature_net,
-                           reference_num=args.reference_num, seed=args.seed)
+                           reference_num=args.reference_num, seed=args.seed,
+                           inception_fid=args.metric == "inception-fid")
     row = {"method": args.method or Path(args.samples).stem, "nfe": int(nfe), **metrics}
     rows = [r for r in previous if (r.get("method"), r.get("nfe")) != (row["method"], row["nfe"])]
     rows.append(row)
@@ -317,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", default=None, help="row label (default: the samples file name)")
     e.add_argument("--nfe", type=int_in(0), default=None, help="row NFE label (default: recorded by rayflow sample)")
     e.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    e.add_argument("--metric", default="fd", choices=["fd", "inception-fid"],
+                   help="fd: rayflow's feature-net metrics (fd, kid, fd_classifier); inception-fid: also FID/KID "
+                        "on InceptionV3 features (pip install 'rayflow[fid]'; images upsampled to 299 px, "
+                        "comparable only with each other, not with published CIFAR/COCO FIDs)")
     e.add_argument("--out", required=True, help="directory for results.json / results.md (rows are merged)")
     e.set_defaults(func=cmd_eval)
 

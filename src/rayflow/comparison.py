@@ -18,7 +18,7 @@ import torch
 from rayflow.data import Dataset, load_dataset
 from rayflow.errors import require
 from rayflow.evaluation import evaluate_images, evaluate_vectors
-from rayflow.metrics import FeatureNet, load_feature_net, save_feature_net, train_feature_net
+from rayflow.metrics import FeatureNet, InceptionFeatures, load_feature_net, save_feature_net, train_feature_net
 
 
 def ensure_feature_net(train_data: Dataset, directory: str | Path | None, steps: int = 600,
@@ -39,6 +39,8 @@ class Scorer:
     reference: Dataset
     feature_net: FeatureNet | None = None
     truth: torch.Tensor | None = None  # vectors: fresh samples of the true distribution
+    inception: InceptionFeatures | None = None  # images: also Inception FID/KID (the [fid] extra)
+    second_net: FeatureNet | None = None  # images: also fd_net2, the fd of an independently trained network
 
     @classmethod
     def for_data(cls, spec: str, feature_net_dir: str | Path | None = None, reference_num: int = 10000,
@@ -60,14 +62,21 @@ class Scorer:
         if self.feature_net is not None:
             use_labels = labels if (labels is not None and self.feature_net.num_classes > 0) else None
             return evaluate_images(x, self.reference, self.feature_net, labels=use_labels, teacher_samples=teacher_x,
+                                   inception=self.inception, second_net=self.second_net,
                                    kid_subset_size=min(1000, x.shape[0], self.reference.x.shape[0]))
         return evaluate_vectors(x.reshape(x.shape[0], -1), self.truth, teacher_x)
 
 
 def evaluate_npz(samples: dict[str, Any], dataset: Dataset, teacher_samples: dict[str, Any] | None = None,
-                 feature_net_dir: str | Path | None = None, reference_num: int = 10000, seed: int = 0) -> dict:
-    """What ``rayflow eval`` prints: the samples of an ``.npz`` scored against ``dataset``'s reference."""
+                 feature_net_dir: str | Path | None = None, reference_num: int = 10000, seed: int = 0,
+                 inception_fid: bool = False) -> dict:
+    """What ``rayflow eval`` prints: the samples of an ``.npz`` scored against ``dataset``'s reference
+    (with ``inception_fid``, also Inception FID/KID; a missing ``[fid]`` extra is a :class:`RayflowError`)."""
+    inception = InceptionFeatures() if inception_fid else None  # before the feature net: fail fast
     scorer = Scorer.for_data(dataset.spec, feature_net_dir, reference_num, seed)
+    require(scorer.feature_net is not None or not inception_fid,
+            f"{dataset.spec}: inception-fid scores images, not vector data")
+    scorer.inception = inception
     x = torch.as_tensor(samples["x"])
     labels = torch.as_tensor(samples["labels"]) if samples.get("labels") is not None else None
     teacher = torch.as_tensor(teacher_samples["x"]) if teacher_samples is not None else None

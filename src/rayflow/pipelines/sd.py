@@ -68,6 +68,7 @@ SUPPORTED_PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionXLPipel
 SD_JSON = "sd.json"
 LORA_WEIGHTS = "lora.safetensors"
 #: methods whose training data are only the teacher's own samples (global pairs): prompts-only data suffice
+#: (also rectified-diffusion unless phased)
 PROMPT_ONLY_METHODS = ("reflow",)
 
 
@@ -327,9 +328,10 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
     check_pipeline_dir(teacher)
     captions = load_captions(data)
     if not captions.has_images:
-        require(method.name in PROMPT_ONLY_METHODS,
-                f"{method.name} trains on real images; prompts-only data serve {', '.join(PROMPT_ONLY_METHODS)} "
-                "(use captions:path=DIR)")
+        prompt_only = method.name in PROMPT_ONLY_METHODS or (
+            method.name == "rectified-diffusion" and not getattr(method.config, "phased", True))
+        require(prompt_only, f"{method.name} trains on real images; prompts-only data serve reflow and "
+                             "rectified-diffusion (not phased); use captions:path=DIR")
     sd = load_sd_pipeline(teacher)
     device = accelerator.device if accelerator is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")

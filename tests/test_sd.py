@@ -338,3 +338,46 @@ def test_full_finetune_and_gradient_checkpointing(sd_dir, caps, tmp_path, capsys
                          *METHOD_OPTIONS["reflow"]], capsys)
     assert code == 0, err
     assert not (out / "lora.safetensors").exists() and json.loads((out / "sd.json").read_text())["lora"] is None
+
+
+def test_sample_the_teacher_pipeline_with_prompts(sd_dir, tmp_path, capsys):
+    """The teacher is sampled with rayflow's own solvers from the same seeded latents as students."""
+    from rayflow.pipelines.sd import sample_teacher_latents
+    from rayflow.samplers import sample as solve
+
+    out = tmp_path / "t"
+    code, _, err = _run(["sample", "--model", str(sd_dir), "--prompt", "a cat", "--steps", "2", "--sampler", "ddim",
+                         "--guidance", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    npz = np.load(out / "samples.npz")
+    assert npz["images"].shape == (1, 16, 16, 3) and (out / "grid.png").is_file()
+    sd = load_sd_pipeline(sd_dir)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    enc = encode_texts(sd, ["a cat", ""], torch.device("cpu"))
+    ref = solve(TextUNetDenoiser(sd.unet, "epsilon", PromptTable(enc["embeds"])), noise, sd.schedule, "ddim", 2,
+                cond=torch.tensor([0]), guidance=3.0)
+    assert torch.allclose(torch.from_numpy(npz["x"]), ref, atol=1e-5)
+    assert torch.allclose(sample_teacher_latents(sd, ["a cat"], 2, "ddim", 3.0), ref, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rayflow", "perflow", "reflow"])
+def test_v_prediction_teacher(tmp_path, caps, capsys, method):
+    teacher = build_tiny_sd_pipeline(tmp_path / "v", prediction_type="v_prediction")
+    out = tmp_path / "student"
+    code, _, err = _run(["distill", "--method", method, "--teacher", str(teacher), "--data", f"captions:path={caps}",
+                         "--out", str(out), *TINY, *METHOD_OPTIONS[method]], capsys)
+    assert code == 0, err
+    assert json.loads((out / "sd.json").read_text())["teacher_prediction_type"] == "v_prediction"
+    assert torch.isfinite(load_sd_student(out).sample_latents(["a cat"], 1)).all()
+
+
+@pytest.mark.slow
+def test_prompts_only_data_for_reflow(sd_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\na green tree\n")
+    out = tmp_path / "student"
+    code, _, err = _run(["distill", "--method", "reflow", "--teacher", str(sd_dir), "--data",
+                         f"prompts:path={prompts}", "--out", str(out), *TINY, *METHOD_OPTIONS["reflow"]], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"].startswith("prompts:path=")

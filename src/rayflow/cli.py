@@ -202,10 +202,19 @@ def _sd_student_dir(model: str | None) -> bool:
 def cmd_sample_sd(args: argparse.Namespace) -> int:
     """``rayflow sample --model STUDENT --prompt "..." [--prompts FILE] --steps N --out DIR``."""
     from rayflow.captions import load_captions
-    from rayflow.pipelines.sd import load_sd_student, write_samples
+    from rayflow.pipelines.sd import (
+        decode_latents,
+        is_pipeline_dir,
+        load_sd_pipeline,
+        load_sd_student,
+        sample_teacher_latents,
+        write_samples,
+    )
 
-    require(args.model is not None, "--prompt/--prompts need --model STUDENT_DIR (a student of a pipeline teacher)")
-    require(_sd_student_dir(args.model), f"{args.model}: not a student of a Stable Diffusion pipeline")
+    require(args.model is not None, "--prompt/--prompts need --model STUDENT_DIR (or a pipeline folder)")
+    teacher = is_pipeline_dir(args.model)
+    require(teacher or _sd_student_dir(args.model),
+            f"{args.model}: neither a diffusers pipeline folder nor a student of a Stable Diffusion pipeline")
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += load_captions(f"prompts:path={args.prompts}").texts
@@ -213,6 +222,17 @@ def cmd_sample_sd(args: argparse.Namespace) -> int:
     require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     require(not str(args.out).endswith(".npz"), f"--out names a directory for prompt samples, got {args.out}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if teacher:  # the teacher itself, solved with rayflow's samplers: the reference for its students
+        sd = load_sd_pipeline(args.model)
+        steps, sampler = args.steps or 25, args.sampler or "dpm++2m"
+        t0 = time.time()
+        latents = sample_teacher_latents(sd, prompts, steps, sampler, guidance=args.guidance, seed=args.seed,
+                                         device=device, batch_size=min(args.batch_size, 64))
+        write_samples(args.out, decode_latents(sd, latents, device), latents, prompts)
+        print(f"{len(prompts)} teacher images ({sampler}, {steps} steps, guidance {args.guidance:g}) written to "
+              f"{args.out} in {time.time() - t0:.1f} s")
+        return 0
+    require(args.sampler is None, "students use their method's own sampler; drop --sampler")
     student = load_sd_student(args.model, device=device)
     steps = args.steps or 4
     t0 = time.time()

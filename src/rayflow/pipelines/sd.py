@@ -483,20 +483,57 @@ class SDStudent:
                                           cond[sl].to(device), guidance).float().cpu())
         return torch.cat(out)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
         """Latents -> uint8 images ``[N, H, W, 3]`` with the teacher's VAE (``x = D(z / scaling_factor)``)."""
-        vae = self.pipeline.vae
-        device = next(self.denoiser.parameters()).device
-        vae.to(device)
-        sf = float(vae.config.scaling_factor)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        out = []
-        for start in range(0, latents.shape[0], batch_size):
-            z = latents[start:start + batch_size].to(device=device, dtype=vae.dtype) / sf + shift
-            x = vae.decode(z).sample.float().clamp(-1, 1)
-            out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(out)
+        return decode_latents(self.pipeline, latents, next(self.denoiser.parameters()).device, batch_size)
+
+
+@torch.no_grad()
+def decode_latents(sd: SDPipeline, latents: torch.Tensor, device: torch.device | str = "cpu",
+                   batch_size: int = 8) -> np.ndarray:
+    """``x = D(z / scaling_factor + shift)`` with the pipeline's VAE, as uint8 ``[N, H, W, 3]``."""
+    vae = sd.vae.to(device)
+    sf = float(vae.config.scaling_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    for start in range(0, latents.shape[0], batch_size):
+        z = latents[start:start + batch_size].to(device=device, dtype=vae.dtype) / sf + shift
+        x = vae.decode(z).sample.float().clamp(-1, 1)
+        out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def sample_teacher_latents(sd: SDPipeline, prompts: list[str], steps: int = 25, sampler: str = "dpm++2m",
+                           guidance: float = 7.5, seed: int = 0, noise: torch.Tensor | None = None,
+                           device: torch.device | str = "cpu", batch_size: int = 16) -> torch.Tensor:
+    """The teacher solved with one of rayflow's training-free samplers (the reference a student is compared to).
+
+    Noise is drawn exactly as for students (``torch.randn`` of the latent shape from ``seed``), so teacher and
+    student images of the same seed start from the same latents.
+    """
+    from rayflow.samplers import sample as solve
+
+    require(len(prompts) >= 1, "give at least one prompt")
+    require(steps >= 1, f"--steps must be >= 1, got {steps}")
+    device = torch.device(device)
+    res = sd.default_resolution()
+    f = sd.vae_scale_factor
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(sd.pipe, name, None) is not None:
+            getattr(sd.pipe, name).to(device)
+    model = TextUNetDenoiser(sd.unet.to(device), sd.prediction_type, prompt_table(sd, prompts, device, res)).eval()
+    shape = (len(prompts), sd.latent_channels, res // f, res // f)
+    if noise is None:
+        noise = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    require(tuple(noise.shape) == shape, f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    cond = torch.arange(len(prompts))
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        sl = slice(start, start + batch_size)
+        out.append(solve(model, noise[sl].to(device), sd.schedule, sampler, steps, cond=cond[sl].to(device),
+                         guidance=guidance).float().cpu())
+    return torch.cat(out)
 
 
 def load_sd_student(path: str | Path, device: str | torch.device = "cpu") -> SDStudent:
@@ -514,8 +551,11 @@ def load_sd_student(path: str | Path, device: str | torch.device = "cpu") -> SDS
     pipeline = load_sd_pipeline(sd_info["pipeline"], unet=network.unet)
     method_info = config.get("method") or {}
     method_cls = get_method(method_info.get("name", ""))
+    saved = method_info.get("config", {})
     try:
-        method = method_cls(method_cls.config_class(**method_info.get("config", {})))
+        # the method kit's config_from_dict reads nested config sections; older methods take flat kwargs
+        from_dict = getattr(method_cls, "config_from_dict", None)
+        method = method_cls(from_dict(saved) if from_dict is not None else method_cls.config_class(**saved))
     except TypeError as exc:
         raise RayflowError(f"{path}/config.json: method config does not fit {method_cls.name}: {exc}") from exc
     schedule = VPSchedule.from_config(config["schedule"])
@@ -544,4 +584,4 @@ def write_samples(out_dir: str | Path, images: np.ndarray, latents: torch.Tensor
 
 __all__ = ["LoraSpec", "SDOptions", "SDPipeline", "SDStudent", "SUPPORTED_PIPELINES", "check_pipeline_dir",
            "distill_sd", "encode_texts", "is_pipeline_dir", "load_sd_pipeline", "load_sd_student",
-           "preprocess_captions", "prompt_table", "write_samples"]
+           "preprocess_captions", "prompt_table", "sample_teacher_latents", "decode_latents", "write_samples"]

@@ -248,7 +248,7 @@ def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys
     assert student.prediction_type == "flow" and student.lora["rank"] == 4
     samples = tmp_path / "samples"
     code, stdout, err = _run(["sample", "--model", str(out), "--prompt", "a photo of a cat", "--prompt", "a red dog",
-                              "--steps", "2", "--out", str(samples)], capsys)
+                              "--steps", "2", "--device", "cpu", "--out", str(samples)], capsys)
     assert code == 0, err
     assert (samples / "0000.png").is_file() and (samples / "0001.png").is_file() and (samples / "grid.png").is_file()
     npz = np.load(samples / "samples.npz")
@@ -347,7 +347,7 @@ def test_sample_the_teacher_pipeline_with_prompts(sd_dir, tmp_path, capsys):
 
     out = tmp_path / "t"
     code, _, err = _run(["sample", "--model", str(sd_dir), "--prompt", "a cat", "--steps", "2", "--sampler", "ddim",
-                         "--guidance", "3", "--out", str(out)], capsys)
+                         "--guidance", "3", "--device", "cpu", "--out", str(out)], capsys)
     assert code == 0, err
     npz = np.load(out / "samples.npz")
     assert npz["images"].shape == (1, 16, 16, 3) and (out / "grid.png").is_file()
@@ -381,3 +381,33 @@ def test_prompts_only_data_for_reflow(sd_dir, tmp_path, capsys):
                          f"prompts:path={prompts}", "--out", str(out), *TINY, *METHOD_OPTIONS["reflow"]], capsys)
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["data"].startswith("prompts:path=")
+
+
+def _find_option(config, key):
+    """An option's value in a method config, flat or inside a nested section (the method kit nests RayFlow's)."""
+    import dataclasses
+
+    def walk(d):
+        for k, v in d.items():
+            if k == key:
+                return v
+            if isinstance(v, dict):
+                found = walk(v)
+                if found is not None:
+                    return found
+        return None
+
+    return walk(dataclasses.asdict(config))
+
+
+def test_pool_size_is_each_methods_pool_option():
+    from rayflow.cli import _pool_size_options
+    from rayflow.methods import get_method
+
+    for method, key in (("reflow", "num_pairs"), ("perflow", "num_pairs"), ("proreflow", "num_pairs"),
+                        ("rectified-diffusion", "num_pairs"), ("rayflow", "cache_size")):
+        options = _pool_size_options(method, 7, {})
+        assert options == {key: "7"}
+        assert _find_option(get_method(method).from_options(options).config, key) == 7
+    with pytest.raises(RayflowError, match="pool-size must be >= 1"):
+        _pool_size_options("reflow", 0, {})

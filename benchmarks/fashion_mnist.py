@@ -52,36 +52,32 @@ from rayflow.data import load_dataset, to_uint8_images  # noqa: E402
 from rayflow.distillation import distill, load_generator, train_teacher  # noqa: E402
 from rayflow.errors import RayflowError, require  # noqa: E402
 from rayflow.evaluation import plot_metric_vs_nfe, save_grid_by_method, write_results  # noqa: E402
-from rayflow.methods import get_method  # noqa: E402
+from rayflow.methods import available_methods, get_method  # noqa: E402
 from rayflow.models import ModelConfig  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import TrainConfig  # noqa: E402
 
-#: name -> (method, options): the seven distilled variants of the issue and two opt-in RayFlow ablations
-VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
-    "rayflow": ("rayflow", {}),
-    "rayflow-no-time-sampler": ("rayflow", {"time_sampler": "uniform"}),
-    "rayflow-no-instance-target": ("rayflow", {"instance_target": "false"}),
-    # the teacher's epsilon head kept (the exact init, RayFlow's default until the flow head): the head ablation
-    "rayflow-epsilon-head": ("rayflow", {"network_prediction": "epsilon"}),
-    # start noise scaled to the RMS of the rays' noise ends (eps_mu), measured at distillation: an option
-    "rayflow-matched-start": ("rayflow", {"start_noise": "variance-matched"}),
-    "proreflow-ii": ("proreflow", {"preset": "II"}),
-    "perflow": ("perflow", {}),
-    "reflow": ("reflow", {}),
-    "rectified-diffusion": ("rectified-diffusion", {}),
-}
+
+def variants() -> dict[str, tuple[str, dict[str, str]]]:
+    """Row name -> (method, options), from the registry: each method declares its rows (its ablations among them)."""
+    out: dict[str, tuple[str, dict[str, str]]] = {}
+    for name in available_methods():
+        for row, options in get_method(name).variants().items():
+            out[row] = (name, dict(options))
+    return out
+
+
+def tiny_options() -> dict[str, dict[str, str]]:
+    """--tiny: pools small enough for a CPU dry run (the real run keeps every method's defaults)."""
+    return {name: dict(get_method(name).tiny_options) for name in available_methods()}
+
+
+#: the distilled variants: the seven of the issue and opt-in RayFlow ablations
+VARIANTS = variants()
 #: the seven rows the benchmark exists for; the rest are opt-in ablations (``--methods``)
 ISSUE_VARIANTS = ("rayflow", "rayflow-no-time-sampler", "rayflow-no-instance-target", "proreflow-ii", "perflow",
                   "reflow", "rectified-diffusion")
-#: --tiny: pools small enough for a CPU dry run (the real run keeps every method's defaults)
-TINY_OPTIONS: dict[str, dict[str, str]] = {
-    "rayflow": {"cache_size": "64", "teacher_steps": "2"},
-    "proreflow": {"num_pairs": "64"},
-    "perflow": {"num_pairs": "64"},
-    "reflow": {"num_pairs": "64", "distill_num_pairs": "64"},
-    "rectified-diffusion": {"num_pairs": "64"},
-}
+TINY_OPTIONS = tiny_options()
 #: variants whose teacher targets equal another's reuse its cache (each still reports the teacher NFEs it needs)
 SHARED_CACHE: dict[str, str] = {name: "rayflow" for name in (
     "rayflow-no-time-sampler", "rayflow-epsilon-head", "rayflow-matched-start")}
@@ -233,9 +229,9 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
     if done(run, f"method-{name}"):
         print(f"  {name}: already evaluated")
         return
-    method_name, options = VARIANTS[base]
+    method_name, options = variants()[base]
     if cfg.tiny:
-        options = {**options, **TINY_OPTIONS.get(method_name, {})}
+        options = {**options, **tiny_options().get(method_name, {})}
     method = get_method(method_name).from_options(options)
     student_dir = run / "students" / name
     train = TrainConfig(max_steps=cfg.distill_steps, batch_size=cfg.distill_batch, lr=cfg.distill_lr,
@@ -370,7 +366,7 @@ def write_seed_summary(rows: list[dict], results: Path) -> None:
 def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     rows: list[dict] = []
     seeded = sorted(p.stem for p in (run / "rows").glob("method-*@seed*.json"))
-    for name in ("reference", "samplers", *[f"method-{n}" for n in VARIANTS], *seeded):
+    for name in ("reference", "samplers", *[f"method-{n}" for n in variants()], *seeded):
         if done(run, name):
             rows += json.loads(rows_path(run, name).read_text())
     require(rows, f"{run}/rows: nothing measured yet; run the other parts first")
@@ -417,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench-fashion-mnist")
     p.add_argument("--parts", default="all", help=f"comma-separated subset of {', '.join(PARTS)} (default all)")
     p.add_argument("--methods", default=",".join(ISSUE_VARIANTS),
-                   help=f"variants for the methods part (default: the issue's seven; all: {', '.join(VARIANTS)})")
+                   help=f"variants for the methods part (default: the issue's seven; all: {', '.join(variants())})")
     p.add_argument("--seeds", default="",
                    help="student seeds for the methods part, e.g. 0,1,2 (default: the run's seed); other seeds' rows "
                         "are named VARIANT@seedN and summarised as mean ± std by the report")
@@ -445,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise RayflowError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
-        bad = sorted(set(names) - set(VARIANTS))
-        require(not bad, f"--methods: unknown variant(s) {bad}; expected {', '.join(VARIANTS)}")
+        bad = sorted(set(names) - set(variants()))
+        require(not bad, f"--methods: unknown variant(s) {bad}; expected {', '.join(variants())}")
         require(Path(args.data).is_dir(), f"--data {args.data}: no such directory (the Fashion-MNIST IDX files)")
         gpu = torch.cuda.is_available()
         require(gpu or args.allow_cpu or parts == ("report",),

@@ -152,7 +152,7 @@ def job_distill(task: dict) -> dict:
             for nfe in NFES:
                 x = method.sample(result.student, noise, sched, nfe, cond=labels)
                 row[f"nfe{nfe}"] = float(scorer.score(x, labels)[_metric(spec)])
-        if method.config.time_sampler == "learned":  # keep the learned distribution's log and plot
+        if method.config.time.time_sampler == "learned":  # keep the learned distribution's log and plot
             for name in ("time_sampler.png", "time_sampler.json"):
                 src = tmp / "student" / name
                 if src.exists():

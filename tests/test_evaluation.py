@@ -228,3 +228,24 @@ def test_evaluate_vectors():
     assert shifted["sw"] == pytest.approx(1 / math.sqrt(2), rel=0.15)  # |v| / sqrt(d)
     assert shifted["mmd"] > 0.05 and shifted["mmd"] > 20 * abs(fresh["mmd"]) and shifted["sw"] > 3 * fresh["sw"]
     assert set(shifted) == {"sw", "mmd"}
+
+
+def test_format_comparison_reads_at_a_glance():
+    from rayflow.evaluation import format_comparison
+
+    rows = [{"method": "teacher ddim-50", "nfe": 50, "fd": 1.5},
+            {"method": "heun", "nfe": 2, "fd": 25.8}, {"method": "heun", "nfe": 4, "fd": 9.0},
+            {"method": "reflow", "nfe": 2, "fd": 4.0}, {"method": "reflow", "nfe": 4, "fd": 3.0},
+            {"method": "rayflow", "nfe": 2, "fd": 3.5}, {"method": "rayflow", "nfe": 4, "fd": 3.2},
+            {"method": "broken", "nfe": 2, "fd": 2.0}]
+    lines = format_comparison(rows, "fd", sort_nfe=4, names={"reflow": "2-Rectified Flow"},
+                              reference="teacher ddim-50").splitlines()
+    assert "lower is better" in lines[0]
+    assert lines[2] == "| method | NFE 2 | NFE 4 |"
+    assert lines[4] == "| teacher ddim-50 (reference, NFE 50) | 1.5 | 1.5 |"
+    # sorted by NFE 4 (best first), a method without NFE 4 last; the best of each column in bold
+    assert [line.split(" | ")[0][2:] for line in lines[5:]] == ["2-Rectified Flow", "rayflow", "heun", "broken"]
+    assert lines[5] == "| 2-Rectified Flow | 4 | **3** |" and lines[8] == "| broken | **2** | – |"
+    acc = [{"method": "a", "nfe": 1, "accuracy": 0.5}, {"method": "b", "nfe": 1, "accuracy": 0.9}]
+    higher = format_comparison(acc, "accuracy", sort_nfe=1).splitlines()
+    assert "higher is better" in higher[0] and higher[4] == "| b | **0.9** |"

@@ -199,8 +199,8 @@ def test_eps_mu_matches_a_direct_loop(timestep_set):
     teacher = ExactTeacher(mix, sched, conditional=True)
     x0, labels = mix.sample(40, torch.Generator().manual_seed(0))
     eps = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
-    cfg = RayFlowConfig(k_timesteps=5, timestep_set=timestep_set, timestep_min=10)
-    ts = eps_mu_timesteps(cfg, sched.T, 40, torch.Generator().manual_seed(2))
+    cfg = RayFlowConfig.from_dict(k_timesteps=5, timestep_set=timestep_set, timestep_min=10)
+    ts = eps_mu_timesteps(cfg.targets, sched.T, 40, torch.Generator().manual_seed(2))
     got = unified_noise_expectation(teacher, x0, eps, ts, sched, labels, guidance=3.0)
     want = torch.zeros_like(x0)
     for i in range(40):
@@ -269,7 +269,7 @@ def test_cache_resumes_after_a_kill_and_refuses_a_mismatch(tmp_path):
     ds = load_dataset(MOG)
     sched = SCHEDULES["linear"]
     exact = ExactTeacher(ds.mixture, sched)
-    method = RayFlow(RayFlowConfig(k_timesteps=4, cache_size=100, cache_shard_size=32, x0_source="data"))
+    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=4, cache_size=100, cache_shard_size=32, x0_source="data"))
     root = tmp_path / "cache" / "eps_mu" / "data"
     # one teacher call per shard for data x0: the 3rd call dies while shard 2 is computed
     dying = DyingTeacher(exact, die_at=3)
@@ -287,11 +287,11 @@ def test_cache_resumes_after_a_kill_and_refuses_a_mismatch(tmp_path):
     from rayflow.methods.rayflow import _noise_from_seeds
 
     eps = _noise_from_seeds(resumed["noise_seed"][:5], (8,))
-    ts = eps_mu_timesteps(method.config, sched.T, 5)
+    ts = eps_mu_timesteps(method.config.targets, sched.T, 5)
     want = unified_noise_expectation(exact, ds.x[resumed["index"][:5]], eps, ts, sched)
     torch.testing.assert_close(resumed["eps_mu"][:5], want)
     # another K, another teacher or another data set: refused with the differing key named
-    other = RayFlow(RayFlowConfig(k_timesteps=8, cache_size=100, cache_shard_size=32, x0_source="data"))
+    other = RayFlow(RayFlowConfig.from_dict(k_timesteps=8, cache_size=100, cache_shard_size=32, x0_source="data"))
     with pytest.raises(RayflowError, match="k_timesteps=4.*k_timesteps=8"):
         other.build_pool(_context(tmp_path, ds, exact, sched), exact, "data", root)
     stranger = ExactTeacher(GaussianMixture.from_options(dim=8, modes=6, std=0.3, seed=3), sched)
@@ -305,7 +305,7 @@ def test_teacher_pool_holds_teacher_samples(tmp_path):
     ds = load_dataset(MOG)
     sched = SCHEDULES["scaled_linear"]
     exact = ExactTeacher(ds.mixture, sched)
-    method = RayFlow(RayFlowConfig(k_timesteps=2, cache_size=40, cache_shard_size=16, x0_source="teacher",
+    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=2, cache_size=40, cache_shard_size=16, x0_source="teacher",
                                    teacher_steps=10))
     pool = method.build_pool(_context(tmp_path, ds, exact, sched), exact, "teacher", tmp_path / "tp")
     from rayflow.methods.rayflow import _noise_from_seeds, teacher_x0
@@ -419,12 +419,12 @@ def test_teacher_initialised_student_starts_as_the_teacher(tmp_path):
     ctx.student_config, ctx.student_init = cfg, net.state_dict()
     x, t = torch.randn(16, 8), torch.full((16,), 600.0)
     for form in ("epsilon", "velocity"):
-        method = RayFlow(RayFlowConfig(parameterization=form, network_prediction="epsilon"))
+        method = RayFlow(RayFlowConfig.from_dict(parameterization=form, network_prediction="epsilon"))
         student = method.wrap_student(method.build_network(ctx), sched)
         torch.testing.assert_close(student(x, t), RayStudent(net, sched, form)(x, t))
-    assert RayFlow(RayFlowConfig(parameterization="epsilon")).build_network(ctx).prediction_type == "epsilon"
+    assert RayFlow(RayFlowConfig.from_dict(parameterization="epsilon")).build_network(ctx).prediction_type == "epsilon"
 
-    method = RayFlow(RayFlowConfig(parameterization="velocity"))
+    method = RayFlow(RayFlowConfig.from_dict(parameterization="velocity"))
     head = method.build_network(ctx)
     assert head.prediction_type == "flow"
     for (k, v), (_, w) in zip(head.state_dict().items(), net.state_dict().items()):
@@ -457,7 +457,7 @@ def test_bad_options_are_one_line_errors_and_exit_code_2(tmp_path, capsys, optio
 def test_every_spacing_samples_exactly(spacing):
     sched = SCHEDULES["scaled_linear"]
     x0, eps_mu = _instances(seed=7)
-    method = RayFlow(RayFlowConfig(spacing=spacing))
+    method = RayFlow(RayFlowConfig.from_dict(spacing=spacing))
     grid = make_timesteps(3, sched.T, spacing, schedule=sched)
     a, s = _coef(sched, grid[0], x0)
     out = method.sample(OracleStudent(x0, eps_mu, "velocity"), ray_point(x0, eps_mu, a, s), sched, 3)

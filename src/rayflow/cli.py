@@ -99,23 +99,12 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-#: method options that set the pool size (pairs or instances), aliased by --pool-size
-POOL_SIZE_OPTIONS = ("pool_size", "num_pairs", "cache_size")
-
-
-def _pool_size_options(method_name: str, pool_size: int | None, options: dict[str, str]) -> dict[str, str]:
-    """``--pool-size N`` as the method's own pool option (``num_pairs`` / ``cache_size``)."""
+def _pool_size_options(pool_size: int | None, options: dict[str, str]) -> dict[str, str]:
+    """``--pool-size N``: one name for every method's pool of pairs / instances (the method option pool_size)."""
     if pool_size is None:
         return options
-    import dataclasses
-
-    from rayflow.methods import get_method
-
     require(pool_size >= 1, f"--pool-size must be >= 1, got {pool_size}")
-    names = {f.name for f in dataclasses.fields(get_method(method_name).config_class)}
-    key = next((k for k in POOL_SIZE_OPTIONS if k in names), None)
-    require(key is not None, f"--pool-size: method {method_name} has no pool of pairs or instances")
-    return {**options, key: str(pool_size)}
+    return {**options, "pool_size": str(pool_size)}
 
 
 def _is_sd_distill(args: argparse.Namespace) -> bool:
@@ -141,8 +130,7 @@ def cmd_distill_sd(args: argparse.Namespace) -> int:
     options = SDOptions(lora=lora, resolution=args.resolution, center_crop=not args.random_crop,
                         random_flip=args.random_flip, gradient_checkpointing=args.gradient_checkpointing,
                         teacher_dtype=args.teacher_dtype)
-    method = get_method(args.method).from_options(
-        _pool_size_options(args.method, args.pool_size, _parse_options(args.option)))
+    method = get_method(args.method).from_options(_pool_size_options(args.pool_size, _parse_options(args.option)))
     train = _train_config(args)
     t0 = time.time()
     result = distill_sd(method, args.teacher, args.data, args.out, train, options, guidance=args.guidance,
@@ -162,8 +150,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                      ("--full-finetune", args.full_finetune), ("--resolution", args.resolution))
                if on]
     require(not sd_only, f"{', '.join(sd_only)}: only for a diffusers pipeline teacher (--teacher PIPE_DIR)")
-    method = get_method(args.method).from_options(
-        _pool_size_options(args.method, args.pool_size, _parse_options(args.option)))
+    method = get_method(args.method).from_options(_pool_size_options(args.pool_size, _parse_options(args.option)))
     t0 = time.time()
     result = distill(method, args.teacher, args.data, args.out, _train_config(args), guidance=args.guidance,
                      cache_dir=args.cache, schedule_name=args.schedule, progress=not args.no_progress,
@@ -316,6 +303,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from rayflow.methods import available_methods  # the registry names the methods in the help
+
     p = argparse.ArgumentParser(prog="rayflow", description="Few-step generators distilled from diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -332,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train_teacher)
 
     d = sub.add_parser("distill", help="distil a teacher into a few-step student")
-    d.add_argument("--method", required=True, help="rayflow, proreflow, perflow, reflow, rectified-diffusion")
+    d.add_argument("--method", required=True, help="one of: " + ", ".join(available_methods()))
     d.add_argument("--teacher", required=True, help="teacher directory, or 'exact' for mog data")
     d.add_argument("--data", required=True, help="data spec (the teacher's data)")
     d.add_argument("--out", required=True, help="output directory (resumes if it holds a checkpoint)")
@@ -341,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
                    help="noise schedule of the exact teacher")
     d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeat)")
-    d.add_argument("--pool-size", type=int, default=None,
-                   help="pairs or instances in the method's pool (alias of its num_pairs / cache_size option)")
+    d.add_argument("--pool-size", type=int, default=None, metavar="N",
+                   help="pairs (or RayFlow instances) in the method's training pool; sets option pool_size")
     sdg = d.add_argument_group("diffusers pipeline teachers (--teacher PIPE_DIR --data captions:path=DIR)")
     sdg.add_argument("--lora-rank", type=int, default=None, help="LoRA rank of the student (default 64)")
     sdg.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")

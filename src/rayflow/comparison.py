@@ -81,7 +81,7 @@ def compare(generators: dict[str, Any], nfes: list[int], noise: torch.Tensor, sc
     """Score each generator within each NFE budget (at the largest NFE it can spend without exceeding it),
     from the same ``noise`` and ``labels``.
 
-    ``generators`` maps a row name to ``(Generator, sampler_or_None)``. Rows record the steps and sampler,
+    ``generators`` maps a row name to ``(FewStepModel, sampler_or_None)``. Rows record the steps and sampler,
     the seconds per sample, and whatever ``extra[name]`` holds (e.g. the teacher NFEs a method spent).
     ``keep`` (if given) receives the samples, keyed by ``(name, nfe)``.
     """

@@ -3,7 +3,7 @@
 Every model directory is self-describing: ``config.json`` says whether it holds a teacher or a student, the
 network, the schedule, the data spec it was trained on and, for students, the method (with its config) whose
 sampler it needs. :func:`load_generator` turns any such directory - or the exact mixture teacher - into a
-:class:`Generator` with one ``generate(noise, steps, cond)`` call.
+:class:`FewStepModel` with one ``generate(noise, steps, cond)`` call.
 """
 
 from __future__ import annotations
@@ -122,12 +122,14 @@ def distill(
         cfg = read_json(cfg_path)
         cfg["teacher_nfe"] = int(result.teacher_nfe)
         write_json_atomic(cfg, cfg_path)
+        # the diffusers scheduler that samples this student, so any diffusers-style loop can drive it
+        method.make_scheduler(schedule, method.raw_network(result.student)).save_config(str(out_dir / "scheduler"))
     return result
 
 
 # ---------------------------------------------------------------------- generators
 @dataclass
-class Generator:
+class FewStepModel:
     """A teacher (solved with a training-free sampler) or a distilled student (its method's sampler)."""
 
     model: Denoiser
@@ -174,13 +176,13 @@ class Generator:
 
 
 def load_generator(model: str | None = None, teacher: str | None = None, data: str | None = None,
-                   schedule_name: str = "linear", device: str | torch.device = "cpu") -> Generator:
+                   schedule_name: str = "linear", device: str | torch.device = "cpu") -> FewStepModel:
     """``model=DIR`` (teacher or student directory), or ``teacher="exact"`` with ``data="mog:..."``."""
     if model is None:
         require(teacher == "exact" and data is not None, "give --model DIR, or --teacher exact with --data SPEC")
         dataset = load_dataset(data)
         net, schedule, _ = load_teacher("exact", dataset, schedule_name)
-        return Generator(net, schedule, tuple(dataset.sample_shape), dataset.num_classes, dataset.spec)
+        return FewStepModel(net, schedule, tuple(dataset.sample_shape), dataset.num_classes, dataset.spec)
     config = read_json(Path(model) / "config.json")
     kind = config.get("kind")
     require(kind in ("teacher", "student"), f"{model}/config.json: unknown model kind {kind!r}")
@@ -189,17 +191,20 @@ def load_generator(model: str | None = None, teacher: str | None = None, data: s
     shape = tuple(config["model"]["sample_shape"])
     if kind == "teacher":
         sampler = config.get("sampler", TEACHER_SAMPLER)
-        return Generator(network.eval(), schedule, shape, network.num_classes, config.get("data", ""),
+        return FewStepModel(network.eval(), schedule, shape, network.num_classes, config.get("data", ""),
                          default_sampler=sampler["name"], default_steps=int(sampler["steps"]))
     method_info = config.get("method") or {}
     method_cls = get_method(method_info.get("name", ""))
     try:
-        method = method_cls(method_cls.config_class(**method_info.get("config", {})))
+        method = method_cls(method_cls.config_from_dict(method_info.get("config", {})))
     except TypeError as exc:
         raise RayflowError(f"{model}/config.json: method config does not fit {method_cls.name}: {exc}") from exc
     student = method.wrap_student(network.eval(), schedule)
-    return Generator(student, schedule, shape, network.num_classes, config.get("data", ""), method=method,
+    return FewStepModel(student, schedule, shape, network.num_classes, config.get("data", ""), method=method,
                      default_steps=4)
 
 
-__all__ = ["Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]
+#: the old name (it collided with ``torch.Generator``); kept for one release
+Generator = FewStepModel
+
+__all__ = ["FewStepModel", "Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]

@@ -46,6 +46,7 @@ __all__ = [
     "EvalResult",
     "evaluate_images",
     "evaluate_vectors",
+    "format_comparison",
     "format_table",
     "load_samples_npz",
     "make_result",
@@ -140,6 +141,60 @@ def format_table(rows: Sequence[EvalResult | Mapping[str, Any]]) -> str:
     for f in flat:
         lines.append("| " + " | ".join([str(f["method"]), str(int(f["nfe"]))] + [_fmt(f.get(c)) for c in columns])
                      + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: metrics where a larger value is better (every other metric: lower is better)
+HIGHER_IS_BETTER: frozenset[str] = frozenset({"accuracy", "fidelity"})
+
+
+def format_comparison(rows: Sequence[EvalResult | Mapping[str, Any]], metric: str, sort_nfe: int = 4,
+                      names: Mapping[str, str] | None = None, reference: str | None = None) -> str:
+    """A Markdown table to read at a glance: one row per method, one ``metric`` column per NFE.
+
+    The ``reference`` row (e.g. the teacher at 50 steps) comes first; the others are sorted by ``metric`` at
+    ``sort_nfe`` (best first; methods without that NFE last), the best value of every NFE column is bold, and
+    the header says which direction is better. ``names`` maps a row's method to its display name.
+    """
+    flat, _ = _rows_and_columns(rows)
+    names = dict(names or {})
+    higher = metric in HIGHER_IS_BETTER
+    table: dict[str, dict[int, float]] = {}
+    for f in flat:
+        v = f.get(metric)
+        if _is_number(v):
+            table.setdefault(str(f["method"]), {})[int(f["nfe"])] = float(v)
+    ref = table.pop(reference, None) if reference is not None else None
+    nfes = sorted({n for vals in table.values() for n in vals})
+
+    def key(item: tuple[str, dict[int, float]]) -> tuple[int, float, str]:
+        v = item[1].get(sort_nfe)
+        if v is None or not math.isfinite(v):
+            return (1, 0.0, item[0])
+        return (0, -v if higher else v, item[0])
+
+    ordered = sorted(table.items(), key=key)
+    best = {}
+    for n in nfes:
+        vals = [vals[n] for _, vals in ordered if n in vals and math.isfinite(vals[n])]
+        if vals:
+            best[n] = max(vals) if higher else min(vals)
+    better = "higher" if higher else "lower"
+    title = f"{metric.upper()} by NFE ({better} is better; sorted by NFE {sort_nfe}; best of each column in bold)"
+    lines = [title, "",
+             "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|" + "|".join(["---:"] * len(nfes)) + "|"]
+    if ref is not None:
+        (ref_nfe, ref_value), = list(ref.items())[:1]
+        lines.append(f"| {names.get(reference, reference)} (reference, NFE {ref_nfe}) | "
+                     + " | ".join([_fmt(ref_value)] * len(nfes)) + " |")
+    for method, vals in ordered:
+        cells = []
+        for n in nfes:
+            v = vals.get(n)
+            cell = _fmt(v)
+            cells.append(f"**{cell}**" if v is not None and best.get(n) == v else cell)
+        lines.append(f"| {names.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ from a cache still reports what it cost to make.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,19 @@ import torch
 
 from rayflow.caches import build_or_load, model_fingerprint
 from rayflow.errors import require
-from rayflow.methods.base import CountingDenoiser
 from rayflow.models.base import Condition, Denoiser, with_guidance
+from rayflow.models.counting import CountingDenoiser
 from rayflow.samplers import get_sampler, make_timesteps, window_timesteps
 from rayflow.schedules import VPSchedule
+
+# the window maths moved to rayflow.windows; re-exported here for one release
+from rayflow.windows import (  # noqa: F401
+    check_stage_windows,
+    merge_windows,
+    subwindow_grid,
+    window_boundaries,
+    window_index,
+)
 
 #: solvers a teacher may use for pairs, with their diffusers names in comments
 PAIR_SOLVERS = ("ddim", "dpm++2m", "heun", "euler")
@@ -130,71 +139,6 @@ def _chunks(n: int, size: int):
 
 
 # ---------------------------------------------------------------------- time windows
-def window_boundaries(num_windows: int, num_train_timesteps: int) -> torch.Tensor:
-    """The ``K + 1`` boundaries ``T-1 = b_0 > b_1 > ... > b_K = -1`` of ``K`` equal windows (float64).
-
-    In flow time ``tau = (t + 1) / T`` these are ``1, (K-1)/K, ..., 0``: PeRFlow's ``Time_Windows`` [CODE] and
-    Rectified Diffusion-Phased's phase ends 999/749/499/249 for ``K = 4`` [CODE]. ``K`` must divide ``T`` so the
-    boundaries are integer timesteps.
-    """
-    T = int(num_train_timesteps)
-    require(isinstance(num_windows, int) and num_windows >= 1, f"the window count must be >= 1, got {num_windows}")
-    require(num_windows <= T, f"{num_windows} windows exceed the schedule's {T} timesteps")
-    require(T % num_windows == 0,
-            f"{num_windows} windows do not divide the schedule's {T} timesteps; use a divisor of {T}")
-    width = T // num_windows
-    return torch.tensor([T - 1 - k * width for k in range(num_windows)] + [-1], dtype=torch.float64)
-
-
-def check_stage_windows(stages: Sequence[int], num_train_timesteps: int) -> list[torch.Tensor]:
-    """Boundaries of every stage of a progressive schedule (e.g. ``8 -> 4 -> 2``), checking that each count
-    divides ``T`` and the previous stage's count (so every new window is a union of previous windows)."""
-    stages = [int(k) for k in stages]
-    require(len(stages) >= 1, "the window schedule needs at least one stage")
-    out = []
-    for i, k in enumerate(stages):
-        out.append(window_boundaries(k, num_train_timesteps))
-        if i > 0:
-            prev = stages[i - 1]
-            require(k < prev and prev % k == 0,
-                    f"stage {i + 1} has {k} windows, which does not divide stage {i}'s {prev} windows; each stage "
-                    f"must merge whole windows of the previous one (e.g. 8,4,2)")
-    return out
-
-
-def merge_windows(boundaries: torch.Tensor, factor: int) -> torch.Tensor:
-    """Merge every ``factor`` adjacent windows: keep every ``factor``-th boundary."""
-    k = boundaries.numel() - 1
-    require(factor >= 1 and k % factor == 0, f"cannot merge {k} windows in groups of {factor}")
-    return boundaries[::factor].clone()
-
-
-def window_index(t: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
-    """Index ``k`` of the window ``(b_{k+1}, b_k]`` that contains each timestep ``t`` (``t = -1`` -> last)."""
-    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
-    inner = boundaries[1:-1].to(t.device).reshape(1, -1)
-    return (inner >= t - 1e-9).sum(1).clamp(max=boundaries.numel() - 2)
-
-
-def subwindow_grid(t_start: torch.Tensor, t_end: torch.Tensor, boundaries: torch.Tensor,
-                   steps_per_window: int) -> torch.Tensor:
-    """Per-sample grids ``[B, N+1]`` from ``t_start`` to ``t_end`` that stop at every boundary in between and take
-    ``steps_per_window`` equal steps inside each window (all rows must span the same number of windows)."""
-    t_start = torch.as_tensor(t_start, dtype=torch.float64).flatten()
-    t_end = torch.as_tensor(t_end, dtype=torch.float64).flatten()
-    rows = []
-    for ts, te in zip(t_start.tolist(), t_end.tolist()):
-        inside = [b for b in boundaries.tolist() if te < b < ts]
-        points = [ts, *inside, te]
-        row = []
-        for a, b in zip(points[:-1], points[1:]):
-            row += torch.linspace(a, b, steps_per_window + 1, dtype=torch.float64)[:-1].tolist()
-        rows.append(row + [te])
-    lengths = {len(r) for r in rows}
-    require(len(lengths) == 1, "subwindow_grid: every row must cross the same number of windows")
-    return torch.tensor(rows, dtype=torch.float64)
-
-
 # ---------------------------------------------------------------------- (a) global pairs
 def teacher_global_solver(teacher: Denoiser, schedule: VPSchedule, solver: str = "dpm++2m", steps: int = 25,
                           guidance: float = 1.0, spacing: str = "trailing") -> GlobalSolve:
@@ -219,7 +163,7 @@ def global_pairs(
     """(a) ``num_pairs`` pairs ``noise -> sample`` (keys ``noise``, ``sample``, ``labels`` when conditional, ``nfe``).
 
     ``solve`` is :func:`teacher_global_solver` (or a student's sampler); ``counter`` is the
-    :class:`~rayflow.methods.CountingDenoiser` it evaluates (the cost per item is measured through it).
+    :class:`~rayflow.models.counting.CountingDenoiser` it evaluates (the cost per item is measured through it).
     Labels are those of random rows of ``dataset`` (its class frequencies), dropped to the null label with
     probability ``label_dropout``.
     """

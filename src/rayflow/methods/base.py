@@ -10,37 +10,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from diffusers import SchedulerMixin
 
 from rayflow.errors import RayflowError, require
 from rayflow.models import Condition, Denoiser, ModelConfig, build_model
+from rayflow.models.counting import CountingDenoiser
+from rayflow.schedulers import run_scheduler
 from rayflow.schedules import VPSchedule
-
-
-class CountingDenoiser(Denoiser):
-    """Wraps a frozen teacher and counts its per-sample evaluations (rows of every batch it sees).
-
-    Classifier-free guidance doubles the count, as it doubles the cost. The count is what methods report as
-    ``teacher_nfe``: pair generation, eps_mu estimation and in-loop teacher solves all included.
-    """
-
-    def __init__(self, model: Denoiser) -> None:
-        super().__init__()
-        self.model = model
-        self.prediction_type = model.prediction_type
-        self.num_classes = model.num_classes
-        self.evaluations = 0
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
-        self.evaluations += x.shape[0]
-        return self.model(x, t, cond)
-
-    def null_condition(self, batch_size: int, device: torch.device) -> Condition:
-        return self.model.null_condition(batch_size, device)
 
 
 @dataclass
@@ -67,6 +49,34 @@ class DistillContext:
         if self.student_init is not None:
             net.load_state_dict(copy.deepcopy(self.student_init))
         return net.to(self.device)
+
+    def build_student(self, config: ModelConfig | None = None, init: Denoiser | None = None) -> Denoiser:
+        """The student every method starts from: ``config`` (default: the teacher's architecture) initialised from
+        the run's seed alone, then given ``init``'s weights (an earlier stage) or the teacher's (``student_init``).
+
+        Seeding a forked RNG makes two runs of one configuration the same run, and a resumed run match an
+        uninterrupted one, whatever the global RNG holds.
+        """
+        from rayflow.checkpoint import unwrap_denoiser
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.train.seed))
+            net = build_model(config or self.student_config)
+        if init is not None:
+            net.load_state_dict(unwrap_denoiser(init).state_dict())
+        elif self.student_init is not None:
+            net.load_state_dict({k: v.clone() for k, v in self.student_init.items()})
+        return net.to(self.device)
+
+    def train_stage(self, method: Method, network: Denoiser, objective: Any, steps: int, out_dir: Path,
+                    **run_extra: Any) -> Denoiser:
+        """Train ``network`` on ``objective`` for ``steps`` updates into ``out_dir`` with the shared trainer;
+        ``run_extra`` is added to (and may override keys of) the run's ``config.json``."""
+        from rayflow.training import Trainer
+
+        train = dataclasses.replace(self.train, max_steps=int(steps))
+        run_config = {**self.run_config(method), **run_extra}
+        return Trainer(network, objective, train, out_dir, run_config, accelerator=self.accelerator).train()
 
     def run_config(self, method: Method, **extra: Any) -> dict[str, Any]:
         """The ``config.json`` of a student directory: enough to rebuild and sample it."""
@@ -96,6 +106,23 @@ class Method:
     config_class: ClassVar[type] = object
     #: which NFEs the method's sampler supports well (the demo and benchmark evaluate these)
     nfes: ClassVar[tuple[int, ...]] = (1, 2, 4, 8)
+    #: the name tables and plots show (the paper's)
+    display_name: ClassVar[str] = ""
+    #: options of ``rayflow demo`` (pools sized for its few hundred student steps; defaults are for real runs)
+    demo_options: ClassVar[dict[str, str]] = {"pool_size": "4096"}
+    #: options of a CPU dry run (``benchmarks/fashion_mnist.py --tiny``, tests): the smallest pools that work
+    tiny_options: ClassVar[dict[str, str]] = {"pool_size": "64"}
+    #: benchmark rows of this method: row name -> options (ablations are opt-in rows of the method's own)
+    benchmark_variants: ClassVar[dict[str, dict[str, str]] | None] = None
+
+    @classmethod
+    def variants(cls) -> dict[str, dict[str, str]]:
+        """The benchmark rows of this method (by default one, named after it, with its default options)."""
+        return dict(cls.benchmark_variants) if cls.benchmark_variants is not None else {cls.name: {}}
+
+    @classmethod
+    def title(cls) -> str:
+        return cls.display_name or cls.name
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -106,15 +133,27 @@ class Method:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Method:
-        """Build from ``--option key=value`` pairs (strings are converted to the field types)."""
-        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        """Build from ``--option key=value`` pairs (strings are converted to the field types).
+
+        Keys are flat even when the config nests its options in sections (:func:`config_fields`).
+        """
+        fields = config_fields(cls.config_class)
+        default = cls.config_class()
         kwargs: dict[str, Any] = {}
         for key, value in options.items():
             key = key.replace("-", "_")
+            if key in DEPRECATED_OPTIONS and key not in fields and DEPRECATED_OPTIONS[key] in fields:
+                print(f"rayflow: warning: --option {key} is deprecated, use {DEPRECATED_OPTIONS[key]} "
+                      f"(or --pool-size); the old name goes in the next release", file=sys.stderr)
+                key = DEPRECATED_OPTIONS[key]
             require(key in fields, f"--method {cls.name}: unknown option {key!r}; valid: {', '.join(sorted(fields))}")
-            default = getattr(cls.config_class(), key)
-            kwargs[key] = _coerce(value, default, f"--method {cls.name}: option {key}")
-        return cls(cls.config_class(**kwargs))
+            kwargs[key] = _coerce(value, _get_path(default, fields[key]), f"--method {cls.name}: option {key}")
+        return cls(config_from_dict(cls.config_class, kwargs))
+
+    @classmethod
+    def config_from_dict(cls, mapping: dict[str, Any]) -> Any:
+        """The config saved in a student's ``config.json`` (nested by section, or flat as older runs wrote it)."""
+        return config_from_dict(cls.config_class, mapping)
 
     def distill(self, ctx: DistillContext) -> DistillResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -127,9 +166,95 @@ class Method:
         """Turn the trained network into the model :meth:`sample` expects (identity unless reparameterised)."""
         return network
 
+    def raw_network(self, student: Denoiser) -> Denoiser:
+        """The network inside :meth:`wrap_student`'s wrapper: what is saved on disk and what a scheduler drives."""
+        return student
+
+    def make_scheduler(self, schedule: VPSchedule, network: Denoiser | None = None) -> SchedulerMixin:
+        """The diffusers scheduler that samples a trained student of this method (:mod:`rayflow.schedulers`).
+
+        ``network`` (the raw student) is consulted only where the config does not say what the network outputs.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no scheduler")  # pragma: no cover - abstract
+
     def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
-               cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+               cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:
+        """``steps``-step samples from ``noise``: the one loop over this method's scheduler (CFG inside)."""
+        require(int(steps) >= 1, f"{self.name}: steps must be >= 1, got {steps}")
+        network = self.raw_network(student)
+        return run_scheduler(network, self.make_scheduler(schedule, network), noise, int(steps), cond, guidance)
+
+
+def _section_class(f: dataclasses.Field) -> type | None:
+    """The dataclass of a config section (a field whose default factory is a dataclass), else None."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def config_fields(config_class: type) -> dict[str, tuple[str, ...]]:
+    """Flat option name -> attribute path, through nested sections: ``{"sigma": ("ray", "sigma"), ...}``.
+
+    Option names stay flat (``--option sigma=0.1``) whatever the nesting, so they must be unique across sections.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(config_class):
+        sub = _section_class(f)
+        if sub is None:
+            out[f.name] = (f.name,)
+            continue
+        for name, path in config_fields(sub).items():
+            if name in out:
+                raise TypeError(f"{config_class.__name__}: option {name!r} appears in two sections")
+            out[name] = (f.name, *path)
+    return out
+
+
+def _get_path(obj: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def config_from_dict(config_class: type, mapping: dict[str, Any]) -> Any:
+    """Build a (possibly nested) config from flat option names, nested section dicts, or a mix of the two.
+
+    Unknown names raise ``TypeError`` (as the dataclass constructor would).
+    """
+    fields = config_fields(config_class)
+    sections = {f.name: _section_class(f) for f in dataclasses.fields(config_class)}
+    flat: dict[str, Any] = {}
+    for key, value in _renamed(mapping, fields).items():
+        if sections.get(key) is not None and isinstance(value, dict):
+            for sub_key, sub_value in _renamed(value, fields).items():  # a section as dataclasses.asdict writes it
+                if sub_key not in fields or fields[sub_key][0] != key:
+                    raise TypeError(f"unexpected option {sub_key!r} in section {key!r}")
+                flat[sub_key] = sub_value
+        elif key in fields:
+            flat[key] = value
+        else:
+            raise TypeError(f"unexpected option {key!r}")
+    return _build(config_class, flat)
+
+
+#: old option names -> the one name every method now uses (old config.json files are read silently)
+DEPRECATED_OPTIONS = {"num_pairs": "pool_size", "cache_size": "pool_size"}
+
+
+def _renamed(mapping: dict[str, Any], fields: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    return {DEPRECATED_OPTIONS[k] if (k in DEPRECATED_OPTIONS and k not in fields and DEPRECATED_OPTIONS[k] in fields)
+            else k: v for k, v in mapping.items()}
+
+
+def _build(config_class: type, flat: dict[str, Any]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(config_class):
+        sub = _section_class(f)
+        if sub is not None:
+            kwargs[f.name] = _build(sub, flat)
+        elif f.name in flat:
+            value = flat[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value  # JSON wrote a tuple as a list
+    return config_class(**kwargs)
 
 
 def _coerce(value: Any, default: Any, what: str) -> Any:

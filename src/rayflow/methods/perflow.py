@@ -45,9 +45,20 @@ from rayflow.errors import require
 from rayflow.losses import aligned_velocity_loss, regression_loss
 from rayflow.methods import register
 from rayflow.methods.base import DistillContext, DistillResult, Method
-from rayflow.models.base import Condition, Denoiser, with_guidance
+from rayflow.models.base import Condition, Denoiser
+from rayflow.schedulers import PiecewiseFlowScheduler, schedule_fields
 from rayflow.schedules import VPSchedule, expand_like, timestep_to_flow_time
-from rayflow.training import LossOutput, Trainer, unwrap_denoiser
+from rayflow.training import LossOutput
+from rayflow.windows import (  # re-exported: PeRFlow's names before the window maths moved to rayflow.windows
+    WindowPoint,
+    epsilon_target,
+    native_target,
+    piecewise_timesteps,
+    point_coefficients,
+    window_coefficients,
+    window_end_prediction,
+    window_velocity,
+)
 
 PARAMETERIZATIONS = ("diff_eps", "ddim_eps", "velocity")
 _ALIASES = {"eps": "diff_eps", "v": "velocity"}
@@ -79,98 +90,7 @@ def _resolved(name: str) -> str:
 
 
 # ---------------------------------------------------------------------- conversions
-def window_coefficients(schedule: VPSchedule, t_start: torch.Tensor, t_end: torch.Tensor,
-                        parameterization: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lambda_s, eta_s)`` (float64 ``[B]``) with ``z_e = lambda_s z_s + eta_s eps`` for the epsilon modes."""
-    ab_s, ab_e = schedule.alpha_bar(t_start), schedule.alpha_bar(t_end)
-    if parameterization == "diff_eps":
-        gamma = (ab_s / ab_e).sqrt()
-        return 1.0 / gamma, -(1.0 - gamma**2).clamp(min=0).sqrt() / gamma
-    if parameterization == "ddim_eps":
-        return (ab_e / ab_s).sqrt(), (1.0 - ab_e).sqrt() - (ab_e * (1.0 - ab_s) / ab_s).sqrt()
-    raise ValueError(f"no epsilon coefficients for parameterization {parameterization!r}")
-
-
-def point_coefficients(lam_s: torch.Tensor, eta_s: torch.Tensor, tau_s: torch.Tensor, tau_e: torch.Tensor,
-                       tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lambda_t, eta_t)`` at flow time ``tau`` inside the window (PeRFlow's scheduler, see module doc)."""
-    d = lam_s * (tau - tau_s) + (tau_e - tau)
-    return lam_s * (tau_e - tau_s) / d, eta_s * (tau_e - tau) / d
-
-
-def epsilon_target(z_start: torch.Tensor, z_end: torch.Tensor, lam_s: torch.Tensor,
-                   eta_s: torch.Tensor) -> torch.Tensor:
-    """``eps* = (z_e - lambda_s z_s) / eta_s``: the epsilon that makes the whole window one straight chord."""
-    return (z_end - expand_like(lam_s, z_end) * z_start) / expand_like(eta_s, z_end)
-
-
-@dataclass
-class WindowPoint:
-    """Where a batch sits: timestep ``t``, its window ``(t_s, t_e)`` and the flow times of the three (float64)."""
-
-    t: torch.Tensor
-    t_start: torch.Tensor
-    t_end: torch.Tensor
-    T: int
-
-    @property
-    def tau(self) -> torch.Tensor:
-        return timestep_to_flow_time(self.t, self.T)
-
-    @property
-    def tau_start(self) -> torch.Tensor:
-        return timestep_to_flow_time(self.t_start, self.T)
-
-    @property
-    def tau_end(self) -> torch.Tensor:
-        return timestep_to_flow_time(self.t_end, self.T)
-
-
-def window_end_prediction(pred: torch.Tensor, z: torch.Tensor, where: WindowPoint, schedule: VPSchedule,
-                          parameterization: str) -> torch.Tensor:
-    """The network output at ``z`` turned into the predicted window end ``z_e_hat``."""
-    if parameterization == "velocity":
-        return z + expand_like(where.tau_end - where.tau, z) * pred
-    lam_s, eta_s = window_coefficients(schedule, where.t_start, where.t_end, parameterization)
-    lam_t, eta_t = point_coefficients(lam_s, eta_s, where.tau_start, where.tau_end, where.tau)
-    return expand_like(lam_t, z) * z + expand_like(eta_t, z) * pred
-
-
-def window_velocity(pred: torch.Tensor, z: torch.Tensor, where: WindowPoint, schedule: VPSchedule,
-                    parameterization: str) -> torch.Tensor:
-    """The network output converted to the window velocity ``v = (z_e_hat - z) / (tau_e - tau)`` (``dz/dtau``)."""
-    if parameterization == "velocity":
-        return pred
-    z_end = window_end_prediction(pred, z, where, schedule, parameterization)
-    return (z_end - z) / expand_like(where.tau_end - where.tau, z)
-
-
-def native_target(z_start: torch.Tensor, z_end: torch.Tensor, where: WindowPoint, schedule: VPSchedule,
-                  parameterization: str) -> torch.Tensor:
-    """The regression target in the network's own output space (epsilon* or the chord velocity)."""
-    if parameterization == "velocity":
-        return (z_end - z_start) / expand_like(where.tau_end - where.tau_start, z_end)
-    lam_s, eta_s = window_coefficients(schedule, where.t_start, where.t_end, parameterization)
-    return epsilon_target(z_start, z_end, lam_s, eta_s)
-
-
 # ---------------------------------------------------------------------- sampler
-def piecewise_timesteps(num_steps: int, boundaries: torch.Tensor) -> torch.Tensor:
-    """The sampler's grid ``[N+1]``: ``N`` steps spread over the windows, the noisiest ones taking the remainder."""
-    require(num_steps >= 1, f"steps must be >= 1, got {num_steps}")
-    K = boundaries.numel() - 1
-    if num_steps < K:  # [INFERRED] a step spans K/N windows
-        idx = torch.linspace(0, K, num_steps + 1).round().long()
-        return boundaries[idx].clone()
-    base, rem = divmod(num_steps, K)
-    points: list[float] = []
-    for k in range(K):
-        n = base + (1 if k < rem else 0)
-        seg = torch.linspace(float(boundaries[k]), float(boundaries[k + 1]), n + 1, dtype=torch.float64)
-        points += seg[:-1].tolist()
-    return torch.tensor(points + [float(boundaries[-1])], dtype=torch.float64)
-
-
 @torch.no_grad()
 def piecewise_solve(model: Denoiser, z: torch.Tensor, timesteps: torch.Tensor, boundaries: torch.Tensor,
                     schedule: VPSchedule, parameterization: str, cond: Condition = None) -> torch.Tensor:
@@ -255,15 +175,7 @@ def train_windows(ctx: DistillContext, method: Method, objective: Any, steps: in
                   run_extra: dict[str, Any] | None = None) -> Denoiser:
     """Train a student (fresh from the teacher, or ``init``) on ``objective`` for ``steps`` updates into ``out_dir``;
     ``run_extra`` is added to (and may override keys of) the run config."""
-    with torch.random.fork_rng(devices=[]):  # a fresh network's initialisation depends on the seed alone
-        torch.manual_seed(ctx.train.seed)
-        net = ctx.new_student()
-    if init is not None:
-        net.load_state_dict(unwrap_denoiser(init).state_dict())
-    train = dataclasses.replace(ctx.train, max_steps=int(steps))
-    run_config = {**ctx.run_config(method), **(run_extra or {})}
-    return Trainer(net, objective, train, out_dir, run_config,
-                   accelerator=ctx.accelerator).train()
+    return ctx.train_stage(method, ctx.build_student(init=init), objective, steps, out_dir, **(run_extra or {}))
 
 
 # ---------------------------------------------------------------------- the method
@@ -273,7 +185,7 @@ class PeRFlowConfig:
     parameterization: str = "auto"  # auto | diff_eps (SD1.5 script) | ddim_eps (SDXL script) | velocity
     solver: str = "ddim"  # the teacher's window solver [CODE: PFODESolver = DDIM]
     solver_steps: int = 8  # teacher steps per window [CODE: solving_steps 8 for SD1.5]
-    num_pairs: int = 16384  # pool size (teacher evaluations = num_pairs * solver_steps * CFG factor)
+    pool_size: int = 16384  # pool size (teacher evaluations = pool_size * solver_steps * CFG factor)
     loss: str = "mse"  # mse | huber
     huber_c: float = 1e-3
     weighting: str = "none"  # none | reciprocal: 1/max(1-tau, 0.1)/2.3 [CODE: --loss_type]
@@ -285,6 +197,7 @@ class PeRFlow(Method):
     """PeRFlow: K windows, a straight chord in each, epsilon-parameterised student, piecewise Euler sampler."""
 
     name = "perflow"
+    display_name = "PeRFlow"
     config_class = PeRFlowConfig
     nfes = (4, 8)
 
@@ -294,7 +207,7 @@ class PeRFlow(Method):
         require(c.windows >= 1, f"perflow: windows must be >= 1, got {c.windows}")
         require(c.solver in P.PAIR_SOLVERS, f"perflow: unknown solver {c.solver!r}")
         require(c.solver_steps >= 1, f"perflow: solver_steps must be >= 1, got {c.solver_steps}")
-        require(c.num_pairs >= 1, f"perflow: num_pairs must be >= 1, got {c.num_pairs}")
+        require(c.pool_size >= 1, f"perflow: pool_size must be >= 1, got {c.pool_size}")
         require(c.loss in ("mse", "huber"), f"perflow: loss must be mse or huber, got {c.loss!r}")
         require(c.weighting in WEIGHTINGS, f"perflow: weighting must be one of {', '.join(WEIGHTINGS)}")
         require(0 <= c.label_dropout < 1, f"perflow: label_dropout must be in [0, 1), got {c.label_dropout}")
@@ -310,7 +223,7 @@ class PeRFlow(Method):
         b = self.boundaries(ctx.schedule)
         pool = P.window_pairs(
             P.teacher_window_solver(ctx.teacher, ctx.schedule, c.solver, c.solver_steps, ctx.guidance), ctx.teacher,
-            ctx.dataset, ctx.schedule, b, c.num_pairs, num_classes=ctx.teacher.num_classes,
+            ctx.dataset, ctx.schedule, b, c.pool_size, num_classes=ctx.teacher.num_classes,
             label_dropout=c.label_dropout, seed=ctx.train.seed + 7, cache=ctx.cache_path(f"perflow-w{c.windows}"),
             meta=P.teacher_meta(ctx.teacher, solver=c.solver, steps=c.solver_steps, guidance=ctx.guidance),
             device=ctx.device, accelerator=ctx.accelerator, progress=ctx.progress, desc="perflow pairs")
@@ -321,11 +234,9 @@ class PeRFlow(Method):
                              {"pair_nfe": pool.nfe, "teacher_nfe_this_run": ctx.teacher.evaluations,
                               "num_pairs": len(pool)})
 
-    def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
-               cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:
-        b = self.boundaries(schedule)
-        return piecewise_solve(with_guidance(student, guidance), noise, piecewise_timesteps(steps, b), b, schedule,
-                               _resolved(self.config.parameterization), cond)
+    def make_scheduler(self, schedule: VPSchedule, network: Denoiser | None = None) -> PiecewiseFlowScheduler:
+        return PiecewiseFlowScheduler(**schedule_fields(schedule), windows=self.config.windows,
+                                      parameterization=_resolved(self.config.parameterization))
 
     def nfe_for_steps(self, steps: int) -> int:
         return steps

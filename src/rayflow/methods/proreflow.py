@@ -54,11 +54,11 @@ from rayflow.methods.perflow import (
     WindowObjective,
     canonical_parameterization,
     piecewise_solve,
-    piecewise_timesteps,
     resolve_parameterization,
     train_windows,
 )
-from rayflow.models.base import Condition, Denoiser, with_guidance
+from rayflow.models.base import Condition, Denoiser
+from rayflow.schedulers import PiecewiseFlowScheduler, schedule_fields
 from rayflow.schedules import VPSchedule
 
 #: the named variants [SECONDARY: papernotes.org]
@@ -102,7 +102,7 @@ class ProReflowConfig:
     solver: str = "ddim"  # the teacher's window solver in stage 1 [INFERRED from PeRFlow]
     solver_steps: int = 4  # teacher steps per first-stage window (PeRFlow: 8 per quarter = 4 per eighth) [INFERRED]
     student_steps_per_window: int = 2  # previous-stage steps per old window when making pairs [INFERRED; measured]
-    num_pairs: int = 16384  # pool size per stage
+    pool_size: int = 16384  # pool size per stage
     stage_split: str = "equal"  # how --max-steps is divided between stages [INFERRED]
     loss: str = "mse"  # the native loss when aligned=False
     weighting: str = "none"  # none | reciprocal (PeRFlow's 1/max(1-tau, 0.1)/2.3), applied to the whole loss
@@ -121,6 +121,8 @@ class ProReflow(Method):
     """ProReflow (CVPR 2025): progressive window merging (8->4->2) and aligned v-prediction, MSE + alpha(1-cos)."""
 
     name = "proreflow"
+    display_name = "ProReflow"
+    benchmark_variants = {"proreflow-ii": {"preset": "II"}}
     config_class = ProReflowConfig
     nfes = (2, 4, 8)
 
@@ -146,7 +148,7 @@ class ProReflow(Method):
         require(c.solver_steps >= 1, f"proreflow: solver_steps must be >= 1, got {c.solver_steps}")
         require(c.student_steps_per_window >= 1,
                 f"proreflow: student_steps_per_window must be >= 1, got {c.student_steps_per_window}")
-        require(c.num_pairs >= 1, f"proreflow: num_pairs must be >= 1, got {c.num_pairs}")
+        require(c.pool_size >= 1, f"proreflow: pool_size must be >= 1, got {c.pool_size}")
         require(c.loss in ("mse", "huber"), f"proreflow: loss must be mse or huber, got {c.loss!r}")
         require(c.weighting in WEIGHTINGS, f"proreflow: weighting must be one of {', '.join(WEIGHTINGS)}")
         require(0 <= c.label_dropout < 1, f"proreflow: label_dropout must be in [0, 1), got {c.label_dropout}")
@@ -220,14 +222,14 @@ class ProReflow(Method):
                 steps = self.teacher_steps_per_window(k)
                 pool = P.window_pairs(
                     P.teacher_window_solver(ctx.teacher, ctx.schedule, c.solver, steps, ctx.guidance),
-                    ctx.teacher, ctx.dataset, ctx.schedule, b, c.num_pairs,
+                    ctx.teacher, ctx.dataset, ctx.schedule, b, c.pool_size,
                     meta=P.teacher_meta(ctx.teacher, solver=c.solver, steps=steps, guidance=ctx.guidance, stage=i),
                     desc=f"stage {i} pairs (teacher)", **common)
                 stage_teacher_nfe, source = pool.nfe, "teacher"
             else:  # merged windows: the previous stage's student makes the pairs
                 solve, counter = self._student_solver(prev, bounds[i - 2], ctx.schedule)
                 pool = P.window_pairs(
-                    solve, counter, ctx.dataset, ctx.schedule, b, c.num_pairs,
+                    solve, counter, ctx.dataset, ctx.schedule, b, c.pool_size,
                     meta=P.student_meta(prev, solver="piecewise", steps_per_window=c.student_steps_per_window,
                                         stage=i, parameterization=c.parameterization),
                     desc=f"stage {i} pairs (stage {i - 1} student)", **common)
@@ -260,13 +262,11 @@ class ProReflow(Method):
     def boundaries(self, schedule: VPSchedule) -> torch.Tensor:
         return P.window_boundaries(self.config.windows[-1], schedule.num_train_timesteps)
 
-    def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
-               cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:
+    def make_scheduler(self, schedule: VPSchedule, network: Denoiser | None = None) -> PiecewiseFlowScheduler:
         param = self.config.parameterization
         require(param != "auto", "parameterization=auto is resolved by distill(); a saved student names its own")
-        b = self.boundaries(schedule)
-        return piecewise_solve(with_guidance(student, guidance), noise, piecewise_timesteps(steps, b), b, schedule,
-                               param, cond)
+        return PiecewiseFlowScheduler(**schedule_fields(schedule), windows=int(self.config.windows[-1]),
+                                      parameterization=param)
 
     def nfe_for_steps(self, steps: int) -> int:
         return steps

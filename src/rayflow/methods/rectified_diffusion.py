@@ -50,11 +50,13 @@ from rayflow.errors import require
 from rayflow.losses import regression_loss
 from rayflow.methods import register
 from rayflow.methods.base import DistillContext, DistillResult, Method
-from rayflow.methods.perflow import piecewise_timesteps, train_windows
-from rayflow.models.base import Condition, Denoiser, with_guidance
-from rayflow.samplers import ddim, make_timesteps
+from rayflow.methods.perflow import train_windows
+from rayflow.models.base import Denoiser
+from rayflow.samplers import make_timesteps
+from rayflow.schedulers import GridDDIMScheduler, schedule_fields
 from rayflow.schedules import VPSchedule, expand_like
 from rayflow.training import LossOutput
+from rayflow.windows import piecewise_timesteps
 
 
 # ---------------------------------------------------------------------- the first-order path
@@ -130,7 +132,7 @@ class RectifiedDiffusionConfig:
     pair_spacing: str = "trailing"
     phase_solver: str = "ddim"  # phased: the teacher solve per phase [CODE: DDIM, 10 steps]
     phase_steps: int = 10
-    num_pairs: int = 16384
+    pool_size: int = 16384
     loss: str = "huber"  # huber [CODE] | mse
     huber_c: float = 1e-3  # [CODE: 0.001, elementwise]
     loss_on: str = "x0"  # x0 [CODE] | eps [Algorithm 4]; non-phased only
@@ -143,6 +145,7 @@ class RectifiedDiffusion(Method):
     """Rectified Diffusion: paired (eps, x0_hat) on the first-order VP path, eps-prediction, pseudo-Huber on x0."""
 
     name = "rectified-diffusion"
+    display_name = "Rectified Diffusion"
     config_class = RectifiedDiffusionConfig
     nfes = (1, 2, 4, 8)
 
@@ -152,7 +155,7 @@ class RectifiedDiffusion(Method):
         require(c.pair_solver in P.PAIR_SOLVERS and c.phase_solver in P.PAIR_SOLVERS,
                 f"rectified-diffusion: solvers must be among {', '.join(P.PAIR_SOLVERS)}")
         require(c.pair_steps >= 1 and c.phase_steps >= 1, "rectified-diffusion: solver steps must be >= 1")
-        require(c.num_pairs >= 1, f"rectified-diffusion: num_pairs must be >= 1, got {c.num_pairs}")
+        require(c.pool_size >= 1, f"rectified-diffusion: pool_size must be >= 1, got {c.pool_size}")
         require(c.loss in ("mse", "huber"), f"rectified-diffusion: loss must be mse or huber, got {c.loss!r}")
         require(c.huber_c > 0, f"rectified-diffusion: huber_c must be > 0, got {c.huber_c}")
         require(c.loss_on in ("x0", "eps"), f"rectified-diffusion: loss_on must be x0 or eps, got {c.loss_on!r}")
@@ -181,7 +184,7 @@ class RectifiedDiffusion(Method):
             b = P.window_boundaries(c.phases, ctx.schedule.num_train_timesteps)
             pool = P.window_pairs(
                 P.teacher_window_solver(ctx.teacher, ctx.schedule, c.phase_solver, c.phase_steps, ctx.guidance),
-                ctx.teacher, ctx.dataset, ctx.schedule, b, c.num_pairs, seed=ctx.train.seed + 17,
+                ctx.teacher, ctx.dataset, ctx.schedule, b, c.pool_size, seed=ctx.train.seed + 17,
                 cache=ctx.cache_path(f"rectified-diffusion-phased-m{c.phases}"),
                 meta=P.teacher_meta(ctx.teacher, solver=c.phase_solver, steps=c.phase_steps, guidance=ctx.guidance),
                 desc="phase pairs", **common)
@@ -190,7 +193,7 @@ class RectifiedDiffusion(Method):
             solve = P.teacher_global_solver(ctx.teacher, ctx.schedule, c.pair_solver, c.pair_steps, ctx.guidance,
                                             c.pair_spacing)
             pool = P.global_pairs(
-                solve, ctx.teacher, ctx.dataset, c.num_pairs, seed=ctx.train.seed + 11,
+                solve, ctx.teacher, ctx.dataset, c.pool_size, seed=ctx.train.seed + 11,
                 cache=ctx.cache_path("rectified-diffusion-pairs"),
                 meta=P.teacher_meta(ctx.teacher, solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
                                     guidance=ctx.guidance),
@@ -206,10 +209,11 @@ class RectifiedDiffusion(Method):
             return piecewise_timesteps(steps, P.window_boundaries(self.config.phases, schedule.num_train_timesteps))
         return make_timesteps(steps, schedule.num_train_timesteps, "trailing")
 
-    def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
-               cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:
-        sched = self.student_schedule(schedule)
-        return ddim(with_guidance(student, guidance), noise, self.timesteps(steps, sched), sched, cond)
+    def make_scheduler(self, schedule: VPSchedule, network: Denoiser | None = None) -> GridDDIMScheduler:
+        return GridDDIMScheduler(**schedule_fields(self.student_schedule(schedule)),
+                                 prediction_type=getattr(network, "prediction_type", "epsilon"),
+                                 timestep_spacing="windows" if self.config.phased else "trailing",
+                                 windows=int(self.config.phases))
 
     def nfe_for_steps(self, steps: int) -> int:
         return steps

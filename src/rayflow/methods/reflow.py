@@ -42,35 +42,24 @@ from rayflow.errors import require
 from rayflow.losses import regression_loss
 from rayflow.methods import register
 from rayflow.methods.base import CountingDenoiser, DistillContext, DistillResult, Method
-from rayflow.models.base import Condition, Denoiser, with_guidance
-from rayflow.schedules import VPSchedule, expand_like, to_x0_eps
-from rayflow.training import LossOutput, Trainer, unwrap_denoiser
+from rayflow.models.base import Condition, Denoiser
+from rayflow.schedulers import FlowEulerScheduler, flow_timesteps, schedule_fields, velocity_from_vp, vp_point
+from rayflow.schedules import VPSchedule, expand_like
+from rayflow.training import LossOutput
 
 PARAMETERIZATIONS = ("flow", "eps")
 
 
 # ---------------------------------------------------------------------- the flow view of a VP network
-def vp_point(tau: torch.Tensor, schedule: VPSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
-    """For flow times ``tau`` (float64 ``[B]``): ``(r, t_vp, a, s)`` - the rescaling ``r``, the VP timestep whose
-    ``alpha_bar`` is ``((1-tau)/r)^2`` (clamped to the table) and that timestep's coefficients."""
-    r = ((1 - tau) ** 2 + tau**2).sqrt()
-    t_vp = schedule.timestep_from_alpha_bar(((1 - tau) / r) ** 2)
-    return r, t_vp, schedule.a(t_vp), schedule.s(t_vp)
-
-
 def flow_velocity(net: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Condition, schedule: VPSchedule,
                   prediction_type: str) -> torch.Tensor:
     """``u(x_tau, t)`` of a network: its own output for a ``"flow"`` network, else the VP conversion (module doc)."""
     if prediction_type == "flow":
         return net(x, t.to(device=x.device, dtype=torch.float32), cond)
     tau = (torch.as_tensor(t, dtype=torch.float64).cpu() + 1.0) / schedule.num_train_timesteps
-    r, t_vp, a, s = vp_point(tau, schedule)
-    x_vp = x / expand_like(r, x)
-    pred = net(x_vp, t_vp.to(device=x.device, dtype=torch.float32), cond).to(x.dtype)
-    x0, eps = to_x0_eps(pred, prediction_type, x_vp, expand_like(a, x), expand_like(s, x))
-    high = expand_like(tau >= 0.5, x).bool()
-    return torch.where(high, (x - x0) / expand_like(tau.clamp(min=0.5), x), eps - x0)
+    r, t_vp, _, _ = vp_point(tau, schedule)
+    pred = net(x / expand_like(r, x), t_vp.to(device=x.device, dtype=torch.float32), cond)
+    return velocity_from_vp(pred, prediction_type, x, tau, schedule)
 
 
 class FlowStudent(Denoiser):
@@ -96,13 +85,6 @@ class FlowStudent(Denoiser):
 
 
 # ---------------------------------------------------------------------- sampler
-def flow_timesteps(num_steps: int, num_train_timesteps: int) -> torch.Tensor:
-    """Uniform flow times ``1 = tau_0 > ... > tau_N = 0`` as timesteps ``tau T - 1`` (InstaFlow's Euler grid)."""
-    require(num_steps >= 1, f"steps must be >= 1, got {num_steps}")
-    tau = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return tau * num_train_timesteps - 1.0
-
-
 @torch.no_grad()
 def euler_flow(model: Denoiser, noise: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int,
                cond: Condition = None) -> torch.Tensor:
@@ -156,7 +138,7 @@ class ReflowConfig:
     pair_solver: str = "dpm++2m"  # InstaFlow: DPM-Solver [SECONDARY]
     pair_steps: int = 25  # InstaFlow / Rectified Diffusion: 25 steps
     pair_spacing: str = "trailing"
-    num_pairs: int = 16384  # pool size (InstaFlow: 1.6M on SD)
+    pool_size: int = 16384  # pool size (InstaFlow: 1.6M on SD)
     parameterization: str = "flow"  # flow: the network predicts u | eps: the VP view of an epsilon net (exact init)
     loss: str = "mse"  # mse | huber
     huber_c: float = 1e-3
@@ -173,6 +155,8 @@ class Reflow(Method):
     """2-Rectified Flow / InstaFlow: straight interpolation of teacher pairs, velocity target, Euler sampler."""
 
     name = "reflow"
+    display_name = "2-Rectified Flow"
+    tiny_options = {"pool_size": "64", "distill_num_pairs": "64"}
     config_class = ReflowConfig
     nfes = (1, 2, 4, 8)
 
@@ -180,7 +164,7 @@ class Reflow(Method):
         c = self.config
         require(c.pair_solver in P.PAIR_SOLVERS, f"reflow: unknown pair_solver {c.pair_solver!r}")
         require(c.pair_steps >= 1, f"reflow: pair_steps must be >= 1, got {c.pair_steps}")
-        require(c.num_pairs >= 1 and c.distill_num_pairs >= 1, "reflow: num_pairs must be >= 1")
+        require(c.pool_size >= 1 and c.distill_num_pairs >= 1, "reflow: pool_size and distill_num_pairs must be >= 1")
         require(c.parameterization in PARAMETERIZATIONS,
                 f"reflow: parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {c.parameterization!r}")
         require(c.loss in ("mse", "huber"), f"reflow: loss must be mse or huber, got {c.loss!r}")
@@ -202,18 +186,8 @@ class Reflow(Method):
 
     def _train(self, ctx: DistillContext, cfg, objective, steps: int, out_dir, init: Denoiser | None,
                **extra) -> Denoiser:
-        from rayflow.models import build_model
-
-        with torch.random.fork_rng(devices=[]):  # a fresh network's initialisation depends on the seed alone
-            torch.manual_seed(ctx.train.seed)
-            net = build_model(cfg)
-        if init is not None:
-            net.load_state_dict(unwrap_denoiser(init).state_dict())
-        elif ctx.student_init is not None:
-            net.load_state_dict(ctx.student_init)
-        train = dataclasses.replace(ctx.train, max_steps=int(steps))
-        return Trainer(net.to(ctx.device), objective, train, out_dir,
-                       ctx.run_config(self, model=cfg.to_dict(), **extra), accelerator=ctx.accelerator).train()
+        return ctx.train_stage(self, ctx.build_student(cfg, init), objective, steps, out_dir, model=cfg.to_dict(),
+                               **extra)
 
     def distill(self, ctx: DistillContext) -> DistillResult:
         cfg = self._student_config(ctx)
@@ -221,7 +195,7 @@ class Reflow(Method):
         solve = P.teacher_global_solver(ctx.teacher, ctx.schedule, c.pair_solver, c.pair_steps, ctx.guidance,
                                         c.pair_spacing)
         pool = P.global_pairs(
-            solve, ctx.teacher, ctx.dataset, c.num_pairs, num_classes=ctx.teacher.num_classes,
+            solve, ctx.teacher, ctx.dataset, c.pool_size, num_classes=ctx.teacher.num_classes,
             label_dropout=c.label_dropout, seed=ctx.train.seed + 11, cache=ctx.cache_path("reflow-pairs"),
             meta=P.teacher_meta(ctx.teacher, solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
                                 guidance=ctx.guidance),
@@ -253,11 +227,12 @@ class Reflow(Method):
     def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
         return network if isinstance(network, FlowStudent) else FlowStudent(network, schedule)
 
-    def sample(self, student: Denoiser, noise: torch.Tensor, schedule: VPSchedule, steps: int,
-               cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:
-        student = self.wrap_student(student, schedule)
-        grid = flow_timesteps(steps, schedule.num_train_timesteps)
-        return euler_flow(with_guidance(student, guidance), noise, grid, schedule.num_train_timesteps, cond)
+    def raw_network(self, student: Denoiser) -> Denoiser:
+        return student.net if isinstance(student, FlowStudent) else student
+
+    def make_scheduler(self, schedule: VPSchedule, network: Denoiser | None = None) -> FlowEulerScheduler:
+        ptype = "flow" if self.config.parameterization == "flow" else getattr(network, "prediction_type", "epsilon")
+        return FlowEulerScheduler(**schedule_fields(schedule), prediction_type=ptype)
 
     def nfe_for_steps(self, steps: int) -> int:
         return steps

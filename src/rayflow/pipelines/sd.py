@@ -30,6 +30,7 @@ Student directory (what :func:`load_sd_student` reads back)::
     config.json        rayflow's run config (model kind "sd", method + its config, schedule, teacher path)
     model.safetensors  the trained denoiser (EMA) state: UNet weights with the LoRA layers injected by peft
     sd.json            pipeline path and class, LoRA config (rank, alpha, target modules), prediction types
+    scheduler/         the method's diffusers scheduler config (``Method.make_scheduler``)
     lora.safetensors   peft's adapter state dict (``get_peft_model_state_dict``); absent for full fine-tuning
 """
 
@@ -408,6 +409,8 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
         if lora_info is not None:
             save_safetensors_atomic(lora_state_dict(network), out_dir / LORA_WEIGHTS,
                                     {"format": "pt", "lora": json.dumps(lora_info)})
+        # the diffusers scheduler that samples this student (the method kit's), as for pixel-space students
+        method.make_scheduler(sd.schedule, method.raw_network(result.student)).save_config(str(out_dir / "scheduler"))
     return result
 
 

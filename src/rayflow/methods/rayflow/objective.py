@@ -1,0 +1,120 @@
+r"""Algorithm 1 of RayFlow: one student update (:meth:`RayFlowObjective.__call__`, read top to bottom).
+
+::
+
+    (x0, c, eps_mu) ~ the instance source              x0: data or the teacher's ODE; eps_mu: K-teacher average
+    t, w = Time Sampler draw                           w = p(t) / q(t)                [RECOVERED q* ∝ xi_t p(t)]
+    x_t = a_t x0 + (1 - a_t) eps_mu + sigma s_t z      the ray process
+    L = w * lambda(t) * || pred_theta(x_t, t, c) - target ||^2
+        epsilon form: target eps_mu;  velocity form: target v = x0 - eps_mu
+    then (after the optimiser step) the Time Sampler learns from the per-instance losses
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rayflow.methods.rayflow.config import RayFlowConfig
+from rayflow.methods.rayflow.ray import RayParameterization, ray_point, ray_target, ray_x0_eps
+from rayflow.methods.rayflow.targets import InstanceSource, instance_features
+from rayflow.schedules import VPSchedule, expand_like
+from rayflow.timestep_dists import TimestepDistribution as TimeSampler
+from rayflow.timestep_dists import downsample
+
+
+def snr_weight_table(schedule: VPSchedule, clip: float) -> torch.Tensor:
+    """``lambda(t) = min(1/a_t^2, clip)`` normalised to mean 1 over ``t``.
+
+    ``1/a_t^2 = 1 + 1/SNR_t`` turns the eps_mu residual into the flow-matching (velocity) residual in the
+    ray's own time ``tau = 1 - a_t`` (``dx/dtau = eps_mu - x0``): the reconstruction's
+    ``w(t) = (d log a_t / dt)^2`` with ``t := tau`` (§2.7, [INFERRED]; whether the paper weights at all is
+    NOT FOUND).
+    """
+    a = schedule.a(torch.arange(schedule.num_train_timesteps, dtype=torch.float64))
+    w = (1.0 / (a * a)).clamp(max=clip)
+    return (w / w.mean()).float()
+
+
+class RayFlowObjective:
+    """One student update of Algorithm 1; :meth:`after_step` trains the Time Sampler on the losses it measured.
+
+    The student is the raw network (what the trainer saves); the ray change of variables is applied here.
+    """
+
+    def __init__(self, source: InstanceSource, schedule: VPSchedule, config: RayFlowConfig,
+                 time_sampler: TimeSampler, batch_size: int, num_classes: int, snapshot_every: int) -> None:
+        self.source, self.schedule, self.cfg = source, schedule, config
+        self.time_sampler = time_sampler
+        self.batch_size, self.num_classes = int(batch_size), int(num_classes)
+        self.ray = RayParameterization(schedule, config.ray.parameterization)
+        self.loss_weight = (snr_weight_table(schedule, config.ray.snr_weight_max)
+                            if config.ray.loss_weighting == "snr" else None)
+        self.snapshot_every = max(1, int(snapshot_every))
+        self.snapshots: list[dict[str, Any]] = []
+        self._pending: tuple | None = None
+
+    @property
+    def conditioned(self) -> bool:
+        return self.cfg.time.time_sampler == "learned" and self.cfg.time.time_sampler_features
+
+    def __call__(self, model: torch.nn.Module, step: int, generator: torch.Generator):
+        from rayflow.training import LossOutput
+
+        rc, dev = self.cfg.ray, self.source.ctx.device
+        b = self.batch_size
+        x0, cond, eps_mu = self.source.draw(b, step, generator)  # the instances (pooled or computed online)
+        feats = instance_features(x0, eps_mu) if self.conditioned else None
+        t, w = self.time_sampler.sample(b, generator, feats)  # t ~ q(t), w = p(t) / q(t)
+        z = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev, x0.dtype)
+        a = expand_like(self.schedule.a(t.double()).to(x0.dtype), x0).to(dev)
+        s = expand_like(self.schedule.s(t.double()).to(x0.dtype), x0).to(dev)
+        x_t = ray_point(x0, eps_mu, a, s, rc.sigma, z)  # the ray process at t
+        if cond is not None and rc.label_dropout > 0 and self.num_classes > 0:
+            drop = (torch.rand(b, generator=generator, device=generator.device) < rc.label_dropout).to(dev)
+            cond = torch.where(drop, torch.full_like(cond, self.num_classes), cond)
+        if self.num_classes == 0:
+            cond = None
+        pred = self.ray(model, x_t, t.to(dev), cond).float()  # the network at the VP-matched point, read on the ray
+        if self.loss_weight is None:
+            residual = pred - ray_target(x0, eps_mu, rc.parameterization).float()
+            per = residual.square().flatten(1).mean(1)
+        else:
+            _, eps_hat = ray_x0_eps(pred, rc.parameterization, x_t.float(), a.float())
+            per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * self.loss_weight[t].to(dev)
+        weights = w.to(dev) if self.cfg.time.reweight else torch.ones_like(per)  # importance weights p/q
+        loss = (per * weights).mean()
+        self._pending = (t.cpu(), per.detach().cpu(), feats)
+        return LossOutput(loss, {"loss_unweighted": float(per.detach().mean())})
+
+    def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        if self._pending is not None:
+            t, per, feats = self._pending
+            logs = self.time_sampler.update(t, per, feats, generator)
+            if (step + 1) % self.snapshot_every == 0 or step == 0:
+                self.snapshots.append(self.snapshot(step + 1, feats))
+        return logs
+
+    def snapshot(self, step: int, feats: torch.Tensor | None) -> dict[str, Any]:
+        probs = self.time_sampler.probs(feats)
+        snap: dict[str, Any] = {"step": int(step), "probs": downsample(probs)}
+        target = getattr(self.time_sampler, "target_probs", None)
+        if target is not None:
+            snap["target"] = downsample(target(feats))
+        t_grid = torch.arange(probs.numel(), dtype=torch.float64)
+        snap["mean_t"] = float((probs * t_grid).sum())
+        return snap
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time_sampler": self.time_sampler.state_dict(), "snapshots": self.snapshots}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.time_sampler.load_state_dict(state["time_sampler"])
+        self.snapshots = list(state.get("snapshots", []))
+
+
+
+
+__all__ = ["RayFlowObjective", "snr_weight_table"]

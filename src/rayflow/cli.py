@@ -4,7 +4,7 @@
     rayflow distill --method NAME --teacher DIR|exact --data SPEC --out DIR [--max-steps N] [--batch-size B]
                     [--option key=value ...]
     rayflow sample  (--model DIR | --teacher exact --data SPEC) --steps N --num K --out samples.npz
-    rayflow eval    --samples samples.npz --data SPEC --out DIR
+    rayflow eval    --samples samples.npz (--data SPEC | --clip-model DIR [--prompts FILE]) --out DIR
     rayflow demo    --out DIR
     rayflow methods
 
@@ -159,11 +159,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rayflow.data import load_dataset
     from rayflow.evaluation import format_table, load_samples_npz, write_results
 
+    require(args.data is not None or args.clip_model is not None,
+            "give --data (reference data), --clip-model, or both")
     samples = load_samples_npz(args.samples)
-    teacher = load_samples_npz(args.teacher_samples) if args.teacher_samples else None
-    dataset = load_dataset(args.data, split=args.split)
-    metrics = evaluate_npz(samples, dataset, teacher_samples=teacher, feature_net_dir=args.feature_net,
-                           reference_num=args.reference_num, seed=args.seed)
+    metrics: dict = {}
+    if args.clip_model is not None:  # prompt-conditioned samples: CLIP score against their prompts
+        from rayflow.clip_score import clip_score, read_prompts
+
+        prompts_file = Path(args.prompts) if args.prompts else Path(args.samples).parent / "prompts.txt"
+        require(samples["images"] is not None, f"{args.samples}: no 'images' array for the CLIP score")
+        metrics["clip_score"] = clip_score(samples["images"], read_prompts(prompts_file), args.clip_model)
+    if args.data is not None:
+        teacher = load_samples_npz(args.teacher_samples) if args.teacher_samples else None
+        dataset = load_dataset(args.data, split=args.split)
+        metrics.update(evaluate_npz(samples, dataset, teacher_samples=teacher, feature_net_dir=args.feature_net,
+                                    reference_num=args.reference_num, seed=args.seed))
     row = {"method": args.method or Path(args.samples).stem, "nfe": args.nfe, **metrics}
     out = Path(args.out)
     rows = []
@@ -242,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="compare samples with reference data")
     e.add_argument("--samples", required=True, help=".npz written by rayflow sample")
-    e.add_argument("--data", required=True, help="data spec of the reference")
+    e.add_argument("--data", default=None, help="data spec of the reference")
+    e.add_argument("--clip-model", default=None, help="local CLIP folder (CLIPModel + CLIPProcessor): adds the CLIP "
+                   "score of prompt-conditioned samples; nothing is downloaded")
+    e.add_argument("--prompts", default=None, help="prompts of the samples, one per line (default: prompts.txt "
+                   "beside --samples)")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--teacher-samples", default=None, help=".npz of the teacher from the same noise (fidelity)")
     e.add_argument("--feature-net", default=None, help="directory of the feature classifier (trained if empty)")

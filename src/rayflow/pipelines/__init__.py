@@ -1,5 +1,5 @@
-"""Bridges between rayflow students and diffusers pipelines (above methods, below the command line)."""
+"""Pipelines around pretrained diffusers models (above methods, below the CLI).
 
-from rayflow.pipelines.export import ExportResult, export_pipeline
-
-__all__ = ["ExportResult", "export_pipeline"]
+* :mod:`rayflow.pipelines.sd` - Stable Diffusion / SDXL teachers from a local pipeline folder, latent caption
+  data, LoRA students for every method, student loading and prompt sampling.
+"""

@@ -275,3 +275,55 @@ def test_refuses_another_architecture_and_an_unimportable_scheduler(sd_dir, sdxl
         export_pipeline(sd_dir, _lora_student(sd_dir), local(), tmp_path / "out")
     with pytest.raises(RayflowError, match="SchedulerMixin"):
         export_pipeline(sd_dir, _lora_student(sd_dir), object(), tmp_path / "out")
+
+
+# ---------------------------------------------------------------------- a method's own sampler, and the CLI
+def test_rectified_diffusion_stock_scheduler_equals_the_method_sampler(sd_dir, tmp_path):
+    """The exported DPM-Solver++(1) trailing scheduler reproduces RectifiedDiffusion.sample at every N,
+    including N = 3 where diffusers' DDIM(trailing) steps off the grid."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from rayflow.methods import get_method
+    from rayflow.models.base import Denoiser
+    from rayflow.pipelines.export import stock_scheduler
+    from rayflow.schedules import VPSchedule
+
+    method = get_method("rectified-diffusion")()
+    teacher_schedule = VPSchedule.from_name("scaled_linear")
+    unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.1)  # a full fine-tune, written as unet/
+    sched = stock_scheduler(method, teacher_schedule, "epsilon")
+    assert isinstance(sched, DPMSolverMultistepScheduler)
+    export_pipeline(sd_dir, unet, sched, tmp_path / "rd")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "rd"))
+    lat = _latents(sd_dir)
+    text = _sd_text(sd_dir, lat.shape[0])
+
+    class TextUNet(Denoiser):
+        prediction_type = "epsilon"
+
+        def forward(self, x, t, cond=None):
+            return unet(x, t, encoder_hidden_states=text).sample
+
+    for steps in (1, 2, 3):
+        with torch.no_grad():
+            want = method.sample(TextUNet(), lat.clone(), teacher_schedule, steps)
+        torch.testing.assert_close(_run_pipeline(pipe, lat, steps), want, atol=1e-4, rtol=0)
+    assert stock_scheduler(method, teacher_schedule, "flow") is None
+    assert stock_scheduler(get_method("perflow")(), teacher_schedule, "epsilon") is None
+
+
+def test_export_cli_refuses_pixel_space_students_and_non_students(tmp_path, capsys):
+    from rayflow.cli import main
+
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps({"kind": "student", "model": {"kind": "unet"}}))
+    (student / "model.safetensors").write_bytes(b"")
+    cases = [(student, "pixel-space"), (tmp_path / "missing", "does not exist"), (tmp_path, "no config.json")]
+    for model, needle in cases:
+        code = main(["export", "--model", str(model), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("rayflow: error:") and needle in err[0], err
+    assert not (tmp_path / "out").exists()

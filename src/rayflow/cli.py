@@ -5,6 +5,7 @@
                     [--option key=value ...]
     rayflow sample  (--model DIR | --teacher exact --data SPEC) --steps N --num K --out samples.npz
     rayflow eval    --samples samples.npz (--data SPEC | --clip-model DIR [--prompts FILE]) --out DIR
+    rayflow export  --model STUDENT_DIR --out PIPE_DIR [--fuse]
     rayflow demo    --out DIR
     rayflow methods
 
@@ -186,6 +187,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayflow.pipelines.export import export_student
+
+    t0 = time.time()
+    res = export_student(args.model, args.out, fuse=args.fuse)
+    what = "fused UNet" if res.fused else ("LoRA file" if res.lora else "UNet")
+    print(f"{res.pipeline_class} written to {res.out} ({what}, scheduler {'.'.join(res.scheduler)}; "
+          f"{time.time() - t0:.0f} s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rayflow.demo import run_demo
 
@@ -266,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="directory for results.json / results.md (rows are merged)")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a Stable Diffusion student as a diffusers pipeline folder")
+    x.add_argument("--model", required=True, help="student directory (rayflow distill --teacher PIPE_DIR ...)")
+    x.add_argument("--out", required=True, help="pipeline folder to write (new, empty, or a previous export)")
+    x.add_argument("--fuse", action="store_true", help="merge the LoRA into unet/ instead of a LoRA file")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the whole pipeline on the embedded data in a few minutes on a CPU")
     m.add_argument("--out", default="runs/demo")

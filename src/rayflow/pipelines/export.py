@@ -293,3 +293,65 @@ def export_pipeline(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, meta["_class_name"], sched_name, lora, bool(adapters) and fuse)
+
+
+# ---------------------------------------------------------------------- students on disk
+def stock_scheduler(method: Any, schedule: Any, prediction_type: str) -> Any | None:
+    """A stock diffusers scheduler that reproduces ``method``'s sampler exactly, or None.
+
+    Rectified Diffusion (non-phased) samples with deterministic DDIM on the trailing grid
+    ``t_k = round(T - k T / N) - 1`` of its student schedule down to ``t = -1`` (``alpha_bar = 1``). diffusers'
+    ``DDIMScheduler(timestep_spacing="trailing")`` steps to ``t - T // N`` instead of the next grid point, which
+    is the same grid only when ``N`` divides ``T`` (at N = 3 and 6 it differs by 0.07 and 0.38 on a toy model);
+    ``DPMSolverMultistepScheduler`` of order 1 (DPM-Solver++(1), algebraically DDIM) steps between its own grid
+    points, which are exactly the trailing ones, and ends at sigma = 0: equal to rayflow's ``ddim`` at every N
+    (2.7e-5 max in float32 against float64 at N = 1..6).
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    if getattr(method, "name", "") != "rectified-diffusion" or getattr(method.config, "phased", False):
+        return None
+    if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        return None
+    sched = method.student_schedule(schedule)
+    ac = sched.alphas_cumprod.to(torch.float64)
+    betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=int(ac.numel()), trained_betas=betas.tolist(), solver_order=1,
+        algorithm_type="dpmsolver++", timestep_spacing="trailing", final_sigmas_type="zero",
+        prediction_type=prediction_type, lower_order_final=True)
+
+
+def student_scheduler(method: Any, schedule: Any, prediction_type: str) -> Any:
+    """The diffusers scheduler of a student: ``method.make_scheduler(schedule)`` where the method has one
+    (rayflow's scheduler classes, issue #9), else a stock scheduler that is exact (:func:`stock_scheduler`)."""
+    make = getattr(method, "make_scheduler", None)
+    if callable(make):
+        return make(schedule)
+    stock = stock_scheduler(method, schedule, prediction_type)
+    require(stock is not None,
+            f"method {getattr(method, 'name', '?')!r} has no diffusers scheduler to export its sampler with")
+    return stock
+
+
+def export_student(student_dir: str | os.PathLike, out_dir: str | os.PathLike, fuse: bool = False) -> ExportResult:
+    """``rayflow export``: a student directory written by ``rayflow distill --teacher PIPE_DIR`` to a pipeline
+    folder (see :func:`export_pipeline`), its sampler as the scheduler (see :func:`student_scheduler`)."""
+    d = Path(student_dir)
+    require(d.is_dir(), f"--model {d} does not exist")
+    require((d / "config.json").is_file(), f"--model {d}: no config.json; not a rayflow student directory")
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RayflowError(f"{d / 'config.json'}: cannot read it as JSON: {exc}") from exc
+    require(isinstance(config, dict) and config.get("kind") == "student",
+            f"--model {d} is not a distilled student (config.json kind is {config.get('kind')!r})")
+    kind = (config.get("model") or {}).get("kind")
+    require(kind == "sd", f"--model {d} is a student of a pixel-space teacher ({kind!r} network): only students of "
+                          f"a StableDiffusion/StableDiffusionXL pipeline can be exported")
+    from rayflow.pipelines.sd import load_sd_student
+
+    st = load_sd_student(d, device="cpu")
+    scheduler = student_scheduler(st.method, st.schedule, st.prediction_type)
+    info = {"student": str(d.resolve()), "method": st.method.name, "prediction_type": st.prediction_type}
+    return export_pipeline(st.pipeline_dir, st.unet, scheduler, out_dir, fuse=fuse, info=info)

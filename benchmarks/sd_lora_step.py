@@ -202,7 +202,7 @@ def run_rayflow(unet, pools, embeds, schedule, args, device, compiled: bool, out
             return pools.draw(n, generator)
 
     cfg = RayFlowConfig()
-    sampler = RayFlow(cfg).build_time_sampler(schedule.num_train_timesteps, 0)
+    sampler = RayFlow(cfg).build_time_sampler(schedule.num_train_timesteps)  # the default (global) sampler
     objective = RayFlowObjective(Source(), schedule, cfg, sampler, args.batch_size,
                                  num_classes=embeds.shape[0] - 1, snapshot_every=10**9)
     train = TrainConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, lr=1e-4, ema_decay=0.999,

@@ -69,14 +69,20 @@ def sdxl_dir(tmp_path_factory) -> Path:
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe", xl=True)
 
 
-def _lora_student(pipe_dir: Path, rank: int = 4, alpha: int = 8, seed: int = 1):
+#: LCM-LoRA's / RayFlow's SD targets (issue-10 A's default): attention, feed-forward, resnet convs, time projections
+LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def _lora_student(pipe_dir: Path, rank: int = 4, alpha: int = 8, seed: int = 1,
+                  targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")):
     """The teacher's UNet with a peft LoRA whose weights are random (B = 0 at init would make it a no-op)."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
     unet = UNet2DConditionModel.from_pretrained(str(pipe_dir / "unet"))
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                target_modules=list(targets)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in unet.named_parameters():
@@ -147,11 +153,12 @@ def test_lora_export_with_custom_scheduler_matches_hand_loop(sd_dir, tmp_path):
 
 
 def test_exported_lora_loads_into_teacher_with_every_key(sd_dir, tmp_path):
-    """``load_lora_weights`` on the unchanged teacher pipeline restores every LoRA tensor, rank and alpha."""
+    """``load_lora_weights`` on the unchanged teacher pipeline restores every LoRA tensor, rank and alpha, with
+    the full LCM-LoRA target set (convolutions and feed-forwards too: the case diffusers' own conversion loses)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    unet = _lora_student(sd_dir, rank=4, alpha=8)
+    unet = _lora_student(sd_dir, rank=4, alpha=8, targets=LCM_TARGETS)
     export_pipeline(sd_dir, unet, _ddim_trailing(), tmp_path / "export")
     teacher = StableDiffusionPipeline.from_pretrained(str(sd_dir))
     teacher.load_lora_weights(str(tmp_path / "export"), adapter_name="student")
@@ -196,7 +203,7 @@ def test_full_finetune_export_writes_the_student_unet(sd_dir, tmp_path):
 def test_sdxl_lora_export_matches_hand_loop(sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    unet = _lora_student(sdxl_dir)
+    unet = _lora_student(sdxl_dir, targets=LCM_TARGETS)
     out = tmp_path / "xl"
     res = export_pipeline(sdxl_dir, unet, ToyFlowScheduler(), out)
     assert res.pipeline_class == "StableDiffusionXLPipeline" and res.lora

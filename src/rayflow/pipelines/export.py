@@ -32,10 +32,15 @@ rayflow's own :class:`diffusers.SchedulerMixin` class. diffusers records a class
 ``[module, class]`` in ``model_index.json`` (``["rayflow.schedulers", "RayFlowScheduler"]``) and
 ``from_pretrained`` imports that module, so the export loads wherever rayflow is installed.
 
-LoRA format. ``get_peft_model_state_dict`` -> ``convert_state_dict_to_diffusers`` -> the pipeline class's
-``save_lora_weights`` with the adapter's ``LoraConfig`` as metadata (so ``lora_alpha != r`` and per-module
-ranks survive), exactly as diffusers' own LoRA training scripts save; ``pipe.load_lora_weights(PIPE_DIR)``
-loads it with no missing or unexpected keys. A LoRA file only reproduces the student if the student's base
+LoRA format. ``get_peft_model_state_dict`` -> the pipeline class's ``save_lora_weights`` (keys
+``unet.<module>.lora_A.weight`` / ``lora_B``, peft's own names) with the adapter's ``LoraConfig`` as metadata
+(so ``lora_alpha != r`` and per-module ranks survive); ``pipe.load_lora_weights(PIPE_DIR)`` loads every key.
+diffusers' training scripts pass the state dict through ``convert_state_dict_to_diffusers`` first; that is
+*not* done here, because (diffusers 0.42) it renames only the attention projections (``to_k.lora_A`` ->
+``to_k.lora.down``) and leaves every other module (``proj_in``, ``ff.net.*``, resnet convolutions) in peft
+form; the loader sees ``lora_A`` keys, skips its conversion back, and silently drops the attention LoRA: with
+LCM-LoRA's target modules 64 of 158 tensors of a tiny UNet were lost (measured; attention-only LoRAs are
+unaffected). A LoRA file only reproduces the student if the student's base
 weights are the teacher's UNet, which is checked; ``fuse=True`` instead merges ``W + (alpha / r) B A`` into
 the UNet and writes that as ``unet/``.
 """
@@ -196,11 +201,11 @@ def _check_base_is_teacher(student: torch.nn.Module, teacher_unet: torch.nn.Modu
 def save_lora(pipeline_class: Any, unet: torch.nn.Module, out_dir: str | os.PathLike,
               adapter_name: str = "default") -> Path:
     """Write ``unet``'s peft LoRA as ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    state = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    # peft's key names, not convert_state_dict_to_diffusers' (see the module docstring: it loses tensors)
+    state = {k: v.detach().cpu().contiguous()
+             for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
     metadata = None
     cfg = getattr(unet, "peft_config", {}).get(adapter_name)
     if cfg is not None:

@@ -193,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     t0 = time.time()
     res = export_student(args.model, args.out, fuse=args.fuse)
     what = "fused UNet" if res.fused else ("LoRA file" if res.lora else "UNet")
-    print(f"{res.pipeline_class} written to {res.out} ({what}, scheduler {'.'.join(res.scheduler)}; "
+    print(f"{res.pipeline_class} written to {res.out_dir} ({what}, scheduler {'.'.join(res.scheduler)}; "
           f"{time.time() - t0:.0f} s)")
     return 0
 

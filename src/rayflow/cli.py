@@ -4,6 +4,8 @@
     rayflow distill --method NAME --teacher DIR|exact --data SPEC --out DIR [--max-steps N] [--batch-size B]
                     [--option key=value ...]
     rayflow sample  (--model DIR | --teacher exact --data SPEC) --steps N --num K --out samples.npz
+    rayflow distill --teacher PIPE_DIR --data captions:path=DIR --method NAME --lora-rank R --out DIR
+    rayflow sample  --model STUDENT_DIR --prompt "..." [--prompts FILE] --steps N --out DIR
     rayflow eval    --samples samples.npz (--data SPEC | --clip-model DIR [--prompts FILE]) --out DIR
     rayflow export  --model STUDENT_DIR --out PIPE_DIR [--fuse]
     rayflow demo    --out DIR
@@ -98,11 +100,71 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+#: method options that set the pool size (pairs or instances), aliased by --pool-size
+POOL_SIZE_OPTIONS = ("pool_size", "num_pairs", "cache_size")
+
+
+def _pool_size_options(method_name: str, pool_size: int | None, options: dict[str, str]) -> dict[str, str]:
+    """``--pool-size N`` as the method's own pool option (``num_pairs`` / ``cache_size``)."""
+    if pool_size is None:
+        return options
+    import dataclasses
+
+    from rayflow.methods import get_method
+
+    require(pool_size >= 1, f"--pool-size must be >= 1, got {pool_size}")
+    names = {f.name for f in dataclasses.fields(get_method(method_name).config_class)}
+    key = next((k for k in POOL_SIZE_OPTIONS if k in names), None)
+    require(key is not None, f"--pool-size: method {method_name} has no pool of pairs or instances")
+    return {**options, key: str(pool_size)}
+
+
+def _is_sd_distill(args: argparse.Namespace) -> bool:
+    from rayflow.pipelines.sd import is_pipeline_dir
+
+    data = str(args.data).strip().lower()
+    return is_pipeline_dir(args.teacher) or data.startswith(("captions:", "prompts:"))
+
+
+def cmd_distill_sd(args: argparse.Namespace) -> int:
+    """``rayflow distill --teacher PIPE_DIR --data captions:path=DIR ...``: a LoRA (or full) SD student."""
+    from rayflow.methods import get_method
+    from rayflow.models.text import DEFAULT_LORA_TARGETS
+    from rayflow.pipelines.sd import LoraSpec, SDOptions, distill_sd
+
+    if args.full_finetune:
+        require(args.lora_rank is None, "--full-finetune and --lora-rank exclude each other")
+        lora = None
+    else:
+        targets = tuple(t for t in (args.lora_targets or "").split(",") if t.strip()) or DEFAULT_LORA_TARGETS
+        lora = LoraSpec(rank=64 if args.lora_rank is None else args.lora_rank, alpha=args.lora_alpha,
+                        target_modules=targets)
+    options = SDOptions(lora=lora, resolution=args.resolution, center_crop=not args.random_crop,
+                        random_flip=args.random_flip, gradient_checkpointing=args.gradient_checkpointing,
+                        teacher_dtype=args.teacher_dtype)
+    method = get_method(args.method).from_options(
+        _pool_size_options(args.method, args.pool_size, _parse_options(args.option)))
+    train = _train_config(args)
+    t0 = time.time()
+    result = distill_sd(method, args.teacher, args.data, args.out, train, options, guidance=args.guidance,
+                        cache_dir=args.cache, progress=not args.no_progress, accelerator=_accelerator())
+    print(f"{method.name} student of {args.teacher} written to {args.out} ({time.time() - t0:.0f} s, "
+          f"{result.teacher_nfe} teacher evaluations)")
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from rayflow.distillation import distill
     from rayflow.methods import get_method
 
-    method = get_method(args.method).from_options(_parse_options(args.option))
+    if _is_sd_distill(args):
+        return cmd_distill_sd(args)
+    sd_only = [flag for flag, on in (("--lora-rank", args.lora_rank is not None), ("--lora-alpha", args.lora_alpha),
+                                     ("--full-finetune", args.full_finetune), ("--resolution", args.resolution))
+               if on]
+    require(not sd_only, f"{', '.join(sd_only)}: only for a diffusers pipeline teacher (--teacher PIPE_DIR)")
+    method = get_method(args.method).from_options(
+        _pool_size_options(args.method, args.pool_size, _parse_options(args.option)))
     t0 = time.time()
     result = distill(method, args.teacher, args.data, args.out, _train_config(args), guidance=args.guidance,
                      cache_dir=args.cache, schedule_name=args.schedule, progress=not args.no_progress,
@@ -128,8 +190,67 @@ def _labels_for(spec: str, n: int, num_classes: int, generator: torch.Generator)
     return torch.full((n,), label, dtype=torch.long)
 
 
+def _sd_student_dir(model: str | None) -> bool:
+    if model is None or not (Path(model) / "config.json").is_file():
+        return False
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("model") or {}).get("kind") == "sd"
+
+
+def cmd_sample_sd(args: argparse.Namespace) -> int:
+    """``rayflow sample --model STUDENT --prompt "..." [--prompts FILE] --steps N --out DIR``."""
+    from rayflow.captions import load_captions
+    from rayflow.pipelines.sd import (
+        decode_latents,
+        is_pipeline_dir,
+        load_sd_pipeline,
+        load_sd_student,
+        sample_teacher_latents,
+        write_samples,
+    )
+
+    require(args.model is not None, "--prompt/--prompts need --model STUDENT_DIR (or a pipeline folder)")
+    teacher = is_pipeline_dir(args.model)
+    require(teacher or _sd_student_dir(args.model),
+            f"{args.model}: neither a diffusers pipeline folder nor a student of a Stable Diffusion pipeline")
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += load_captions(f"prompts:path={args.prompts}").texts
+    require(len(prompts) >= 1, "give --prompt TEXT (repeatable) or --prompts FILE")
+    require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    require(not str(args.out).endswith(".npz"), f"--out names a directory for prompt samples, got {args.out}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if teacher:  # the teacher itself, solved with rayflow's samplers: the reference for its students
+        sd = load_sd_pipeline(args.model)
+        steps, sampler = args.steps or 25, args.sampler or "dpm++2m"
+        t0 = time.time()
+        latents = sample_teacher_latents(sd, prompts, steps, sampler, guidance=args.guidance, seed=args.seed,
+                                         device=device, batch_size=min(args.batch_size, 64))
+        write_samples(args.out, decode_latents(sd, latents, device), latents, prompts)
+        print(f"{len(prompts)} teacher images ({sampler}, {steps} steps, guidance {args.guidance:g}) written to "
+              f"{args.out} in {time.time() - t0:.1f} s")
+        return 0
+    require(args.sampler is None, "students use their method's own sampler; drop --sampler")
+    student = load_sd_student(args.model, device=device)
+    steps = args.steps or 4
+    t0 = time.time()
+    latents = student.sample_latents(prompts, steps, seed=args.seed, guidance=args.guidance,
+                                     batch_size=min(args.batch_size, 64))
+    images = student.decode(latents)
+    write_samples(args.out, images, latents, prompts)
+    print(f"{len(prompts)} images from {student.method.name} ({student.method.nfe_for_steps(steps)} NFE) written to "
+          f"{args.out} in {time.time() - t0:.1f} s")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from rayflow.data import to_uint8_images
+
+    if args.prompt or args.prompts or _sd_student_dir(args.model):
+        return cmd_sample_sd(args)
     from rayflow.distillation import load_generator
     from rayflow.evaluation import save_sample_grid, save_samples_npz
 
@@ -242,6 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
                    help="noise schedule of the exact teacher")
     d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeat)")
+    d.add_argument("--pool-size", type=int, default=None,
+                   help="pairs or instances in the method's pool (alias of its num_pairs / cache_size option)")
+    sdg = d.add_argument_group("diffusers pipeline teachers (--teacher PIPE_DIR --data captions:path=DIR)")
+    sdg.add_argument("--lora-rank", type=int, default=None, help="LoRA rank of the student (default 64)")
+    sdg.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    sdg.add_argument("--lora-targets", default=None,
+                     help="comma-separated module names for LoRA (default: attention, feed-forward, resnet convs)")
+    sdg.add_argument("--full-finetune", action="store_true", help="train the whole UNet instead of a LoRA")
+    sdg.add_argument("--resolution", type=int, default=None, help="image size (default: the UNet's)")
+    sdg.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
+    sdg.add_argument("--random-flip", action="store_true", help="random horizontal flips")
+    sdg.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet memory")
+    sdg.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="frozen teacher UNet precision (auto: bf16 on CUDA)")
     _train_args(d, max_steps=2000, batch_size=256, lr=5e-4, ema=0.999)
     d.set_defaults(func=cmd_distill)
 
@@ -252,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"])
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     s.add_argument("--num", type=int, default=64, help="number of samples")
-    s.add_argument("--out", required=True, help="output .npz (x float32; images uint8 NHWC; labels)")
+    s.add_argument("--out", required=True,
+                   help="output .npz (x float32; images uint8 NHWC; labels); a directory for --prompt/--prompts")
+    s.add_argument("--prompt", action="append", default=None, help="prompt for a pipeline student (repeatable)")
+    s.add_argument("--prompts", default=None, help="file of prompts, one per line (or JSON lines with text)")
     s.add_argument("--sampler", default=None, help="teachers only: ddim, dpm++2m, euler, heun")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--labels", default="cycle", help="cycle | random | a class index")

@@ -41,6 +41,8 @@ class ModelConfig:
     # diffusers adapter: the class name and the UNet's own config
     unet_class: str | None = None
     unet_config: dict[str, Any] = field(default_factory=dict)
+    # kind="sd" (text-conditioned SD UNet, rayflow.models.text): {"table", "lora", "gradient_checkpointing", ...}
+    sd: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,7 +198,11 @@ def build_model(config: ModelConfig) -> Denoiser:
         model = DiffusersDenoiser(klass.from_config(config.unet_config), config.prediction_type, config.num_classes)
         model.config = config
         return model
-    raise RayflowError(f"unknown model kind {config.kind!r}; expected mlp, unet or diffusers")
+    if config.kind == "sd":
+        from rayflow.models.text import build_sd_denoiser
+
+        return build_sd_denoiser(config)
+    raise RayflowError(f"unknown model kind {config.kind!r}; expected mlp, unet, diffusers or sd")
 
 
 def default_model_config(sample_shape: tuple[int, ...], num_classes: int = 0) -> ModelConfig:

@@ -1,0 +1,185 @@
+"""Text conditioning for Stable Diffusion UNets: the condition is a *caption index* into a prompt table.
+
+Every rayflow component that handles conditions - classifier-free guidance, pair caches, label dropout, the
+trainer's batches - already handles class labels (``LongTensor [B]``, with ``num_classes`` as the null label).
+A text-conditioned model therefore takes the index of a caption as its condition and looks the embeddings up
+in a :class:`PromptTable`::
+
+    cond = i            -> encoder_hidden_states = table.embeds[i]        [L, D]
+                           (SDXL: added_cond_kwargs text_embeds = table.pooled[i], time_ids = table.time_ids[i])
+    cond = N (= null)   -> the unconditional row: the empty prompt's embedding (SD1.5), or zeros when the
+                           pipeline sets ``force_zeros_for_empty_prompt`` (SDXL), as diffusers' pipelines do
+
+so CFG (``pred = u + w (c - u)``), caption dropout (index -> ``N``) and the caches (which store indices) need
+no change. The table is kept on the CPU and only the rows of a batch are moved to the device, so a table of
+many captions does not occupy accelerator memory. Tables live in a process-wide registry keyed by their content
+fingerprint, which the model config records (``ModelConfig.sd["table"]``): a network rebuilt by
+:func:`rayflow.models.build_model` inside a method finds the table of its run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rayflow.errors import RayflowError, require
+from rayflow.models.base import Condition, Denoiser, broadcast_timesteps, check_prediction_type
+
+#: LCM-LoRA's / RayFlow's target modules for SD UNets: attention projections, feed-forwards, resnet convs and
+#: time projections. At rank 64 on the SD1.5 UNet this is 67.5M trainable parameters (RayFlow's reported size).
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                        "time_emb_proj")
+
+
+@dataclass
+class PromptTable:
+    """Encoded captions plus the unconditional row as the last row (index ``num_prompts``).
+
+    ``embeds`` ``[N+1, L, D]``; for SDXL also ``pooled`` ``[N+1, P]`` and ``time_ids`` ``[N+1, 6]``.
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.embeds.shape[0]
+        require(self.embeds.ndim == 3 and n >= 1,
+                f"prompt embeddings must be [N+1, L, D], got {tuple(self.embeds.shape)}")
+        for name in ("pooled", "time_ids"):
+            t = getattr(self, name)
+            require(t is None or t.shape[0] == n, f"prompt table: {name} has {None if t is None else t.shape[0]} "
+                                                  f"rows, embeds {n}")
+        self.key = self._fingerprint()
+
+    @property
+    def num_prompts(self) -> int:
+        """``N``, the number of real captions (the null row is index ``N``)."""
+        return self.embeds.shape[0] - 1
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.embeds, self.pooled, self.time_ids):
+            if t is not None:
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def rows(self, index: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs for caption indices ``index`` ``[B]``."""
+        idx = index.long().cpu()
+        require(bool(((idx >= 0) & (idx <= self.num_prompts)).all()),
+                f"caption index out of range 0..{self.num_prompts}")
+        out = {"encoder_hidden_states": self.embeds[idx].to(device=device, dtype=dtype)}
+        if self.pooled is not None:
+            out["added_cond_kwargs"] = {"text_embeds": self.pooled[idx].to(device=device, dtype=dtype),
+                                        "time_ids": self.time_ids[idx].to(device=device, dtype=dtype)}
+        return out
+
+
+_TABLES: dict[str, PromptTable] = {}
+
+
+def register_prompt_table(table: PromptTable) -> str:
+    """Make ``table`` findable by its key (what ``ModelConfig.sd["table"]`` records); returns the key."""
+    _TABLES[table.key] = table
+    return table.key
+
+
+def get_prompt_table(key: str | None) -> PromptTable | None:
+    return _TABLES.get(key) if key else None
+
+
+class TextUNetDenoiser(Denoiser):
+    """A diffusers ``UNet2DConditionModel`` with caption-index conditions (module doc); LoRA via peft.
+
+    ``forward(x, t, cond)``: ``cond`` is ``LongTensor [B]`` of caption indices (``None`` = the null row). The
+    UNet runs in its own parameter dtype (a frozen bf16 teacher) and the output is returned in ``x``'s dtype.
+    """
+
+    def __init__(self, unet: nn.Module, prediction_type: str = "epsilon", table: PromptTable | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.table: PromptTable | None = None
+        self.num_classes = 0
+        if table is not None:
+            self.set_prompt_table(table)
+
+    def set_prompt_table(self, table: PromptTable) -> None:
+        """Use ``table`` for conditions (``num_classes`` becomes its caption count; wrap the model *after*)."""
+        self.table = table
+        self.num_classes = table.num_prompts
+
+    def fingerprint(self) -> str:
+        """Included by :func:`rayflow.caches.model_fingerprint`: caches made with other captions differ."""
+        return "" if self.table is None else self.table.key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        if self.table is None:
+            raise RayflowError("a text-conditioned UNet needs a prompt table (set_prompt_table) before use")
+        t = broadcast_timesteps(t, x.shape[0], x.device)
+        if cond is None:
+            cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long)
+        dtype = self.unet.dtype
+        kwargs = self.table.rows(cond, x.device, dtype)
+        out = self.unet(x.to(dtype), t, **kwargs).sample
+        return out.to(x.dtype)
+
+    def null_condition(self, batch_size: int, device: torch.device) -> Condition:
+        return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
+             target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS) -> dict[str, Any]:
+    """Inject a peft LoRA adapter into ``unet`` (freezing the base weights); returns its JSON description.
+
+    ``W x -> W x + (alpha / r) B A x`` with ``A`` Gaussian and ``B = 0`` (diffusers' training scripts'
+    ``init_lora_weights="gaussian"``), so the student starts exactly at the teacher. Target names that match
+    no module of this UNet are dropped (peft refuses a list where one name matches nothing).
+    """
+    from peft import LoraConfig
+
+    require(int(rank) >= 1, f"--lora-rank must be >= 1, got {rank}")
+    alpha = float(rank if alpha is None else alpha)
+    require(alpha > 0, f"--lora-alpha must be > 0, got {alpha}")
+    names = [n for n, _ in unet.named_modules()]
+    present = [m for m in target_modules if any(n == m or n.endswith("." + m) for n in names)]
+    require(bool(present), f"none of the LoRA target modules {list(target_modules)} exists in this UNet")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=present))
+    return {"rank": int(rank), "alpha": alpha, "target_modules": present}
+
+
+def build_sd_denoiser(config: Any) -> TextUNetDenoiser:
+    """The network of a ``ModelConfig(kind="sd")``: a UNet from ``unet_config``, LoRA per ``sd["lora"]``,
+    gradient checkpointing per ``sd["gradient_checkpointing"]``, the registered table ``sd["table"]``."""
+    from diffusers import UNet2DConditionModel
+
+    sd = dict(config.sd)
+    unet = UNet2DConditionModel.from_config(config.unet_config)
+    lora = sd.get("lora")
+    if lora:
+        add_lora(unet, lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
+    if sd.get("gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+    model = TextUNetDenoiser(unet, config.prediction_type, get_prompt_table(sd.get("table")))
+    model.config = config
+    return model
+
+
+def lora_state_dict(model: TextUNetDenoiser) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict of the UNet (keys without the adapter name), for ``lora.safetensors``."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model.unet).items()}
+
+
+__all__ = ["DEFAULT_LORA_TARGETS", "PromptTable", "TextUNetDenoiser", "add_lora", "build_sd_denoiser",
+           "get_prompt_table", "lora_state_dict", "register_prompt_table"]

@@ -354,6 +354,7 @@ def export_student(student_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     kind = (config.get("model") or {}).get("kind")
     require(kind == "sd", f"--model {d} is a student of a pixel-space teacher ({kind!r} network): only students of "
                           f"a StableDiffusion/StableDiffusionXL pipeline can be exported")
+    _check_out_dir(Path(out_dir))  # before loading anything: a refusal is one line and costs nothing
     from rayflow.pipelines.sd import load_sd_student
 
     st = load_sd_student(d, device="cpu")

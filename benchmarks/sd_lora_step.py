@@ -16,11 +16,11 @@ on):
 * ``bare-eager`` / ``bare-compile``: a plain PyTorch loop, ``x_t = a_t x0 + (1 - a_t) eps_mu`` on RayFlow's ray,
   ``loss = ||unet(x_t, t, text) - (x0 - eps_mu)||^2``, backward, grad-norm clip, AdamW, with the UNet eager or
   ``torch.compile``-d. Batches come from pools already on the GPU, as a latent cache would supply them.
-* ``rayflow-eager`` / ``rayflow-compile``: the same UNet and LoRA wrapped as a rayflow ``Denoiser`` (caption-index
-  conditions into an embedding table), trained by :class:`rayflow.training.Trainer` (accelerate, bf16,
-  EMA 0.999 of the LoRA, grad clipping, per-step loss reduction, logging) on
-  :class:`rayflow.methods.rayflow.RayFlowObjective` with its default learned Time Sampler and the ray
-  change of variables (VP-matched input), from the same kind of pools.
+* ``rayflow-eager`` / ``rayflow-compile``: the same UNet and LoRA wrapped as rayflow's ``TextUNetDenoiser``
+  (caption-index conditions into a CPU prompt table, the SD path's network), trained by
+  :class:`rayflow.training.Trainer` (accelerate, bf16, EMA 0.999 of the LoRA, grad clipping, per-step loss
+  reduction, logging) on :class:`rayflow.methods.rayflow.RayFlowObjective` with its default learned Time
+  Sampler and the ray change of variables (VP-matched input), from the same kind of pools.
 
 Rate: samples/s over ``--steps`` steps after ``--warmup`` steps (which include compilation), timed between
 ``cuda.synchronize()`` points at the start of consecutive steps; rayflow's rate over the bare loop's is
@@ -171,24 +171,8 @@ def run_rayflow(unet, pools, embeds, schedule, args, device, compiled: bool, out
     from types import SimpleNamespace
 
     from rayflow.methods.rayflow import RayFlow, RayFlowConfig, RayFlowObjective
-    from rayflow.models.base import Denoiser
+    from rayflow.models.text import PromptTable, TextUNetDenoiser
     from rayflow.training import TrainConfig, Trainer
-
-    class CaptionIndexUNet(Denoiser):
-        """``cond`` = caption indices into ``embeds`` (rayflow's text-condition convention); flow head."""
-
-        prediction_type = "flow"
-
-        def __init__(self, unet: torch.nn.Module, embeds: torch.Tensor) -> None:
-            super().__init__()
-            self.unet, self.embeds = unet, embeds
-            self.num_classes = embeds.shape[0] - 1
-
-        def forward(self, x, t, cond=None):
-            if cond is None:
-                cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            out = self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=self.embeds[cond]).sample
-            return out.to(x.dtype)
 
     clock = StepClock(device)
 
@@ -209,7 +193,9 @@ def run_rayflow(unet, pools, embeds, schedule, args, device, compiled: bool, out
                         grad_clip=1.0, checkpoint_every=0, log_every=10, progress=False,
                         mixed_precision="bf16" if args.dtype == torch.bfloat16 else "no",
                         compile="yes" if compiled else "no")
-    model = CaptionIndexUNet(unet, embeds)
+    # rayflow's text-conditioned network: caption indices into a prompt table kept on the CPU (rows moved per
+    # batch), the teacher's weights read as a flow head (RayFlow's default velocity student)
+    model = TextUNetDenoiser(unet, "flow", PromptTable(embeds.float().cpu()))
     trainer = Trainer(model, objective, train, out_dir, {"benchmark": "sd_lora_step"})
     # the trainer ends with its final checkpoint and weights; the clock's last tick is the start of that
     # write, taken by the patched _save_checkpoint below so the file writing is not counted in the rate

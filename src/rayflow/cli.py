@@ -6,7 +6,8 @@
     rayflow sample  (--model DIR | --teacher exact --data SPEC) --steps N --num K --out samples.npz
     rayflow distill --teacher PIPE_DIR --data captions:path=DIR --method NAME --lora-rank R --out DIR
     rayflow sample  --model STUDENT_DIR --prompt "..." [--prompts FILE] --steps N --out DIR
-    rayflow eval    --samples samples.npz --data SPEC --out DIR
+    rayflow eval    --samples samples.npz (--data SPEC | --clip-model DIR [--prompts FILE]) --out DIR
+    rayflow export  --model STUDENT_DIR --out PIPE_DIR [--fuse]
     rayflow demo    --out DIR
     rayflow methods
 
@@ -287,6 +288,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rayflow.data import load_dataset
     from rayflow.evaluation import format_table, load_samples_npz, write_results
 
+    require(args.data is not None or args.clip_model is not None,
+            "give --data (reference data), --clip-model, or both")
     out = check_output_dir(args.out)
     if args.feature_net is not None:
         feature_net = Path(args.feature_net)
@@ -295,11 +298,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples = load_samples_npz(args.samples)
     nfe = args.nfe if args.nfe is not None else samples.get("nfe")
     require(nfe is not None, f"{args.samples} does not record its NFE (written by an older rayflow); pass --nfe N")
-    teacher = load_samples_npz(args.teacher_samples) if args.teacher_samples else None
-    dataset = load_dataset(args.data, split=args.split)
-    metrics = evaluate_npz(samples, dataset, teacher_samples=teacher, feature_net_dir=args.feature_net,
-                           reference_num=args.reference_num, seed=args.seed,
-                           inception_fid=args.metric == "inception-fid")
+    metrics: dict = {}
+    if args.clip_model is not None:  # prompt-conditioned samples: CLIP score against their prompts
+        from rayflow.clip_score import clip_score, read_prompts
+
+        prompts_file = Path(args.prompts) if args.prompts else Path(args.samples).parent / "prompts.txt"
+        require(samples["images"] is not None, f"{args.samples}: no 'images' array for the CLIP score")
+        metrics["clip_score"] = clip_score(samples["images"], read_prompts(prompts_file), args.clip_model)
+    if args.data is not None:
+        teacher = load_samples_npz(args.teacher_samples) if args.teacher_samples else None
+        dataset = load_dataset(args.data, split=args.split)
+        metrics.update(evaluate_npz(samples, dataset, teacher_samples=teacher, feature_net_dir=args.feature_net,
+                                    reference_num=args.reference_num, seed=args.seed,
+                                    inception_fid=args.metric == "inception-fid"))
     row = {"method": args.method or Path(args.samples).stem, "nfe": int(nfe), **metrics}
     rows = [r for r in previous if (r.get("method"), r.get("nfe")) != (row["method"], row["nfe"])]
     rows.append(row)
@@ -321,6 +332,17 @@ def _read_results(out: Path) -> list[dict]:
     require(isinstance(rows, list) and all(isinstance(r, dict) and "method" in r and "nfe" in r for r in rows),
             f"{path}: expected a JSON list of rows with \"method\" and \"nfe\"; move it away or use another --out")
     return rows
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayflow.pipelines.export import export_student
+
+    t0 = time.time()
+    res = export_student(args.model, args.out, fuse=args.fuse)
+    what = "fused UNet" if res.fused else ("LoRA file" if res.lora else "UNet")
+    print(f"{res.pipeline_class} written to {res.out_dir} ({what}, scheduler {'.'.join(res.scheduler)}; "
+          f"{time.time() - t0:.0f} s)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -431,7 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="compare samples with reference data")
     e.add_argument("--samples", required=True, help=".npz written by rayflow sample")
-    e.add_argument("--data", required=True, help="data spec of the reference")
+    e.add_argument("--data", default=None, help="data spec of the reference")
+    e.add_argument("--clip-model", default=None, help="local CLIP folder (CLIPModel + CLIPProcessor): adds the CLIP "
+                   "score of prompt-conditioned samples; nothing is downloaded")
+    e.add_argument("--prompts", default=None, help="prompts of the samples, one per line (default: prompts.txt "
+                   "beside --samples)")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--teacher-samples", default=None, help=".npz of the teacher from the same noise (fidelity)")
     e.add_argument("--feature-net", default=None, help="directory of the feature classifier (trained if empty)")
@@ -446,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "comparable only with each other, not with published CIFAR/COCO FIDs)")
     e.add_argument("--out", required=True, help="directory for results.json / results.md (rows are merged)")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a Stable Diffusion student as a diffusers pipeline folder")
+    x.add_argument("--model", required=True, help="student directory (rayflow distill --teacher PIPE_DIR ...)")
+    x.add_argument("--out", required=True, help="pipeline folder to write (new, empty, or a previous export)")
+    x.add_argument("--fuse", action="store_true", help="merge the LoRA into unet/ instead of a LoRA file")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the whole pipeline on the embedded data in a few minutes on a CPU")
     m.add_argument("--out", default="runs/demo")

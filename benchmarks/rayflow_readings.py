@@ -86,9 +86,9 @@ READINGS: dict[str, tuple[str, dict[str, str]]] = {
 #: rows whose pools equal another row's (only the student's loss or time sampling differs) share its cache
 SHARED_POOL = {"start-sigma": "start", "average-uniform-t": "average", "trajectory-uniform-t": "trajectory",
                "start-uniform-t": "start", "start-no-reweight": "start", "start-conditioned-t": "start"}
-#: the default selection, chosen by the CPU screen (docs/rayflow.md): the two readings that are cheapest and best,
-#: the Time Sampler's pair for the best, and the strongest peer
-DEFAULT_READINGS = ("start", "start-uniform-t", "trajectory", "reflow")
+#: the default selection, chosen by the CPU screen (docs/rayflow.md §5.1): the best reading there (trajectory) with
+#: its uniform-t pair for the Time Sampler's paired difference, the start-consistent reading, and the strongest peer
+DEFAULT_READINGS = ("trajectory", "trajectory-uniform-t", "start", "reflow")
 TEACHERS = ("linear", "sd")
 PARTS = ("teacher-sd", "reference", "students", "report")
 PREFIX = "rr-"  # the readings' names inside fashion_mnist.VARIANTS (so they never clash with its own)
@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             t, r, s = args.job.split(":")
             run_job(out, spec, cfg, device, t, r, int(s))
             return 0
-        load_dataset(spec, split="test")  # refuse a wrong path before any work
+        report_only = parts == ("report",)  # the report reads rows only: no data, teacher or GPU needed
+        if not report_only:
+            load_dataset(spec, split="test")  # refuse a wrong path before any work
         out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / "bench_config.json"
         cfg_now = json.loads(json.dumps(cfg.__dict__))
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                     "use another --out")
         else:
             write_json_atomic(cfg_now, cfg_path)
-        for t in TEACHERS:
+        for t in [] if report_only else teachers:
             run = teacher_run(out, t)
             if not args.tiny:  # the committed feature net scores both teachers; the committed teacher is `linear`
                 if not (run / "feature-net" / "feature_net.safetensors").exists():

@@ -132,14 +132,16 @@ def done(run: Path, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------- parts
-def part_teacher(run: Path, spec: str, cfg: BenchConfig) -> None:
+def part_teacher(run: Path, spec: str, cfg: BenchConfig, schedule: VPSchedule | None = None) -> None:
+    """Train the teacher (DDPM's linear schedule unless ``schedule``: rayflow_readings.py's second teacher)."""
     model = ModelConfig(kind="unet", sample_shape=(1, 32, 32), num_classes=10, channels=cfg.channels,
                         layers_per_block=cfg.layers_per_block)
     train = TrainConfig(max_steps=cfg.teacher_steps, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
                         warmup_steps=min(500, cfg.teacher_steps // 10), ema_decay=0.9995, seed=cfg.seed,
                         checkpoint_every=2000, compile="auto", mixed_precision="auto")
     t0 = time.time()
-    train_teacher(spec, run / "teacher", train, model=model, schedule=VPSchedule.linear(), label_dropout=0.1)
+    train_teacher(spec, run / "teacher", train, model=model, schedule=schedule or VPSchedule.linear(),
+                  label_dropout=0.1)
     log = [json.loads(line) for line in (run / "teacher" / "train_log.jsonl").read_text().splitlines()]
     write_json_atomic({"wall_seconds": round(time.time() - t0, 1), "final_loss": log[-1]["loss"],
                        "samples_per_s": cfg.teacher_steps * cfg.teacher_batch / max(log[-1]["time"], 1e-9)},

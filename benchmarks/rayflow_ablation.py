@@ -3,6 +3,7 @@
     python benchmarks/rayflow_ablation.py                         # the ablation table (mixtures + digits)
     python benchmarks/rayflow_ablation.py --table defaults        # one-factor-at-a-time sweep of every option
     python benchmarks/rayflow_ablation.py --table all --workers 16 --steps 3000   # larger budgets
+    python benchmarks/rayflow_ablation.py --table readings        # issue #14's eps_mu readings vs 2-RF (CPU screen)
 
 Ablation rows (the paper's Table 3 switches, plus both sources of x0): ``full`` (the defaults), ``no-time-sampler``
 (uniform t), ``no-instance-target`` (eps_mu := eps with data x0: a plain straight-path flow), ``x0-data``,
@@ -77,6 +78,19 @@ SWEEP = [
     ("loss_weighting=snr", {"loss_weighting": "snr"}),
 ]
 
+#: issue #14's readings of eps_mu (methods/rayflow/readings.py), screened against 2-RF at the same budget;
+#: a third element names another method (its defaults), else the row is RayFlow with those options
+READINGS: list[tuple[str, dict[str, str]] | tuple[str, dict[str, str], str]] = [
+    ("average (K=8, default)", {}),
+    ("trajectory", {"eps_mu_reading": "trajectory"}),
+    ("start-consistent", {"eps_mu_reading": "start"}),
+    ("trajectory + consistency", {"eps_mu_reading": "trajectory", "consistency_weight": "1"}),
+    ("start + consistency", {"eps_mu_reading": "start", "consistency_weight": "1"}),
+    ("start, uniform t", {"eps_mu_reading": "start", "time_sampler": "uniform"}),
+    ("start, sigma=0.05", {"eps_mu_reading": "start", "sigma": "0.05"}),
+    ("2-RF (reflow)", {}, "reflow"),
+]
+
 
 # ---------------------------------------------------------------------- jobs (run in worker processes)
 def _setup_worker() -> None:
@@ -133,11 +147,11 @@ def job_distill(task: dict) -> dict:
     import torch
 
     from rayflow.distillation import distill
-    from rayflow.methods.rayflow import RayFlow
+    from rayflow.methods import get_method
 
     args, spec, schedule, opts, seed = task["args"], task["spec"], task["schedule"], task["opts"], task["seed"]
     teacher_arg, _, sched, dataset = _teacher_for(spec, schedule, args)
-    method = RayFlow.from_options(dict(opts))
+    method = get_method(task.get("method", "rayflow")).from_options(dict(opts))
     tmp = Path(tempfile.mkdtemp(prefix="rf-abl-"))
     t0 = time.time()
     try:
@@ -152,7 +166,8 @@ def job_distill(task: dict) -> dict:
             for nfe in NFES:
                 x = method.sample(result.student, noise, sched, nfe, cond=labels)
                 row[f"nfe{nfe}"] = float(scorer.score(x, labels)[_metric(spec)])
-        if method.config.time.time_sampler == "learned":  # keep the learned distribution's log and plot
+        # keep the learned distribution's log and plot
+        if getattr(getattr(method.config, "time", None), "time_sampler", "") == "learned":
             for name in ("time_sampler.png", "time_sampler.json"):
                 src = tmp / "student" / name
                 if src.exists():
@@ -328,7 +343,7 @@ def _flatten(results: list) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--table", choices=("ablation", "defaults", "all"), default="ablation")
+    p.add_argument("--table", choices=("ablation", "defaults", "all", "readings"), default="ablation")
     p.add_argument("--out", default="runs/rayflow_ablation")
     p.add_argument("--steps", type=int, default=1500, help="student updates per variant")
     p.add_argument("--batch-size", type=int, default=256)
@@ -382,6 +397,32 @@ def main(argv: list[str] | None = None) -> int:
         (out / "ablation.json").write_text(json.dumps({"args": args, "rows": rows}, indent=1))
         (out / "ablation.md").write_text(md)
         plot_rows(rows, out / "ablation.png", "sw")
+        print(md)
+
+    if a.table == "readings":
+        chosen = [s for s in a.settings.split(",") if s]
+        for s in chosen:
+            if s not in settings:
+                p.error(f"unknown setting {s!r}; expected some of {', '.join(settings)}")
+        runs = [(s, *settings[s]) for s in chosen]
+        if not a.no_digits:
+            _prepare_digits(args)
+            runs.append(("digits", "digits", "linear"))
+        tasks = []
+        for name, spec, sched in runs:
+            tasks.append(("job_baselines", {"args": args, "setting": name, "spec": spec, "schedule": sched}))
+            for variant, opts, *method in READINGS:
+                for seed in range(a.seeds):
+                    tasks.append(("job_distill", {"args": args, "setting": name, "spec": spec, "schedule": sched,
+                                                  "variant": variant, "opts": opts, "seed": seed,
+                                                  "method": method[0] if method else "rayflow"}))
+        rows = _flatten(_run(tasks, a.workers))
+        order = [v for v, *_ in READINGS]
+        rows.sort(key=lambda r: ([n for n, *_ in runs].index(r["setting"]),
+                                 order.index(r["variant"]) if r["variant"] in order else -1))
+        md = markdown(rows, "RayFlow readings of eps_mu vs 2-RF (issue #14)", "sw for mixtures, fd for digits")
+        (out / "readings.json").write_text(json.dumps({"args": args, "rows": rows}, indent=1))
+        (out / "readings.md").write_text(md)
         print(md)
 
     if a.table in ("defaults", "all"):

@@ -41,6 +41,7 @@ Where each piece lives::
     ray.py           the ray algebra, the VP-matched change of variables, the student wrapper, the ray sampler
     targets.py       eps_mu, teacher x0, the instance source and its cached pools
     time_sampler.py  the Time Sampler built from its config section, and its log
+    readings.py      issue #14's readings of eps_mu (trajectory, start-consistent) and the consistency loss
     objective.py     Algorithm 1, one student update
     method.py        the Method: wiring of the above into distil / sample
 """
@@ -68,6 +69,15 @@ from rayflow.methods.rayflow.ray import (
     ray_x0_eps,
     vp_matched,
 )
+from rayflow.methods.rayflow.readings import (
+    EPS_MU_READINGS,
+    Trajectory,
+    TrajectoryRecorder,
+    consistency_residual,
+    ray_time_of_vp,
+    start_consistent_eps_mu,
+    teacher_trajectory,
+)
 from rayflow.methods.rayflow.targets import (
     InstanceSource,
     _noise_from_seeds,
@@ -77,7 +87,9 @@ from rayflow.methods.rayflow.targets import (
     unified_noise_expectation,
 )
 
-__all__ = ["InstanceSource", "RayConfig", "RayFlow", "RayFlowConfig", "RayFlowObjective", "RayParameterization",
+__all__ = ["EPS_MU_READINGS", "Trajectory", "TrajectoryRecorder", "consistency_residual", "ray_time_of_vp",
+           "start_consistent_eps_mu", "teacher_trajectory",
+           "InstanceSource", "RayConfig", "RayFlow", "RayFlowConfig", "RayFlowObjective", "RayParameterization",
            "RayStudent", "SamplingConfig", "TargetConfig", "TimeSamplerConfig", "check_grid", "eps_mu_timesteps",
            "epsilon_teacher", "instance_features", "parse_timestep_list", "ray_point", "ray_sample", "ray_target",
            "ray_x0_eps", "snr_weight_table", "teacher_x0", "unified_noise_expectation", "validate_config",

@@ -25,6 +25,7 @@ from rayflow.timestep_dists import TIMESTEP_DISTRIBUTIONS as TIME_SAMPLERS
 
 PARAMETERIZATIONS = ("epsilon", "velocity")
 X0_SOURCES = ("data", "teacher", "mixed")
+EPS_MU_READINGS = ("average", "trajectory", "start")  # issue #14 (readings.py re-exports the same tuple)
 LOSS_WEIGHTINGS = ("uniform", "snr")
 START_NOISES = ("standard", "variance-matched")
 
@@ -48,6 +49,13 @@ class TargetConfig:
     pool_size: int = 0  # instances per pool (old name: cache_size); 0 = max(len(dataset), 16384)
     cache_shard_size: int = 4096
     cache_seed: int = 0
+    # issue #14's readings of eps_mu ([INFERRED], see readings.py): "average" (the K points above) | "trajectory"
+    # (mean of the teacher's noise along its own ODE path from eps; needs x0_source=teacher) | "start"
+    # ((eps - a_T x0)/(1 - a_T): the ray passes through the sampler's starting noise)
+    eps_mu_reading: str = "average"
+    # expected-noise consistency: weight of the loss that regresses the student's noise at a point of the teacher's
+    # trajectory onto eps_mu (0 = off; > 0 stores one trajectory point per pooled instance; needs x0_source=teacher)
+    consistency_weight: float = 0.0
 
 
 @dataclass
@@ -122,6 +130,14 @@ def validate_config(config: RayFlowConfig) -> None:
     if c.timestep_set not in ("linspace", "random"):
         parse_timestep_list(c.timestep_set)
     _choice(c.x0_source, X0_SOURCES, "x0_source")
+    _choice(c.eps_mu_reading, EPS_MU_READINGS, "eps_mu_reading")
+    require(c.consistency_weight >= 0 and math.isfinite(c.consistency_weight),
+            f"rayflow: consistency_weight must be >= 0, got {c.consistency_weight}")
+    if c.eps_mu_reading == "trajectory" or c.consistency_weight > 0:
+        require(c.x0_source == "teacher", "rayflow: eps_mu_reading=trajectory and consistency_weight > 0 need "
+                f"x0_source=teacher (the teacher's trajectory from eps), got x0_source={c.x0_source}")
+    if c.eps_mu_reading != "average":
+        require(c.instance_target, f"rayflow: eps_mu_reading={c.eps_mu_reading} needs instance_target=true")
     _choice(r.parameterization, PARAMETERIZATIONS, "parameterization")
     _choice(r.loss_weighting, LOSS_WEIGHTINGS, "loss_weighting")
     _choice(ts.time_sampler, TIME_SAMPLERS, "time_sampler")
@@ -158,5 +174,6 @@ def parse_timestep_list(text: str) -> list[int]:
     return values
 
 
-__all__ = ["LOSS_WEIGHTINGS", "PARAMETERIZATIONS", "RayConfig", "RayFlowConfig", "SamplingConfig", "START_NOISES",
+__all__ = ["EPS_MU_READINGS", "LOSS_WEIGHTINGS", "PARAMETERIZATIONS", "RayConfig", "RayFlowConfig", "SamplingConfig",
+           "START_NOISES",
            "TargetConfig", "TimeSamplerConfig", "X0_SOURCES", "parse_timestep_list", "validate_config"]

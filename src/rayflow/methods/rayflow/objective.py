@@ -18,6 +18,7 @@ import torch
 
 from rayflow.methods.rayflow.config import RayFlowConfig
 from rayflow.methods.rayflow.ray import RayParameterization, ray_point, ray_target, ray_x0_eps
+from rayflow.methods.rayflow.readings import consistency_residual
 from rayflow.methods.rayflow.targets import InstanceSource, instance_features
 from rayflow.schedules import VPSchedule, expand_like
 from rayflow.timestep_dists import TimestepDistribution as TimeSampler
@@ -64,7 +65,7 @@ class RayFlowObjective:
 
         rc, dev = self.cfg.ray, self.source.ctx.device
         b = self.batch_size
-        x0, cond, eps_mu = self.source.draw(b, step, generator)  # the instances (pooled or computed online)
+        x0, cond, eps_mu, traj = self.source.draw_instances(b, step, generator)  # pooled or computed online
         feats = instance_features(x0, eps_mu) if self.conditioned else None
         t, w = self.time_sampler.sample(b, generator, feats)  # t ~ q(t), w = p(t) / q(t)
         z = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev, x0.dtype)
@@ -85,8 +86,15 @@ class RayFlowObjective:
             per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * self.loss_weight[t].to(dev)
         weights = w.to(dev) if self.cfg.time.reweight else torch.ones_like(per)  # importance weights p/q
         loss = (per * weights).mean()
+        logs = {"loss_unweighted": float(per.detach().mean())}
+        if traj is not None and self.cfg.targets.consistency_weight > 0:
+            # issue #14 reading 3, expected-noise consistency (readings.py): the student's noise at a point of the
+            # teacher's trajectory regresses eps_mu; not importance-weighted (its timestep is not drawn from q)
+            cons = consistency_residual(self.ray, model, traj[0], traj[1], eps_mu, cond, self.schedule).mean()
+            loss = loss + self.cfg.targets.consistency_weight * cons
+            logs["loss_consistency"] = float(cons.detach())
         self._pending = (t.cpu(), per.detach().cpu(), feats)
-        return LossOutput(loss, {"loss_unweighted": float(per.detach().mean())})
+        return LossOutput(loss, logs)
 
     def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, float]:
         logs: dict[str, float] = {}

@@ -16,6 +16,7 @@ from rayflow.caches import build_or_load, model_fingerprint
 from rayflow.errors import require
 from rayflow.methods.base import DistillContext
 from rayflow.methods.rayflow.config import TargetConfig, parse_timestep_list
+from rayflow.methods.rayflow.readings import start_consistent_eps_mu, teacher_trajectory
 from rayflow.models import Condition, Denoiser, with_guidance
 from rayflow.samplers import get_sampler, make_timesteps, sampler_nfe
 from rayflow.schedules import VPSchedule, convert_prediction, expand_like
@@ -124,6 +125,10 @@ class InstanceSource:
         """``eps_mu`` of these instances (``eps`` itself when the instance target is off)."""
         if not self.cfg.instance_target:
             return eps.clone()
+        if self.cfg.eps_mu_reading == "start":  # issue #14 reading 2 (readings.py): no teacher call
+            return start_consistent_eps_mu(x0, eps, self.schedule)
+        require(self.cfg.eps_mu_reading == "average",
+                "rayflow: the trajectory reading of eps_mu comes with the teacher's x0 (teacher_instances)")
         ts = eps_mu_timesteps(self.cfg, self.schedule.num_train_timesteps, x0.shape[0], generator)
         return unified_noise_expectation(self.teacher, x0, eps, ts, self.schedule, cond, self.ctx.guidance)
 
@@ -131,11 +136,46 @@ class InstanceSource:
         return teacher_x0(self.teacher, eps, self.schedule, cond, self.ctx.guidance, self.cfg.teacher_solver,
                           self.cfg.teacher_steps)
 
+    def teacher_instances(self, eps: torch.Tensor, cond: Condition, generator: torch.Generator | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(x0, eps_mu, traj_x, traj_t)`` of teacher-x0 instances: ``x0`` the teacher's ODE from ``eps``; with the
+        trajectory reading or the consistency loss (issue #14) the same solve is recorded, and ``traj_x`` at VP
+        timestep ``traj_t`` is one of its states per row (None unless the consistency loss needs it)."""
+        cfg = self.cfg
+        consistency = cfg.consistency_weight > 0
+        if not (cfg.instance_target and cfg.eps_mu_reading == "trajectory") and not consistency:
+            x0 = self.make_teacher_x0(eps, cond)
+            return x0, self.compute(x0, eps, cond, generator), None, None
+        traj = teacher_trajectory(self.teacher, eps, self.schedule, cond, self.ctx.guidance, cfg.teacher_solver,
+                                  cfg.teacher_steps, keep_states=consistency)
+        x0 = traj.x0
+        eps_mu = traj.eps_mu if cfg.eps_mu_reading == "trajectory" else self.compute(x0, eps, cond, generator)
+        tx, tt = traj.pick(None if generator is None or generator.device.type != "cpu" else generator) \
+            if consistency else (None, None)
+        return x0, eps_mu, tx, tt
+
     def draw(self, n: int, step: int, generator: torch.Generator) -> tuple[torch.Tensor, Condition, torch.Tensor]:
+        """``(x0, cond, eps_mu)`` of ``n`` instances."""
+        return self.draw_instances(n, step, generator)[:3]
+
+    def draw_instances(self, n: int, step: int, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, Condition, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(x0, cond, eps_mu, trajectory)``; ``trajectory`` = ``(traj_x, traj_t)``, one point of each row's
+        teacher trajectory, when the consistency loss is on (all rows are teacher rows then), else None."""
         dev = self.ctx.device
         use_teacher = torch.rand(n, generator=generator, device=generator.device).cpu() < self.teacher_fraction(step)
         if self.pools is not None:
             return self._draw_pools(n, use_teacher, generator)
+        if self.cfg.consistency_weight > 0 or self.cfg.eps_mu_reading == "trajectory":  # x0_source=teacher
+            eps = torch.randn((n, *self.data.shape[1:]), generator=generator, device=generator.device).to(dev)
+            cond = None
+            if self.labels is not None:
+                idx = torch.randint(0, self.data.shape[0], (n,), generator=generator, device=generator.device).cpu()
+                cond = self._cond(idx).to(dev)
+            g_ts = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator,
+                                                                   device=generator.device)))
+            x0, eps_mu, tx, tt = self.teacher_instances(eps, cond, g_ts)
+            return x0, cond, eps_mu, (None if tx is None else (tx, tt))
         idx = torch.randint(0, self.data.shape[0], (n,), generator=generator, device=generator.device).cpu()
         cond = self._cond(idx)
         cond = None if cond is None else cond.to(dev)
@@ -146,11 +186,11 @@ class InstanceSource:
             x0[sel] = self.make_teacher_x0(eps[sel], None if cond is None else cond[sel]).to(x0.dtype)
         g_ts = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator,
                                                                device=generator.device)))
-        return x0, cond, self.compute(x0, eps, cond, g_ts)
+        return x0, cond, self.compute(x0, eps, cond, g_ts), None
 
     def _draw_pools(self, n, use_teacher, generator):
         dev = self.ctx.device
-        parts_x0, parts_c, parts_e = [], [], []
+        parts_x0, parts_c, parts_e, parts_tx, parts_tt = [], [], [], [], []
         order = torch.cat([torch.nonzero(~use_teacher)[:, 0], torch.nonzero(use_teacher)[:, 0]])
         for name, count in (("data", int((~use_teacher).sum())), ("teacher", int(use_teacher.sum()))):
             if count == 0:
@@ -165,13 +205,21 @@ class InstanceSource:
             else:
                 parts_x0.append(pool["x0"][rows])
                 parts_c.append(None if self.labels is None else pool["label"][rows])
+                if "traj_x" in pool:
+                    parts_tx.append(pool["traj_x"][rows])
+                    parts_tt.append(pool["traj_t"][rows])
             parts_e.append(pool["eps_mu"][rows])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n)
         x0 = torch.cat(parts_x0)[inverse].to(dev)
         e = torch.cat(parts_e)[inverse].to(dev)
         cond = None if self.labels is None else torch.cat(parts_c)[inverse].to(dev)
-        return x0, cond, e
+        traj = None
+        if self.cfg.consistency_weight > 0:
+            require(len(parts_tx) == 1 and len(parts_x0) == 1,
+                    "rayflow: consistency_weight > 0 needs pools with trajectory points (x0_source=teacher)")
+            traj = (torch.cat(parts_tx)[inverse].to(dev), torch.cat(parts_tt)[inverse])
+        return x0, cond, e, traj
 
 
 
@@ -195,7 +243,8 @@ def needed_sources(cfg: TargetConfig) -> list[str]:
 def teacher_nfe_per_instance(cfg: TargetConfig, source: str, teacher: Denoiser, guidance: float) -> int:
     """Teacher evaluations one pooled instance costs: K for eps_mu, plus its ODE for a teacher x0; x2 with CFG."""
     cfg_factor = 2 if (guidance != 1.0 and teacher.num_classes > 0) else 1
-    n = cfg.k_timesteps if cfg.instance_target else 0
+    # the trajectory and start readings cost no teacher call beyond the teacher's x0 (issue #14)
+    n = cfg.k_timesteps if (cfg.instance_target and cfg.eps_mu_reading == "average") else 0
     if source == "teacher":
         n += sampler_nfe(cfg.teacher_solver, cfg.teacher_steps)
     return n * cfg_factor
@@ -212,6 +261,11 @@ def pool_meta(cfg: TargetConfig, ctx: DistillContext, teacher: Denoiser, source:
     }
     if source == "teacher":
         meta.update(teacher_solver=cfg.teacher_solver, teacher_steps=cfg.teacher_steps)
+    # issue #14: recorded only off the defaults, so caches built before these options stay valid
+    if cfg.eps_mu_reading != "average":
+        meta["eps_mu_reading"] = cfg.eps_mu_reading
+    if cfg.consistency_weight > 0 and source == "teacher":
+        meta["trajectory_points"] = True
     return meta
 
 
@@ -244,8 +298,12 @@ def build_pool(cfg: TargetConfig, ctx: DistillContext, teacher: Denoiser, source
             if helper.labels is not None:
                 cond = helper.labels[torch.randint(0, n_data, (count,), generator=g)]
                 out["label"] = cond
-            x0 = helper.make_teacher_x0(eps, None if cond is None else cond.to(ctx.device)).float()
-            out["x0"] = x0.cpu()
+            x0, eps_mu, tx, tt = helper.teacher_instances(eps, None if cond is None else cond.to(ctx.device), g)
+            out["x0"] = x0.float().cpu()
+            out["eps_mu"] = eps_mu.float().cpu()
+            if tx is not None:
+                out["traj_x"], out["traj_t"] = tx.float().cpu(), tt.double().cpu()
+            return out
         cond = None if cond is None else cond.to(ctx.device)
         out["eps_mu"] = helper.compute(x0, eps, cond, g).float().cpu()
         return out

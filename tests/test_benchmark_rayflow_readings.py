@@ -1,0 +1,150 @@
+"""benchmarks/rayflow_readings.py (issue #14): its refusals, and the --tiny --allow-cpu dry run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_data import make_mnist_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = REPO / "benchmarks" / "rayflow_readings.py"
+    spec = importlib.util.spec_from_file_location("bench_rayflow_readings", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    root = tmp_path / "fm"
+    root.mkdir()
+    make_mnist_dir(root, gz=True, n_train=40, n_test=16)
+    return root
+
+
+def test_refuses_without_a_gpu_and_bad_arguments(bench, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    assert bench.main(["--data", str(data_dir), "--out", str(run)]) == 2
+    assert "no GPU found" in capsys.readouterr().err
+    assert bench.main(["--data", str(data_dir), "--out", str(run), "--allow-cpu"]) == 2  # only with --tiny
+    assert "no GPU found" in capsys.readouterr().err
+    assert not run.exists()
+    common = ["--data", str(data_dir), "--out", str(run), "--tiny", "--allow-cpu"]
+    for extra, message in ((["--readings", "start,magic"], "unknown readings ['magic']"),
+                           (["--teachers", "cosine"], "unknown teachers ['cosine']"),
+                           (["--parts", "students,lunch"], "unknown parts ['lunch']"),
+                           (["--seeds", "0,x"], "expected comma-separated integers")):
+        assert bench.main([*common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rayflow_readings: error:") and message in err, err
+    assert bench.main(["--data", str(tmp_path / "nowhere"), "--out", str(run), "--tiny", "--allow-cpu"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_tiny_dry_run_trains_the_scaled_linear_teacher_and_resumes(bench, data_dir, tmp_path, capsys):
+    """The dry run's teacher-sd part (the students' part is the slow end-to-end test below)."""
+    run = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(run), "--results", str(tmp_path / "res"), "--tiny", "--allow-cpu",
+            "--teachers", "sd", "--parts", "teacher-sd", "--teacher-steps", "2"]
+    assert bench.main(args) == 0
+    cfg = json.loads((run / "sd" / "teacher" / "config.json").read_text())
+    assert cfg["schedule"]["kind"] == "scaled_linear" and cfg["model"]["kind"] == "unet"
+    assert not (run / "linear").exists()  # only the teachers asked for
+    stamp = (run / "sd" / "teacher" / "model.safetensors").stat().st_mtime_ns
+    assert bench.main(args) == 0
+    assert (run / "sd" / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "teacher-sd" in json.loads((run / "timing.json").read_text())
+    assert bench.main([*args[:-1], "3"]) == 2
+    assert "made with another configuration" in capsys.readouterr().err
+
+
+def _fm_rows(name, fds, teacher_nfe):
+    """Rows as benchmarks/fashion_mnist.py's student loop writes them (inputs to the report, not results)."""
+    return [{"method": name, "nfe": n, "steps": n, "sampler": None, "fd": fd, "kid": fd / 10, "accuracy": 0.5,
+             "teacher_nfe": teacher_nfe} for n, fd in zip((1, 2, 4, 8), fds)]
+
+
+def test_report_reads_the_students_rows_seed_by_seed(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the report needs no GPU
+    run, res = tmp_path / "run", tmp_path / "res"
+    rows = run / "sd" / "rows"
+    rows.mkdir(parents=True)
+    (rows / "reference.json").write_text(json.dumps([{"method": "teacher ddim-50", "nfe": 50, "fd": 0.5}]))
+    for name, fds in (("rr-trajectory", (1.0, 0.9, 0.8, 0.7)), ("rr-trajectory@seed1", (2.0, 1.9, 1.8, 1.7)),
+                      ("rr-trajectory-uniform-t", (1.5, 1.0, 0.8, 0.7)),
+                      ("rr-trajectory-uniform-t@seed1", (2.1, 1.9, 1.8, 1.7))):
+        (rows / f"method-{name}.json").write_text(json.dumps(_fm_rows(name, fds, 100)))
+    student = run / "sd" / "students" / "rr-trajectory"
+    student.mkdir(parents=True)
+    (student / "time_sampler.json").write_text(json.dumps(
+        {"sampler": "learned", "num_timesteps": 1000, "snapshots": [{"step": 1, "probs": [0.01] * 100}]}))
+    assert bench.main(["--out", str(run), "--results", str(res), "--parts", "report", "--teachers", "sd",
+                       "--data", str(tmp_path)]) == 0
+    out = json.loads((res / "rayflow_readings.json").read_text())
+    students = [r for r in out if r["seed"] is not None]
+    assert {(r["reading"], r["seed"]) for r in students} == {
+        ("trajectory", 0), ("trajectory", 1), ("trajectory-uniform-t", 0), ("trajectory-uniform-t", 1)}
+    assert all({"reading", "teacher", "seed", "nfe", "fd", "kid", "accuracy", "teacher_nfe"} <= set(r)
+               for r in students)
+    md = (res / "rayflow_readings.md").read_text()
+    assert "| trajectory | 2 | 1.500 ± 0.707 (3.00×)" in md
+    assert "- 1 NFE: +0.3000 ± 0.2828 over 2 seed(s): +0.5000, +0.1000" in md
+    for name in ("rayflow_readings_fd_sd.png", "rayflow_readings_fd_trajectory.png",
+                 "rayflow_readings_time_sampler.png"):
+        assert (res / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_tiny_dry_run_end_to_end(bench, data_dir, tmp_path, capsys):
+    run, results = tmp_path / "run", tmp_path / "results"
+    args = ["--data", str(data_dir), "--out", str(run), "--results", str(results), "--tiny", "--allow-cpu",
+            "--readings", "start,start-uniform-t", "--seeds", "0,1", "--jobs", "1", "--steps", "2",
+            "--teacher-steps", "2"]
+    assert bench.main(args) == 0
+    rows = json.loads((results / "rayflow_readings.json").read_text())
+    students = [r for r in rows if r["seed"] is not None]
+    keys = {"reading", "teacher", "seed", "nfe", "fd", "kid", "accuracy", "teacher_nfe"}
+    assert all(keys <= set(r) for r in students)
+    assert {(r["reading"], r["teacher"], r["seed"]) for r in students} == {
+        (n, t, s) for n in ("start", "start-uniform-t") for t in ("linear", "sd") for s in (0, 1)}
+    assert {r["nfe"] for r in students} == {1, 2, 4, 8}
+    # both teachers have their 50-step DDIM reference row, and the second one is on the scaled-linear schedule
+    assert {r["teacher"] for r in rows if r["reading"] == "teacher ddim-50"} == {"linear", "sd"}
+    sd = json.loads((run / "sd" / "teacher" / "config.json").read_text())
+    assert sd["schedule"]["kind"] == "scaled_linear"
+    # the start reading's pool costs the teacher's ODE only (tiny: 64 instances x 2 DPM-Solver++ steps)
+    assert {r["teacher_nfe"] for r in students} == {64 * 2}
+    md = (results / "rayflow_readings.md").read_text()
+    assert "paired over seeds" in md and "| start | 2 |" in md
+    for name in ("rayflow_readings_fd_linear.png", "rayflow_readings_fd_sd.png", "rayflow_readings_fd_start.png",
+                 "rayflow_readings_time_sampler.png"):
+        assert (results / name).is_file(), name
+    # resumed: nothing is trained again, and a changed budget is refused
+    stamp = (run / "sd" / "teacher" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert bench.main([*args, "--parts", "teacher-sd,students"]) == 0
+    assert (run / "sd" / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert ": done" not in capsys.readouterr().out
+    assert bench.main([*args, "--steps", "3"]) == 2
+    assert "made with another configuration" in capsys.readouterr().err
+
+
+def test_paired_time_sampler_difference_is_per_seed(bench):
+    rows = [{"reading": r, "teacher": "sd", "seed": s, "nfe": 1, "fd": fd, "teacher_nfe": 1}
+            for r, s, fd in (("start", 0, 1.0), ("start", 1, 2.0), ("start-uniform-t", 0, 1.5),
+                             ("start-uniform-t", 1, 2.1))]
+    md = bench.summarise(rows)
+    assert "- 1 NFE: +0.3000 ± 0.2828 over 2 seed(s): +0.5000, +0.1000" in md

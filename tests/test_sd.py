@@ -301,7 +301,7 @@ def test_distill_bad_input_is_one_line(sd_dir, caps, tmp_path, capsys, case):
 def test_sample_refuses_prompts_for_other_models(tmp_path, capsys):
     code, _, err = _run(["sample", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "s")],
                         capsys)
-    assert code == 2 and "not a student of a Stable Diffusion pipeline" in err
+    assert code == 2 and "neither a diffusers pipeline folder nor a student" in err
 
 
 @pytest.mark.slow

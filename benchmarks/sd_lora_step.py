@@ -185,6 +185,10 @@ def run_rayflow(unet, pools, embeds, schedule, args, device, compiled: bool, out
             clock.tick()
             return pools.draw(n, generator)
 
+        def draw_instances(self, n: int, step: int, generator: torch.Generator):
+            # RayFlowObjective's entry point: (x0, cond, eps_mu, trajectory); no trajectory without consistency
+            return (*self.draw(n, step, generator), None)
+
     cfg = RayFlowConfig()
     sampler = RayFlow(cfg).build_time_sampler(schedule.num_train_timesteps)  # the default (global) sampler
     objective = RayFlowObjective(Source(), schedule, cfg, sampler, args.batch_size,

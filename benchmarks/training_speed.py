@@ -55,12 +55,12 @@ from rayflow.training import EpsilonObjective, TrainConfig, Trainer  # noqa: E40
 TEACHER = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"
 #: the methods timed, with pools small enough for the time budget (the rate does not depend on the pool size)
 METHODS: dict[str, tuple[str, dict[str, str]]] = {
-    "rayflow": ("rayflow", {"cache_size": "8192"}),
-    "rayflow-no-time-sampler": ("rayflow", {"cache_size": "8192", "time_sampler": "uniform"}),
-    "reflow": ("reflow", {"num_pairs": "4096"}),
-    "rectified-diffusion": ("rectified-diffusion", {"num_pairs": "4096"}),
-    "perflow": ("perflow", {"num_pairs": "4096"}),
-    "proreflow-ii": ("proreflow", {"preset": "II", "num_pairs": "4096"}),
+    "rayflow": ("rayflow", {"pool_size": "8192"}),
+    "rayflow-no-time-sampler": ("rayflow", {"pool_size": "8192", "time_sampler": "uniform"}),
+    "reflow": ("reflow", {"pool_size": "4096"}),
+    "rectified-diffusion": ("rectified-diffusion", {"pool_size": "4096"}),
+    "perflow": ("perflow", {"pool_size": "4096"}),
+    "proreflow-ii": ("proreflow", {"preset": "II", "pool_size": "4096"}),
 }
 TINY_OPTIONS: dict[str, dict[str, str]] = {
     "rayflow": {"cache_size": "16", "teacher_steps": "2"},

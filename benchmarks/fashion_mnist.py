@@ -236,7 +236,8 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
     if done(run, f"method-{name}"):
         print(f"  {name}: already evaluated")
         return
-    method_name, options = variants()[base]
+    # the registry's rows, plus rows that companion scripts (rayflow_readings.py) add to VARIANTS
+    method_name, options = {**VARIANTS, **variants()}[base]
     if cfg.tiny:
         options = {**options, **tiny_options().get(method_name, {})}
     method = get_method(method_name).from_options(options)

@@ -245,8 +245,13 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
     train = TrainConfig(max_steps=cfg.distill_steps, batch_size=cfg.distill_batch, lr=cfg.distill_lr,
                         ema_decay=0.999, seed=seed, checkpoint_every=500, compile="no", mixed_precision="auto")
     t0 = time.time()
+    # RayFlow's eps_mu pool has its own seed (pool_seed), so every student seed shares it; the reflow family
+    # draws its pairs from the training seed, so each further seed needs its own pair cache
+    cache = SHARED_CACHE.get(base, base)
+    if method_name != "rayflow":
+        cache = seeded_name(cache, seed, cfg)
     distill(method, str(run / "teacher"), dataset, student_dir, train, guidance=cfg.guidance,
-            cache_dir=run / "caches" / SHARED_CACHE.get(base, base))
+            cache_dir=run / "caches" / cache)
     wall = time.time() - t0
     config = read_json(student_dir / "config.json")
     train_seconds = _train_seconds(student_dir)

@@ -269,7 +269,8 @@ def test_cache_resumes_after_a_kill_and_refuses_a_mismatch(tmp_path):
     ds = load_dataset(MOG)
     sched = SCHEDULES["linear"]
     exact = ExactTeacher(ds.mixture, sched)
-    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=4, pool_size=100, cache_shard_size=32, x0_source="data"))
+    method = RayFlow(RayFlowConfig.from_dict(k_timesteps=4, pool_size=100, cache_shard_size=32, x0_source="data",
+                                                   eps_mu_reading="average"))
     root = tmp_path / "cache" / "eps_mu" / "data"
     # one teacher call per shard for data x0: the 3rd call dies while shard 2 is computed
     dying = DyingTeacher(exact, die_at=3)
@@ -291,7 +292,8 @@ def test_cache_resumes_after_a_kill_and_refuses_a_mismatch(tmp_path):
     want = unified_noise_expectation(exact, ds.x[resumed["index"][:5]], eps, ts, sched)
     torch.testing.assert_close(resumed["eps_mu"][:5], want)
     # another K, another teacher or another data set: refused with the differing key named
-    other = RayFlow(RayFlowConfig.from_dict(k_timesteps=8, pool_size=100, cache_shard_size=32, x0_source="data"))
+    other = RayFlow(RayFlowConfig.from_dict(k_timesteps=8, pool_size=100, cache_shard_size=32, x0_source="data",
+                                            eps_mu_reading="average"))
     with pytest.raises(RayflowError, match="k_timesteps=4.*k_timesteps=8"):
         other.build_pool(_context(tmp_path, ds, exact, sched), exact, "data", root)
     stranger = ExactTeacher(GaussianMixture.from_options(dim=8, modes=6, std=0.3, seed=3), sched)
@@ -316,7 +318,8 @@ def test_teacher_pool_holds_teacher_samples(tmp_path):
 
 # ---------------------------------------------------------------------- distillation end to end
 def _small_method(**options):
-    opts = {"k_timesteps": "4", "pool_size": "2048", "teacher_steps": "15", **options}
+    # the K-point average reading: these tests count its K teacher calls per instance
+    opts = {"k_timesteps": "4", "pool_size": "2048", "teacher_steps": "15", "eps_mu_reading": "average", **options}
     return RayFlow.from_options(opts)
 
 

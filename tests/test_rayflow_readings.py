@@ -134,7 +134,7 @@ def test_readings_are_validated():
                        ({"eps_mu_reading": "trajectory", "x0_source": "data"}, "need x0_source=teacher"),
                        ({"consistency_weight": 1.0, "x0_source": "mixed"}, "need x0_source=teacher"),
                        ({"consistency_weight": -1.0}, "consistency_weight must be >= 0"),
-                       ({"eps_mu_reading": "start", "instance_target": False}, "needs instance_target=true")):
+                       ({"eps_mu_reading": "trajectory", "instance_target": False}, "needs instance_target=true")):
         with pytest.raises(RayflowError, match=match):
             validate_config(RayFlowConfig.from_dict(**bad))
 

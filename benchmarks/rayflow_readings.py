@@ -251,7 +251,8 @@ def summarise(rows: list[dict]) -> str:
                     continue
                 m, s = _mean_std(v)
                 n_seeds = len(v)
-                cells.append(f"{m:.3f} ± {s:.3f}" + (f" ({m / ref:.2f}×)" if ref else ""))
+                spread = f" ± {s:.3f}" if len(v) > 1 else ""  # one seed has no spread to show
+                cells.append(f"{m:.3f}{spread}" + (f" ({m / ref:.2f}×)" if ref else ""))
                 tnfe = next(r["teacher_nfe"] for r in trows if r["reading"] == name)
             lines.append(f"| {name} | {n_seeds} | " + " | ".join(cells) + f" | {tnfe} |")
         pairs = [(n[: -len("-uniform-t")], n) for n in readings if n.endswith("-uniform-t")

@@ -107,7 +107,7 @@ def test_eval_cli_clip_score_and_refusals(clip_dir, tmp_path, capsys):
         (["--clip-model", str(clip_dir), "--prompts", str(tmp_path / "none.txt")], "not found"),
         ([], "--clip-model"),
     ]:
-        code = main(["eval", "--samples", str(samples), "--out", str(tmp_path / "e2"), *argv])
+        code = main(["eval", "--samples", str(samples), "--out", str(tmp_path / "e2"), "--nfe", "2", *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("rayflow: error:") and needle in err[0], err
     assert not (tmp_path / "e2").exists()

@@ -228,12 +228,15 @@ def cmd_sample_sd(args: argparse.Namespace) -> int:
     require(not str(args.out).endswith(".npz"), f"--out names a directory for prompt samples, got {args.out}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if teacher:  # the teacher itself, solved with rayflow's samplers: the reference for its students
+        from rayflow.samplers import sampler_nfe
+
         sd = load_sd_pipeline(args.model)
         steps, sampler = args.steps or 25, args.sampler or "dpm++2m"
         t0 = time.time()
         latents = sample_teacher_latents(sd, prompts, steps, sampler, guidance=args.guidance, seed=args.seed,
                                          device=device, batch_size=min(args.batch_size, 64))
-        write_samples(args.out, decode_latents(sd, latents, device), latents, prompts)
+        write_samples(args.out, decode_latents(sd, latents, device), latents, prompts,
+                      nfe=sampler_nfe(sampler, steps))
         print(f"{len(prompts)} teacher images ({sampler}, {steps} steps, guidance {args.guidance:g}) written to "
               f"{args.out} in {time.time() - t0:.1f} s")
         return 0
@@ -244,7 +247,7 @@ def cmd_sample_sd(args: argparse.Namespace) -> int:
     latents = student.sample_latents(prompts, steps, seed=args.seed, guidance=args.guidance,
                                      batch_size=min(args.batch_size, 64))
     images = student.decode(latents)
-    write_samples(args.out, images, latents, prompts)
+    write_samples(args.out, images, latents, prompts, nfe=student.method.nfe_for_steps(steps))
     print(f"{len(prompts)} images from {student.method.name} ({student.method.nfe_for_steps(steps)} NFE) written to "
           f"{args.out} in {time.time() - t0:.1f} s")
     return 0
@@ -290,6 +293,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     require(args.data is not None or args.clip_model is not None,
             "give --data (reference data), --clip-model, or both")
+    if args.metric == "inception-fid":  # a missing optional extra is refused before any work
+        from rayflow.metrics import inception_weights_path
+
+        inception_weights_path()
     out = check_output_dir(args.out)
     if args.feature_net is not None:
         feature_net = Path(args.feature_net)

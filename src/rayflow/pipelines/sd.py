@@ -569,7 +569,8 @@ def load_sd_student(path: str | Path, device: str | torch.device = "cpu") -> SDS
     return SDStudent(path, pipeline, network.to(device).eval(), method, schedule, config, sd_info)
 
 
-def write_samples(out_dir: str | Path, images: np.ndarray, latents: torch.Tensor, prompts: list[str]) -> Path:
+def write_samples(out_dir: str | Path, images: np.ndarray, latents: torch.Tensor, prompts: list[str],
+                  nfe: int | None = None) -> Path:
     """``out_dir/0000.png ...``, ``grid.png`` and ``samples.npz`` (``x`` latents, ``images``, ``prompts``)."""
     from PIL import Image
 
@@ -580,7 +581,7 @@ def write_samples(out_dir: str | Path, images: np.ndarray, latents: torch.Tensor
     for i, img in enumerate(images):
         Image.fromarray(img).save(out / f"{i:04d}.png")
     save_sample_grid(images[:64], out / "grid.png")
-    save_samples_npz(out / "samples.npz", latents.numpy(), images=images)
+    save_samples_npz(out / "samples.npz", latents.numpy(), images=images, nfe=nfe)  # nfe: what eval labels
     (out / "prompts.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in prompts), encoding="utf-8")
     return out
 

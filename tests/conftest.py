@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -11,6 +16,21 @@ from rayflow.gmm import ExactTeacher, GaussianMixture
 from rayflow.schedules import VPSchedule
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_module(script: str, name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<script>`` imported as the module ``name``; registered in ``sys.modules`` while in use,
+    because the scripts' dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import benchmark_module
 from rayflow.distillation import load_generator
 from test_data import make_mnist_dir
 
@@ -20,12 +19,8 @@ FEATURE_NET = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-feature-net"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fashion_mnist", REPO / "benchmarks" / "fashion_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("fashion_mnist.py", "bench_fashion_mnist") as module:
+        yield module
 
 
 @pytest.fixture

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import benchmark_module
 from test_data import make_mnist_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,12 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_training_speed", REPO / "benchmarks" / "training_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("training_speed.py", "bench_training_speed") as module:
+        yield module
 
 
 @pytest.fixture

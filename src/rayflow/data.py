@@ -32,7 +32,7 @@ import torch
 
 from rayflow.errors import RayflowError
 from rayflow.gmm import GaussianMixture
-from rayflow.validate import MAX_CLASSES, check_fits_memory
+from rayflow.validate import MAX_CLASSES, check_fits_memory, whole_number
 
 DEFAULT_DATA = "digits"
 
@@ -177,16 +177,9 @@ class _Options:
             return default
         raw = self.options[key]
         try:
-            value = int(raw)
+            value = whole_number(raw)  # n=2e4 is allowed
         except ValueError:
-            # allow n=2e4: scientific notation is natural for counts, as long as it is a whole number
-            try:
-                as_float = float(raw)
-            except ValueError:
-                as_float = math.nan
-            if not (math.isfinite(as_float) and as_float.is_integer()):
-                raise RayflowError(f"{self.name}: {key} must be an integer, got {raw!r}") from None
-            value = int(as_float)
+            raise RayflowError(f"{self.name}: {key} must be an integer, got {raw!r}") from None
         if minimum is not None and value < minimum:
             raise RayflowError(f"{self.name}: {key} must be >= {minimum}, got {value}")
         return value

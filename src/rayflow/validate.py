@@ -22,6 +22,18 @@ MAX_SEED = 2**63 - 1
 MAX_CLASSES = 1_000_000
 
 
+def whole_number(raw: str) -> int:
+    """``raw`` as an ``int``; scientific notation (``2e4``) is accepted when it is a whole number, since it is
+    natural for counts. Anything else raises ``ValueError``."""
+    try:
+        return int(raw)
+    except ValueError:
+        as_float = float(raw)  # ValueError for what is no number at all
+        if not (math.isfinite(as_float) and as_float.is_integer()):
+            raise ValueError(f"not a whole number: {raw!r}") from None
+        return int(as_float)
+
+
 # ---------------------------------------------------------------------- argparse converters
 def int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """An ``argparse`` type: an integer in ``[lo, hi]`` (either bound optional).
@@ -31,15 +43,9 @@ def int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]
 
     def convert(raw: str) -> int:
         try:
-            value = int(raw)
+            value = whole_number(raw)
         except ValueError:
-            try:
-                as_float = float(raw)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
-            if not (math.isfinite(as_float) and as_float.is_integer()):
-                raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
-            value = int(as_float)
+            raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
         if lo is not None and value < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {raw}")
         if hi is not None and value > hi:

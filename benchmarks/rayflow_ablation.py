@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     print(f"# command: python benchmarks/rayflow_ablation.py {' '.join(sys.argv[1:] if argv is None else argv)}")
 
-    if a.table in ("ablation", "all"):
+    def table(variants) -> list[dict]:
+        """Baselines plus every (variant, seed) on the chosen settings (and digits); rows in a stable order."""
         chosen = [s for s in a.settings.split(",") if s]
         for s in chosen:
             if s not in settings:
@@ -385,14 +386,19 @@ def main(argv: list[str] | None = None) -> int:
         tasks = []
         for name, spec, sched in runs:
             tasks.append(("job_baselines", {"args": args, "setting": name, "spec": spec, "schedule": sched}))
-            for variant, opts in ABLATION:
+            for variant, opts, *method in variants:
                 for seed in range(a.seeds):
                     tasks.append(("job_distill", {"args": args, "setting": name, "spec": spec, "schedule": sched,
-                                                  "variant": variant, "opts": opts, "seed": seed}))
+                                                  "variant": variant, "opts": opts, "seed": seed,
+                                                  "method": method[0] if method else "rayflow"}))
         rows = _flatten(_run(tasks, a.workers))
-        order = [v for v, _ in ABLATION]
+        order = [v for v, *_ in variants]
         rows.sort(key=lambda r: ([n for n, *_ in runs].index(r["setting"]),
                                  order.index(r["variant"]) if r["variant"] in order else -1))
+        return rows
+
+    if a.table in ("ablation", "all"):
+        rows = table(ABLATION)
         md = markdown(rows, "RayFlow ablation", "sw for mixtures, fd for digits")
         (out / "ablation.json").write_text(json.dumps({"args": args, "rows": rows}, indent=1))
         (out / "ablation.md").write_text(md)
@@ -400,26 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(md)
 
     if a.table == "readings":
-        chosen = [s for s in a.settings.split(",") if s]
-        for s in chosen:
-            if s not in settings:
-                p.error(f"unknown setting {s!r}; expected some of {', '.join(settings)}")
-        runs = [(s, *settings[s]) for s in chosen]
-        if not a.no_digits:
-            _prepare_digits(args)
-            runs.append(("digits", "digits", "linear"))
-        tasks = []
-        for name, spec, sched in runs:
-            tasks.append(("job_baselines", {"args": args, "setting": name, "spec": spec, "schedule": sched}))
-            for variant, opts, *method in READINGS:
-                for seed in range(a.seeds):
-                    tasks.append(("job_distill", {"args": args, "setting": name, "spec": spec, "schedule": sched,
-                                                  "variant": variant, "opts": opts, "seed": seed,
-                                                  "method": method[0] if method else "rayflow"}))
-        rows = _flatten(_run(tasks, a.workers))
-        order = [v for v, *_ in READINGS]
-        rows.sort(key=lambda r: ([n for n, *_ in runs].index(r["setting"]),
-                                 order.index(r["variant"]) if r["variant"] in order else -1))
+        rows = table(READINGS)
         md = markdown(rows, "RayFlow readings of eps_mu vs 2-RF (issue #14)", "sw for mixtures, fd for digits")
         (out / "readings.json").write_text(json.dumps({"args": args, "rows": rows}, indent=1))
         (out / "readings.md").write_text(md)

@@ -52,3 +52,14 @@ def mog8() -> GaussianMixture:
 @pytest.fixture
 def exact_teacher(mog8, linear_schedule) -> ExactTeacher:
     return ExactTeacher(mog8, linear_schedule)
+
+
+@pytest.fixture
+def fm_dir(tmp_path) -> Path:
+    """A tiny Fashion-MNIST folder (gzipped IDX, 40 train and 16 test images) for the benchmark scripts' dry runs."""
+    from test_data import make_mnist_dir
+
+    root = tmp_path / "fm"
+    root.mkdir()
+    make_mnist_dir(root, gz=True, n_train=40, n_test=16)
+    return root

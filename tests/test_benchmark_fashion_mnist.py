@@ -10,7 +10,6 @@ import torch
 
 from conftest import benchmark_module
 from rayflow.distillation import load_generator
-from test_data import make_mnist_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"
@@ -23,14 +22,6 @@ def bench():
         yield module
 
 
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    root = tmp_path / "fm"
-    root.mkdir()
-    make_mnist_dir(root, gz=True, n_train=40, n_test=16)
-    return root
-
-
 def test_refuses_a_wrong_data_path(bench, tmp_path, capsys):
     assert bench.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--allow-cpu"]) == 2
     err = capsys.readouterr().err
@@ -38,15 +29,15 @@ def test_refuses_a_wrong_data_path(bench, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_refuses_to_start_without_a_gpu(bench, data_dir, tmp_path, capsys, monkeypatch):
+def test_refuses_to_start_without_a_gpu(bench, fm_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.main(["--data", str(data_dir), "--out", str(tmp_path / "run")]) == 2
+    assert bench.main(["--data", str(fm_dir), "--out", str(tmp_path / "run")]) == 2
     assert "no GPU found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_refuses_unknown_parts_variants_and_teacher_dirs(bench, data_dir, tmp_path, capsys):
-    common = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu"]
+def test_refuses_unknown_parts_variants_and_teacher_dirs(bench, fm_dir, tmp_path, capsys):
+    common = ["--data", str(fm_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu"]
     assert bench.main([*common, "--parts", "teacher,lunch"]) == 2
     assert "unknown part(s) ['lunch']" in capsys.readouterr().err
     assert bench.main([*common, "--methods", "rayflow,sdxl-turbo"]) == 2
@@ -55,9 +46,9 @@ def test_refuses_unknown_parts_variants_and_teacher_dirs(bench, data_dir, tmp_pa
     assert "not a saved model directory (missing model.safetensors, config.json)" in capsys.readouterr().err
 
 
-def test_a_finished_part_is_skipped_and_a_changed_config_refused(bench, data_dir, tmp_path, capsys):
+def test_a_finished_part_is_skipped_and_a_changed_config_refused(bench, fm_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["--data", str(data_dir), "--out", str(run), "--tiny", "--allow-cpu", "--parts", "teacher",
+    args = ["--data", str(fm_dir), "--out", str(run), "--tiny", "--allow-cpu", "--parts", "teacher",
             "--teacher-steps", "4"]
     assert bench.main(args) == 0
     weights = run / "teacher" / "model.safetensors"
@@ -83,9 +74,9 @@ def test_the_committed_teacher_loads_and_samples(tmp_path):
     assert (FEATURE_NET / "feature_net.safetensors").is_file()
 
 
-def test_a_benchmark_run_can_adopt_the_committed_teacher(bench, data_dir, tmp_path):
+def test_a_benchmark_run_can_adopt_the_committed_teacher(bench, fm_dir, tmp_path):
     run = tmp_path / "run"
-    assert bench.main(["--data", str(data_dir), "--out", str(run), "--tiny", "--allow-cpu", "--parts", "teacher",
+    assert bench.main(["--data", str(fm_dir), "--out", str(run), "--tiny", "--allow-cpu", "--parts", "teacher",
                        "--teacher", str(TEACHER), "--feature-net", str(FEATURE_NET)]) == 0
     assert (run / "teacher" / "model.safetensors").read_bytes() == (TEACHER / "model.safetensors").read_bytes()
     assert json.loads((run / "rows" / "teacher_train.json").read_text()) == {"reused": str(TEACHER)}
@@ -104,7 +95,7 @@ def test_seed_summary_is_the_mean_and_sample_std(bench, tmp_path):
     assert "| rayflow | 3 | 0.700 ± 0.100 | 1.000 ± 0.000 |" in (tmp_path / "fashion_mnist_seeds.md").read_text()
 
 
-def test_refuses_bad_seeds(bench, data_dir, tmp_path, capsys):
-    args = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu", "--seeds", "0,one"]
+def test_refuses_bad_seeds(bench, fm_dir, tmp_path, capsys):
+    args = ["--data", str(fm_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu", "--seeds", "0,one"]
     assert bench.main(args) == 2
     assert "--seeds '0,one': expected comma-separated integers" in capsys.readouterr().err

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import benchmark_module
-from test_data import make_mnist_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,23 +19,15 @@ def bench():
         yield module
 
 
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    root = tmp_path / "fm"
-    root.mkdir()
-    make_mnist_dir(root, gz=True, n_train=40, n_test=16)
-    return root
-
-
-def test_refuses_without_a_gpu_and_bad_arguments(bench, data_dir, tmp_path, capsys, monkeypatch):
+def test_refuses_without_a_gpu_and_bad_arguments(bench, fm_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run = tmp_path / "run"
-    assert bench.main(["--data", str(data_dir), "--out", str(run)]) == 2
+    assert bench.main(["--data", str(fm_dir), "--out", str(run)]) == 2
     assert "no GPU found" in capsys.readouterr().err
-    assert bench.main(["--data", str(data_dir), "--out", str(run), "--allow-cpu"]) == 2  # only with --tiny
+    assert bench.main(["--data", str(fm_dir), "--out", str(run), "--allow-cpu"]) == 2  # only with --tiny
     assert "no GPU found" in capsys.readouterr().err
     assert not run.exists()
-    common = ["--data", str(data_dir), "--out", str(run), "--tiny", "--allow-cpu"]
+    common = ["--data", str(fm_dir), "--out", str(run), "--tiny", "--allow-cpu"]
     for extra, message in ((["--readings", "start,magic"], "unknown readings ['magic']"),
                            (["--teachers", "cosine"], "unknown teachers ['cosine']"),
                            (["--parts", "students,lunch"], "unknown parts ['lunch']"),
@@ -48,10 +39,10 @@ def test_refuses_without_a_gpu_and_bad_arguments(bench, data_dir, tmp_path, caps
     assert "no such directory" in capsys.readouterr().err
 
 
-def test_tiny_dry_run_trains_the_scaled_linear_teacher_and_resumes(bench, data_dir, tmp_path, capsys):
+def test_tiny_dry_run_trains_the_scaled_linear_teacher_and_resumes(bench, fm_dir, tmp_path, capsys):
     """The dry run's teacher-sd part (the students' part is the slow end-to-end test below)."""
     run = tmp_path / "run"
-    args = ["--data", str(data_dir), "--out", str(run), "--results", str(tmp_path / "res"), "--tiny", "--allow-cpu",
+    args = ["--data", str(fm_dir), "--out", str(run), "--results", str(tmp_path / "res"), "--tiny", "--allow-cpu",
             "--teachers", "sd", "--parts", "teacher-sd", "--teacher-steps", "2"]
     assert bench.main(args) == 0
     cfg = json.loads((run / "sd" / "teacher" / "config.json").read_text())
@@ -102,9 +93,9 @@ def test_report_reads_the_students_rows_seed_by_seed(bench, tmp_path, capsys, mo
 
 
 @pytest.mark.slow
-def test_tiny_dry_run_end_to_end(bench, data_dir, tmp_path, capsys):
+def test_tiny_dry_run_end_to_end(bench, fm_dir, tmp_path, capsys):
     run, results = tmp_path / "run", tmp_path / "results"
-    args = ["--data", str(data_dir), "--out", str(run), "--results", str(results), "--tiny", "--allow-cpu",
+    args = ["--data", str(fm_dir), "--out", str(run), "--results", str(results), "--tiny", "--allow-cpu",
             "--readings", "start,start-uniform-t", "--seeds", "0,1", "--jobs", "1", "--steps", "2",
             "--teacher-steps", "2"]
     assert bench.main(args) == 0

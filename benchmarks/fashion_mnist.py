@@ -38,6 +38,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,16 +133,19 @@ def done(run: Path, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------- parts
-def part_teacher(run: Path, spec: str, cfg: BenchConfig, schedule: VPSchedule | None = None) -> None:
-    """Train the teacher (DDPM's linear schedule unless ``schedule``: rayflow_readings.py's second teacher)."""
-    model = ModelConfig(kind="unet", sample_shape=(1, 32, 32), num_classes=10, channels=cfg.channels,
-                        layers_per_block=cfg.layers_per_block)
+def part_teacher(run: Path, spec: str, cfg: BenchConfig, schedule: VPSchedule | None = None,
+                 init_from: Path | None = None) -> None:
+    """Train the teacher (DDPM's linear schedule unless ``schedule``: rayflow_readings.py's second teacher),
+    from scratch or, with ``init_from``, fine-tuned from a saved teacher."""
+    model = None if init_from is not None else ModelConfig(
+        kind="unet", sample_shape=(1, 32, 32), num_classes=10, channels=cfg.channels,
+        layers_per_block=cfg.layers_per_block)
     train = TrainConfig(max_steps=cfg.teacher_steps, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
                         warmup_steps=min(500, cfg.teacher_steps // 10), ema_decay=0.9995, seed=cfg.seed,
                         checkpoint_every=2000, compile="auto", mixed_precision="auto")
     t0 = time.time()
     train_teacher(spec, run / "teacher", train, model=model, schedule=schedule or VPSchedule.linear(),
-                  label_dropout=0.1)
+                  label_dropout=0.1, init_from=init_from)
     log = [json.loads(line) for line in (run / "teacher" / "train_log.jsonl").read_text().splitlines()]
     write_json_atomic({"wall_seconds": round(time.time() - t0, 1), "final_loss": log[-1]["loss"],
                        "samples_per_s": cfg.teacher_steps * cfg.teacher_batch / max(log[-1]["time"], 1e-9)},
@@ -230,8 +234,10 @@ def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: lis
             _one_method(run, cfg, device, dataset, scorer, ref, base, seed)
 
 
-def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Scorer, ref: torch.Tensor, base: str,
-                seed: int) -> None:
+def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Scorer | Callable[[], Scorer],
+                ref: torch.Tensor | Callable[[], torch.Tensor], base: str, seed: int) -> None:
+    """Distil one variant and score it. ``scorer`` and ``ref`` may be callables, called only after the
+    distillation (rayflow_readings.py's workers: another process writes the reference meanwhile)."""
     name = seeded_name(base, seed, cfg)
     if done(run, f"method-{name}"):
         print(f"  {name}: already evaluated")
@@ -253,6 +259,8 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
     distill(method, str(run / "teacher"), dataset, student_dir, train, guidance=cfg.guidance,
             cache_dir=run / "caches" / cache)
     wall = time.time() - t0
+    scorer = scorer() if callable(scorer) else scorer
+    ref = ref() if callable(ref) else ref
     config = read_json(student_dir / "config.json")
     train_seconds = _train_seconds(student_dir)
     gen = load_generator(model=str(student_dir), device=device)

@@ -37,6 +37,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -91,6 +93,9 @@ SHARED_POOL = {"start-sigma": "start", "average-uniform-t": "average", "trajecto
 DEFAULT_READINGS = ("trajectory", "trajectory-uniform-t", "start", "reflow")
 TEACHERS = ("linear", "sd")
 PARTS = ("teacher-sd", "reference", "students", "report")
+#: updates of the scaled-linear teacher fine-tuned from the linear one (--sd-init linear): a quarter of the
+#: linear teacher's 8000 from scratch, so it fits beside the students in one call
+SD_FINE_TUNE_STEPS = 2000
 PREFIX = "rr-"  # the readings' names inside fashion_mnist.VARIANTS (so they never clash with its own)
 
 
@@ -112,25 +117,81 @@ def _config(args: argparse.Namespace):
         cfg.distill_steps = int(args.steps)
     if args.teacher_steps is not None:
         cfg.teacher_steps = int(args.teacher_steps)
+    elif args.sd_init == "linear" and not args.tiny:
+        cfg.teacher_steps = SD_FINE_TUNE_STEPS
     return cfg
 
 
-# ---------------------------------------------------------------------- parts
-def part_teacher_sd(out: Path, spec: str, cfg) -> None:
-    run = teacher_run(out, "sd")
-    if fm.done(run, "teacher_train"):
-        print("  sd teacher: already trained")
-        return
-    fm.part_teacher(run, spec, cfg, schedule=VPSchedule.scaled_linear())
+# ---------------------------------------------------------------------- jobs
+# One command runs every part as a graph of jobs: worker processes on the one GPU, ``--jobs`` of the long ones
+# (teacher training, students) at a time; the short GPU-bound ones (a teacher's reference samples, a RayFlow
+# pool) start as soon as their inputs exist, beside them. Long jobs start in the order of ``--rows`` (priority),
+# each only while its estimated time still fits the ``--budget-s`` wall-clock budget; at the budget what still
+# runs is stopped (the rows already written are kept: every student writes its own as it finishes).
+@dataclass
+class Job:
+    kind: str  # "teacher" (the scaled-linear teacher) | "reference" | "pool" | "student"
+    teacher: str
+    reading: str = ""
+    seed: int = 0
+    deps: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return ":".join([self.kind, self.teacher] + ([self.reading] if self.reading else [])
+                        + ([str(self.seed)] if self.kind == "student" else []))
+
+    @property
+    def light(self) -> bool:
+        return self.kind in ("reference", "pool")
 
 
-def part_reference(out: Path, spec: str, cfg, device: str, teachers: list[str]) -> None:
-    for t in teachers:
-        run = teacher_run(out, t)
-        require((run / "teacher" / "model.safetensors").exists(),
-                f"{run}/teacher: no teacher yet (run --parts teacher-sd first, or give --teacher for linear)")
-        if not fm.done(run, "reference"):
-            fm.part_reference(run, spec, cfg, device)
+def parse_job(text: str) -> Job:
+    kind, teacher, *rest = text.split(":")
+    return Job(kind, teacher, rest[0] if rest else "", int(rest[1]) if len(rest) > 1 else 0)
+
+
+def pool_name(reading: str) -> str:
+    """The RayFlow pool a reading trains on (its own, or the one it shares: SHARED_POOL)."""
+    return SHARED_POOL.get(reading, reading)
+
+
+def plan_jobs(out: Path, cfg, parts: tuple[str, ...], teachers: list[str], rows: list[tuple[str, str, int]]
+              ) -> list[Job]:
+    """The jobs still to do, in priority order: each student row in ``rows`` order, preceded by what it needs
+    and is not there yet (the scaled-linear teacher, the teacher's reference, the reading's pool), then the
+    reference of any teacher no row needs (``--parts reference``) and the sd teacher if asked for alone."""
+    jobs: dict[str, Job] = {}
+
+    def add(job: Job) -> str:
+        jobs.setdefault(job.name, job)
+        return job.name
+
+    def teacher_deps(t: str) -> list[str]:
+        if t != "sd" or fm.done(teacher_run(out, "sd"), "teacher_train"):
+            return []
+        require("teacher-sd" in parts, f"{teacher_run(out, 'sd')}/teacher: no teacher yet (add the teacher-sd part)")
+        return [add(Job("teacher", "sd"))]
+
+    def reference(t: str) -> None:
+        if not fm.done(teacher_run(out, t), "reference"):
+            add(Job("reference", t, deps=teacher_deps(t)))
+
+    if "students" in parts:
+        for t, r, s in rows:
+            if fm.done(teacher_run(out, t), f"method-{_job_name(r, s, cfg)}"):
+                continue
+            deps = teacher_deps(t)
+            reference(t)  # the student waits for it only to score, so it is no dependency
+            if READINGS[r][0] == "rayflow":  # the pool is shared by seeds and by rows that differ in training only
+                deps.append(add(Job("pool", t, pool_name(r), deps=teacher_deps(t))))
+            add(Job("student", t, r, s, deps=deps))
+    if "reference" in parts:
+        for t in teachers:
+            reference(t)
+    if "teacher-sd" in parts and "sd" in teachers:
+        teacher_deps("sd")
+    return list(jobs.values())
 
 
 def _job_name(reading: str, seed: int, cfg) -> str:
@@ -138,69 +199,161 @@ def _job_name(reading: str, seed: int, cfg) -> str:
     return fm.seeded_name(PREFIX + reading, seed, cfg)
 
 
-def run_job(out: Path, spec: str, cfg, device: str, teacher: str, reading: str, seed: int) -> None:
-    """One student: distil with fashion_mnist's loop and score it (rows/method-rr-READING@seedN.json)."""
+def _wait_for(path: Path, what: str, timeout: float = 900.0) -> None:
+    """Block until another job has written ``path`` (files here are written atomically)."""
+    t0 = time.time()
+    while not path.exists():
+        require(time.time() - t0 < timeout, f"{path}: {what} did not appear within {timeout:.0f} s")
+        time.sleep(2.0)
+
+
+def run_one(out: Path, spec: str, cfg, device: str, job: Job, args: argparse.Namespace) -> None:
+    """One job in this process (a worker, or everything in turn with ``--jobs 1``)."""
     _register()
-    run = teacher_run(out, teacher)
-    if fm.done(run, f"method-{_job_name(reading, seed, cfg)}"):
-        return
-    scorer = fm._scorer(run, spec, cfg, device)
-    ref = fm._reference(run, cfg, device)
-    fm._one_method(run, cfg, device, load_dataset(spec), scorer, ref, PREFIX + reading, seed)
+    run = teacher_run(out, job.teacher)
+    if job.kind == "teacher":
+        init = teacher_run(out, "linear") / "teacher" if args.sd_init == "linear" else None
+        require(init is None or (init / "model.safetensors").exists(),
+                f"{init}: --sd-init linear fine-tunes the linear teacher, which is not there")
+        fm.part_teacher(run, spec, cfg, schedule=VPSchedule.scaled_linear(), init_from=init)
+    elif job.kind == "reference":
+        fm.part_reference(run, spec, cfg, device)
+    elif job.kind == "pool":
+        build_pool_only(run, spec, cfg, job.reading)
+    elif job.kind == "student":
+        if fm.done(run, f"method-{_job_name(job.reading, job.seed, cfg)}"):
+            return
+
+        def reference():  # written by this teacher's reference job, perhaps still running in another process
+            _wait_for(fm.rows_path(run, "reference"), f"the {job.teacher} teacher's reference")
+            return fm._reference(run, cfg, device)
+
+        fm._one_method(run, cfg, device, load_dataset(spec), lambda: fm._scorer(run, spec, cfg, device), reference,
+                       PREFIX + job.reading, job.seed)
+    else:
+        raise RayflowError(f"unknown job kind {job.kind!r}")
 
 
-def part_students(out: Path, spec: str, cfg, device: str, args: argparse.Namespace, teachers: list[str],
-                  readings: list[str], seeds: list[int]) -> None:
-    """Every (teacher, reading, seed) student; the first seed of a reading first (it builds the shared pool)."""
-    for t in teachers:
-        require((teacher_run(out, t) / "teacher" / "model.safetensors").exists(),
-                f"{teacher_run(out, t)}/teacher: no teacher yet (run --parts teacher-sd first)")
-        fm._scorer(teacher_run(out, t), spec, cfg, device)  # once, before the workers need them
-        fm._reference(teacher_run(out, t), cfg, device)
-    todo = [(t, r, s) for t in teachers for r in readings for s in seeds
-            if not fm.done(teacher_run(out, t), f"method-{_job_name(r, s, cfg)}")]
-    first = {}
-    for t, r, s in todo:
-        first.setdefault((t, SHARED_POOL.get(r, r)), (t, r, s))
-    waves = [[j for j in todo if first[(j[0], SHARED_POOL.get(j[1], j[1]))] == j],
-             [j for j in todo if first[(j[0], SHARED_POOL.get(j[1], j[1]))] != j]]
-    for wave in waves:
-        if args.jobs <= 1:
-            for t, r, s in wave:
-                run_job(out, spec, cfg, device, t, r, s)
-                print(f"  {t} {r} seed {s}: done", flush=True)
-            continue
-        _run_parallel(wave, args)
+def build_pool_only(run: Path, spec: str, cfg, reading: str) -> None:
+    """Fill a RayFlow reading's eps_mu pool in the run's cache (what its students then only read): a one-update
+    distillation into a scratch directory, so the pool is built by exactly the code path of the students."""
+    from rayflow.distillation import distill
+    from rayflow.methods import get_method
+    from rayflow.training import TrainConfig
+
+    method_name, options = READINGS[reading]
+    if cfg.tiny:
+        options = {**options, **fm.tiny_options().get(method_name, {})}
+    method = get_method(method_name).from_options(options)
+    train = TrainConfig(max_steps=1, batch_size=cfg.distill_batch, lr=cfg.distill_lr, seed=cfg.seed,
+                        checkpoint_every=1000, compile="no", mixed_precision="auto")
+    distill(method, str(run / "teacher"), load_dataset(spec), run / "pool-builds" / reading, train,
+            guidance=cfg.guidance, cache_dir=run / "caches" / (PREFIX + pool_name(reading)), progress=False)
 
 
-def _run_parallel(wave: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
-    """``args.jobs`` worker processes at a time, each with ``args.threads`` CPU threads, sharing the GPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TQDM_DISABLE": "1"}
-    base = [sys.executable, str(Path(__file__).resolve()), "--data", args.data, "--out", args.out,
-            "--threads", str(args.threads)] + (["--tiny"] if args.tiny else []) + \
+def run_jobs(jobs: list[Job], out: Path, spec: str, cfg, device: str, args: argparse.Namespace) -> dict[str, str]:
+    """Run ``jobs`` (priority order) and return each one's outcome: done, failed, stopped or skipped."""
+    outcome: dict[str, str] = {}
+    if args.jobs <= 1:  # in turn, in this process: teacher, references, pools, students (dependencies first)
+        rank = {"teacher": 0, "reference": 1, "pool": 2, "student": 3}
+        for job in sorted(jobs, key=lambda j: rank[j.kind]):
+            t0 = time.time()
+            run_one(out, spec, cfg, device, job, args)
+            outcome[job.name] = "done"
+            print(f"  {job.name}: done in {time.time() - t0:.0f} s", flush=True)
+        return outcome
+    return _schedule(jobs, args, outcome)
+
+
+def worker_command(args: argparse.Namespace, job: Job) -> list[str]:
+    """This script, run as the worker of one job."""
+    return [sys.executable, str(Path(__file__).resolve()), "--data", args.data, "--out", args.out,
+            "--threads", str(args.threads), "--sd-init", args.sd_init, "--teacher", args.teacher,
+            "--job", job.name] + (["--tiny"] if args.tiny else []) + \
         (["--allow-cpu"] if args.allow_cpu else []) + ([] if args.steps is None else ["--steps", str(args.steps)]) + \
         ([] if args.teacher_steps is None else ["--teacher-steps", str(args.teacher_steps)])
-    pending, running, failed = list(wave), [], []
+
+
+def _schedule(jobs: list[Job], args: argparse.Namespace, outcome: dict[str, str],
+              command: Callable[[argparse.Namespace, Job], list[str]] = worker_command, tick: float = 1.0
+              ) -> dict[str, str]:
+    """Workers in priority order under the rules of the module's job section; ``command`` makes a worker's
+    command line (tests pass a stand-in). Each worker gets the GPU with the fewest workers (``--gpus``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TQDM_DISABLE": "1"}
+    estimate = {"teacher": args.teacher_s, "student": args.student_s, "reference": 0.0, "pool": 0.0}
+    t_start = time.time()
+    pending, running = list(jobs), []
+    status_path = Path(args.out) / "jobs.json"
+
+    def record() -> None:
+        write_json_atomic({"elapsed_s": round(time.time() - t_start, 1), "outcome": outcome,
+                           "running": [j.name for j, *_ in running], "pending": [j.name for j in pending]},
+                          status_path)
+
     while pending or running:
-        while pending and len(running) < args.jobs:
-            t, r, s = pending.pop(0)
-            log = Path(args.out) / "logs" / f"{t}-{r}-seed{s}.log"
+        elapsed = time.time() - t_start
+        for item in list(running):
+            job, proc, fh, t0, _ = item
+            if proc.poll() is None:
+                continue
+            fh.close()
+            running.remove(item)
+            outcome[job.name] = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            print(f"  [{elapsed:5.0f} s] {job.name}: {outcome[job.name]} after {time.time() - t0:.0f} s",
+                  flush=True)
+        if args.budget_s and elapsed > args.budget_s:
+            for _job, proc, *_ in running:  # the budget is spent: stop what still runs, keep what is written
+                proc.terminate()
+            for job, proc, fh, *_ in running:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                fh.close()
+                outcome[job.name] = "stopped at the budget"
+                print(f"  [{elapsed:5.0f} s] {job.name}: stopped at the budget", flush=True)
+            running = []
+            for job in pending:
+                outcome[job.name] = "skipped (budget spent)"
+            pending = []
+            break
+        free = args.jobs - sum(1 for j, *_ in running if not j.light)  # long jobs over all GPUs
+        for job in list(pending):
+            if any(outcome.get(d, "done") != "done" for d in job.deps if d in outcome):
+                pending.remove(job)  # an input failed or never ran
+                outcome[job.name] = "skipped (an input failed)"
+                continue
+            if not all(outcome.get(d) == "done" for d in job.deps):
+                continue
+            if not job.light:
+                if free <= 0:
+                    continue
+                # keep a slot for every long job ahead in priority that waits for an input
+                ahead = pending[: pending.index(job)]
+                if free - 1 < sum(1 for j in ahead if not j.light):
+                    continue
+                if args.budget_s and elapsed + estimate[job.kind] > args.budget_s:
+                    pending.remove(job)
+                    outcome[job.name] = "skipped (would not finish within the budget)"
+                    print(f"  [{elapsed:5.0f} s] {job.name}: {outcome[job.name]}", flush=True)
+                    continue
+                free -= 1
+            pending.remove(job)
+            log = Path(args.out) / "logs" / f"{job.name.replace(':', '-')}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             fh = log.open("a")
-            running.append(((t, r, s), subprocess.Popen([*base, "--job", f"{t}:{r}:{s}"], env=env, stdout=fh,
-                                                         stderr=subprocess.STDOUT), fh))
-        time.sleep(1.0)
-        for item in list(running):
-            job, proc, fh = item
-            if proc.poll() is not None:
-                fh.close()
-                running.remove(item)
-                print(f"  {job[0]} {job[1]} seed {job[2]}: " + ("done" if proc.returncode == 0 else
-                                                                 f"FAILED (exit {proc.returncode})"), flush=True)
-                if proc.returncode != 0:
-                    failed.append(job)
-    require(not failed, f"{len(failed)} student(s) failed: {failed}; see {args.out}/logs (rerun to resume)")
+            gpu = min(range(args.gpus), key=lambda g: sum(1 for *_, g_ in running if g_ == g))
+            job_env = {**env, "CUDA_VISIBLE_DEVICES": str(gpu)} if args.gpus > 1 else env
+            running.append((job, subprocess.Popen(command(args, job), env=job_env, stdout=fh,
+                                                  stderr=subprocess.STDOUT), fh, time.time(), gpu))
+            print(f"  [{elapsed:5.0f} s] {job.name}: started" + (f" on GPU {gpu}" if args.gpus > 1 else ""),
+                  flush=True)
+        record()
+        time.sleep(tick)
+    record()
+    return outcome
 
 
 # ---------------------------------------------------------------------- report
@@ -304,8 +457,20 @@ def plot_time_sampler(out: Path, teachers: list[str], readings: list[str], path:
     return drawn
 
 
-def part_report(out: Path, teachers: list[str], results: Path, run_seed: int = 0) -> None:
+def merge_rows(new: list[dict], old: list[dict]) -> list[dict]:
+    """``new`` rows, plus the rows of ``old`` (an earlier call's results) that ``new`` does not measure again:
+    one row per (teacher, reading, seed, NFE), so seeds measured in different calls are summarised together."""
+    key = lambda r: (r["teacher"], r["reading"], r["seed"], r["nfe"])  # noqa: E731
+    have = {key(r) for r in new}
+    return [r for r in old if key(r) not in have] + new
+
+
+def part_report(out: Path, teachers: list[str], results: Path, run_seed: int = 0, merge: Path | None = None
+                ) -> None:
     rows = collect_rows(out, teachers, run_seed)
+    if merge is not None and merge.is_file():
+        rows = merge_rows(rows, json.loads(merge.read_text()))
+        print(f"merged with the rows of {merge}")
     require(any(r["seed"] is not None for r in rows), f"{out}: no student measured yet; run --parts students")
     results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(rows, results / "rayflow_readings.json")
@@ -332,12 +497,58 @@ def part_report(out: Path, teachers: list[str], results: Path, run_seed: int = 0
     print((results / "rayflow_readings.md").read_text())
 
 
+# ---------------------------------------------------------------------- packing
+def pack(out: Path, results: Path, dest: Path) -> list[Path]:
+    """What a GPU call brings back (at most 16 MiB a file): ``readings.tar.gz`` (the results, every job's rows,
+    logs, the students' configs, training and Time Sampler logs, the sample grids) and ``sd-teacher.tar.gz`` (the
+    scaled-linear teacher, for ``--sd-teacher`` in a later call). Weights of students and pools stay behind."""
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    small = [results, out / "logs", out / "jobs.json", out / "timing.json", out / "bench_config.json"]
+    for run in sorted(p for p in out.iterdir() if p.is_dir() and (p / "rows").is_dir()):
+        small += [run / "rows", run / "grids", run / "teacher" / "config.json", run / "teacher" / "train_log.jsonl"]
+        for student in sorted((run / "students").glob("*")):
+            small += [student / n for n in ("config.json", "time_sampler.json", "train_log.jsonl")]
+    written = [dest / "readings.tar.gz"]
+    with tarfile.open(written[0], "w:gz") as tar:
+        for path in small:
+            if path.exists():
+                tar.add(path, arcname=str(path.relative_to(out)) if path.is_relative_to(out)
+                        else f"results/{path.relative_to(results)}" if path != results else "results")
+    sd = out / "sd" / "teacher"
+    if (out / "sd" / "rows" / "teacher_train.json").exists() and (sd / "model.safetensors").exists():
+        written.append(dest / "sd-teacher.tar.gz")
+        with tarfile.open(written[-1], "w:gz") as tar:
+            for name in ("config.json", "model.safetensors", "train_log.jsonl"):
+                if (sd / name).exists():
+                    tar.add(sd / name, arcname=f"sd-teacher/{name}")
+    return written
+
+
 # ---------------------------------------------------------------------- entry point
 def _list(text: str, allowed, what: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = sorted(set(items) - set(allowed))
     require(items and not bad, f"--{what}: unknown {what} {bad}; expected some of {', '.join(allowed)}")
     return items
+
+
+def parse_rows(text: str, teachers: list[str]) -> list[tuple[str, str, int]]:
+    """``--rows linear:start:1,sd:reflow:0`` -> [(teacher, reading, seed), ...] (priority order)."""
+    rows = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        parts = item.split(":")
+        try:
+            t, r, s = parts[0], parts[1], int(parts[2])
+            require(len(parts) == 3, "")
+        except (IndexError, ValueError, RayflowError):
+            raise RayflowError(f"--rows: {item!r} is not TEACHER:READING:SEED (e.g. linear:start:1)") from None
+        require(t in teachers, f"--rows: {item!r}: teacher {t!r} is not among --teachers ({', '.join(teachers)})")
+        require(r in READINGS, f"--rows: {item!r}: unknown reading {r!r}; expected one of {', '.join(READINGS)}")
+        rows.append((t, r, s))
+    require(rows, "--rows: give at least one TEACHER:READING:SEED")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,18 +559,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teachers", default=",".join(TEACHERS))
     p.add_argument("--readings", default=",".join(DEFAULT_READINGS), help=f"some of {', '.join(READINGS)}")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rows", default=None,
+                   help="the student rows in priority order, TEACHER:READING:SEED,... (default: every --seeds x "
+                        "--teachers x --readings, seed by seed)")
     p.add_argument("--steps", type=int, default=None, help="student updates, shared by every row (default 2000)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="sd teacher updates (default 8000, as linear's)")
-    p.add_argument("--jobs", type=int, default=8, help="students trained at once (processes sharing the GPU)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per student process")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="sd teacher updates (default 2000 fine-tuning with --sd-init linear, 8000 from scratch)")
+    p.add_argument("--sd-init", choices=("linear", "scratch"), default="linear",
+                   help="the scaled-linear teacher starts from the linear teacher's weights (default) or afresh")
+    p.add_argument("--jobs", type=int, default=8,
+                   help="long jobs (teacher training, students) at once, as processes sharing the GPU")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per worker process")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs to spread the workers over (default: all visible; each worker sees one)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="wall-clock budget of the jobs in seconds (0 = none): a long job starts only if its estimate "
+                        "fits; what still runs at the budget is stopped")
+    p.add_argument("--student-s", type=float, default=330.0, help="estimated seconds of one student (pool + train + "
+                   "score; 2000 updates took 273-339 s on one H200 beside two others)")
+    p.add_argument("--teacher-s", type=float, default=150.0, help="estimated seconds of the sd teacher's training")
     p.add_argument("--teacher", default=str(REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"),
                    help="the linear-schedule teacher (default: the committed one; ignored with --tiny)")
     p.add_argument("--feature-net", default=str(REPO / "benchmarks" / "checkpoints" / "fashion-mnist-feature-net"),
                    help="the feature classifier of the scores (default: the committed one; ignored with --tiny)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--merge", default=None,
+                   help="an earlier call's rayflow_readings.json whose rows the report keeps where this run has none "
+                        "(e.g. benchmarks/results/rayflow_readings.json: seeds of earlier calls)")
+    p.add_argument("--sd-teacher", default=None,
+                   help="reuse this scaled-linear teacher directory (an earlier call's sd-teacher.tar.gz, unpacked)")
+    p.add_argument("--pack", default=None,
+                   help="at the end, write readings.tar.gz and sd-teacher.tar.gz here (e.g. $OUT on the GPU machine)")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
-    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # TEACHER:READING:SEED, a worker process
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # KIND:TEACHER[:READING[:SEED]], a worker
     args = p.parse_args(argv)
     try:
         cfg = _config(args)
@@ -371,65 +604,85 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise RayflowError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
         require(seeds, "--seeds: give at least one seed")
+        rows = parse_rows(args.rows, teachers) if args.rows is not None else [
+            (t, r, s) for s in seeds for t in teachers for r in readings]
         require(cfg.distill_steps >= 1, f"--steps must be >= 1, got {cfg.distill_steps}")
+        require(cfg.teacher_steps >= 1, f"--teacher-steps must be >= 1, got {cfg.teacher_steps}")
         require(args.jobs >= 1 and args.threads >= 1, "--jobs and --threads must be >= 1")
+        require(args.budget_s >= 0 and args.student_s >= 0 and args.teacher_s >= 0,
+                "--budget-s, --student-s and --teacher-s must be >= 0")
         require(Path(args.data).is_dir(), f"--data {args.data}: no such directory (the Fashion-MNIST IDX files)")
         gpu = torch.cuda.is_available()
         require(gpu or (args.allow_cpu and args.tiny) or parts == ("report",),
                 "no GPU found: this benchmark is sized for one H200 (use --tiny --allow-cpu for a dry run)")
         device = "cuda" if gpu else "cpu"
+        visible = torch.cuda.device_count() if gpu else 1
+        args.gpus = visible if args.gpus is None else args.gpus
+        require(1 <= args.gpus <= visible, f"--gpus {args.gpus}: {visible} GPU(s) visible")
         torch.set_num_threads(args.threads if args.job else max(1, torch.get_num_threads()))
         if gpu:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         spec = fm.data_spec(args.data, cfg)
         out = Path(args.out)
-        if args.job:  # a worker: one student, then exit
-            t, r, s = args.job.split(":")
-            run_job(out, spec, cfg, device, t, r, int(s))
+        if args.job:  # a worker: one job, then exit
+            run_one(out, spec, cfg, device, parse_job(args.job), args)
             return 0
         report_only = parts == ("report",)  # the report reads rows only: no data, teacher or GPU needed
         if not report_only:
             load_dataset(spec, split="test")  # refuse a wrong path before any work
         out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / "bench_config.json"
-        cfg_now = json.loads(json.dumps(cfg.__dict__))
+        cfg_now = {**json.loads(json.dumps(cfg.__dict__)), "sd_init": args.sd_init}
         if cfg_path.exists():
             require(read_json(cfg_path) == cfg_now,
-                    f"{cfg_path}: this run directory was made with another configuration (--steps, --tiny); "
-                    "use another --out")
+                    f"{cfg_path}: this run directory was made with another configuration (--steps, --tiny, "
+                    "--teacher-steps, --sd-init); use another --out")
         else:
             write_json_atomic(cfg_now, cfg_path)
+        # the linear teacher: the committed one (or, --tiny, a tiny one); --sd-init linear fine-tunes it
+        need_linear = "linear" in teachers or ("sd" in teachers and args.sd_init == "linear"
+                                               and not fm.done(teacher_run(out, "sd"), "teacher_train"))
         for t in [] if report_only else teachers:
             run = teacher_run(out, t)
-            if not args.tiny:  # the committed feature net scores both teachers; the committed teacher is `linear`
-                if not (run / "feature-net" / "feature_net.safetensors").exists():
-                    fm.adopt(args.feature_net, run / "feature-net", ("feature_net.safetensors", "feature_net.json"))
-                if t == "linear" and not (run / "teacher" / "model.safetensors").exists():
-                    fm.adopt(args.teacher, run / "teacher", ("model.safetensors", "config.json"))
-                    write_json_atomic({"reused": args.teacher}, run / "rows" / "teacher_train.json")
-            elif t == "linear" and not fm.done(run, "teacher_train"):
-                fm.part_teacher(run, spec, cfg)  # --tiny: a tiny linear teacher too
-        for part in PARTS:
-            if part not in parts:
-                continue
-            t0 = time.time()
-            print(f"== {part}", flush=True)
-            if part == "teacher-sd" and "sd" in teachers:
-                part_teacher_sd(out, spec, cfg)
-            elif part == "reference":
-                part_reference(out, spec, cfg, device, teachers)
-            elif part == "students":
-                part_students(out, spec, cfg, device, args, teachers, readings, seeds)
-            elif part == "report":
-                part_report(out, teachers, Path(args.results), cfg.seed)
+            if not args.tiny and not (run / "feature-net" / "feature_net.safetensors").exists():
+                fm.adopt(args.feature_net, run / "feature-net", ("feature_net.safetensors", "feature_net.json"))
+        sd_run = teacher_run(out, "sd")
+        if args.sd_teacher and "sd" in teachers and not report_only and not fm.done(sd_run, "teacher_train"):
+            fm.adopt(args.sd_teacher, sd_run / "teacher", ("model.safetensors", "config.json"))
+            kind = read_json(sd_run / "teacher" / "config.json").get("schedule", {}).get("kind")
+            require(kind == "scaled_linear", f"--sd-teacher {args.sd_teacher}: its schedule is {kind!r}, not "
+                    "scaled_linear")
+            write_json_atomic({"reused": args.sd_teacher}, sd_run / "rows" / "teacher_train.json")
+        linear = teacher_run(out, "linear")
+        if need_linear and not report_only and not fm.done(linear, "teacher_train"):
+            if args.tiny:
+                fm.part_teacher(linear, spec, cfg)
+            else:
+                fm.adopt(args.teacher, linear / "teacher", ("model.safetensors", "config.json"))
+                write_json_atomic({"reused": args.teacher}, linear / "rows" / "teacher_train.json")
+        t0 = time.time()
+        if not report_only:
+            jobs = plan_jobs(out, cfg, parts, teachers, rows)
+            print(f"== {len(jobs)} job(s): " + ", ".join(j.name for j in jobs), flush=True)
+            outcome = run_jobs(jobs, out, spec, cfg, device, args)
             seconds = time.time() - t0
-            print(f"== {part} done in {seconds:.0f} s", flush=True)
-            if part != "report":
-                timing_path = out / "timing.json"
-                timing = read_json(timing_path) if timing_path.exists() else {}
-                timing[part] = round(timing.get(part, 0.0) + seconds, 1)
-                write_json_atomic(timing, timing_path)
+            print(f"== jobs done in {seconds:.0f} s", flush=True)
+            timing_path = out / "timing.json"
+            timing = read_json(timing_path) if timing_path.exists() else {}
+            timing["jobs"] = round(timing.get("jobs", 0.0) + seconds, 1)
+            write_json_atomic(timing, timing_path)
+            failed = [n for n, o in outcome.items() if o.startswith("failed")]
+            if failed and "report" not in parts:
+                raise RayflowError(f"{len(failed)} job(s) failed: {failed}; see {out}/logs (rerun to resume)")
+        try:
+            if "report" in parts:
+                part_report(out, teachers, Path(args.results), cfg.seed,
+                            merge=Path(args.merge) if args.merge else None)
+        finally:  # whatever was measured comes back, also when the report has nothing to show
+            if args.pack:
+                for path in pack(out, Path(args.results), Path(args.pack)):
+                    print(f"packed {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     except RayflowError as exc:
         print(f"rayflow_readings: error: {exc}", file=sys.stderr)
         return 2

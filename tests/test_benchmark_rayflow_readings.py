@@ -133,3 +133,89 @@ def test_paired_time_sampler_difference_is_per_seed(bench):
                              ("start-uniform-t", 1, 2.1))]
     md = bench.summarise(rows)
     assert "- 1 NFE: +0.3000 ± 0.2828 over 2 seed(s): +0.5000, +0.1000" in md
+
+
+def _sched_args(tmp_path, **kw):
+    import argparse
+
+    base = dict(threads=1, jobs=2, gpus=1, budget_s=0.0, student_s=0.0, teacher_s=0.0, out=str(tmp_path))
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _stand_in(durations, fail=()):
+    """Worker command lines that sleep for a job's duration (and exit 1 for the jobs in ``fail``)."""
+    import sys
+
+    def command(args, job):
+        code = 1 if job.name in fail else 0
+        return [sys.executable, "-c", f"import time, sys; time.sleep({durations.get(job.name, 0.05)}); sys.exit({code})"]
+    return command
+
+
+def test_schedule_runs_pools_first_and_keeps_a_slot_for_a_waiting_row(bench, tmp_path, capsys):
+    Job = bench.Job
+    pool = Job("pool", "linear", "start")
+    jobs = [pool, Job("student", "linear", "start", 1, deps=[pool.name]),
+            Job("student", "linear", "reflow", 1), Job("student", "linear", "perflow", 0)]
+    out = bench._schedule(jobs, _sched_args(tmp_path, jobs=2), {},
+                          _stand_in({pool.name: 0.6, "student:linear:reflow:1": 1.2}), tick=0.05)
+    assert set(out.values()) == {"done"} and len(out) == 4
+    log = [line for line in capsys.readouterr().out.splitlines() if "started" in line]
+    order = [line.split("] ")[1].split(": started")[0] for line in log]
+    # reflow starts at once; perflow (lower priority) must not take the slot that start@1 waits for
+    assert order[:2] == ["pool:linear:start", "student:linear:reflow:1"]
+    assert order.index("student:linear:start:1") < order.index("student:linear:perflow:0")
+    assert json.loads((tmp_path / "jobs.json").read_text())["outcome"] == out
+
+
+def test_schedule_skips_what_cannot_fit_the_budget_and_what_lost_an_input(bench, tmp_path, capsys):
+    Job = bench.Job
+    teacher = Job("teacher", "sd")
+    jobs = [Job("student", "linear", "reflow", 1), teacher, Job("student", "sd", "reflow", 0, deps=[teacher.name]),
+            Job("student", "linear", "reflow", 2)]
+    # margins of seconds: a worker's start costs about a second on a loaded machine
+    args = _sched_args(tmp_path, jobs=3, budget_s=6.0, student_s=1.0, teacher_s=0.1)
+    out = bench._schedule(jobs, args, {}, _stand_in({"student:linear:reflow:1": 30.0}, fail={teacher.name}),
+                          tick=0.05)
+    assert out["teacher:sd"].startswith("failed")
+    assert out["student:sd:reflow:0"] == "skipped (an input failed)"
+    assert out["student:linear:reflow:1"] == "stopped at the budget"  # still running at 6 s
+    assert out["student:linear:reflow:2"] == "done"
+
+
+def test_schedule_skips_a_long_job_whose_estimate_exceeds_the_budget(bench, tmp_path):
+    Job = bench.Job
+    jobs = [Job("student", "linear", "reflow", 1), Job("student", "linear", "reflow", 2)]
+    args = _sched_args(tmp_path, jobs=1, budget_s=4.0, student_s=3.5)  # the second cannot start before 0.5 s
+    out = bench._schedule(jobs, args, {}, _stand_in({"student:linear:reflow:1": 0.5}), tick=0.05)
+    assert out == {"student:linear:reflow:1": "done",
+                   "student:linear:reflow:2": "skipped (would not finish within the budget)"}
+
+
+def test_plan_orders_each_rows_inputs_before_it(bench, tmp_path):
+    cfg = bench.fm.BenchConfig.dry_run()
+    rows = [("linear", "reflow", 1), ("linear", "start", 1), ("sd", "start", 0), ("linear", "start-uniform-t", 1)]
+    jobs = bench.plan_jobs(tmp_path, cfg, bench.PARTS, ["linear", "sd"], rows)
+    names = [j.name for j in jobs]
+    assert names == ["reference:linear", "student:linear:reflow:1", "pool:linear:start", "student:linear:start:1",
+                     "teacher:sd", "reference:sd", "pool:sd:start", "student:sd:start:0",
+                     "student:linear:start-uniform-t:1"]
+    by = {j.name: j for j in jobs}
+    assert by["student:linear:start-uniform-t:1"].deps == ["pool:linear:start"]  # shares start's pool
+    assert by["student:sd:start:0"].deps == ["teacher:sd", "pool:sd:start"]
+    assert by["student:linear:reflow:1"].deps == []  # it waits for the reference only to score
+    with pytest.raises(bench.RayflowError, match="teacher-sd"):
+        bench.plan_jobs(tmp_path, cfg, ("students",), ["sd"], [("sd", "start", 0)])
+
+
+def test_rows_option_and_merge(bench):
+    assert bench.parse_rows("linear:start:1, sd:reflow:0", ["linear", "sd"]) == [
+        ("linear", "start", 1), ("sd", "reflow", 0)]
+    for bad, message in (("linear:start", "TEACHER:READING:SEED"), ("linear:magic:0", "unknown reading"),
+                         ("cosine:start:0", "not among --teachers")):
+        with pytest.raises(bench.RayflowError, match=message):
+            bench.parse_rows(bad, ["linear", "sd"])
+    old = [{"teacher": "linear", "reading": "start", "seed": 0, "nfe": 1, "fd": 1.0},
+           {"teacher": "linear", "reading": "start", "seed": 1, "nfe": 1, "fd": 9.0}]
+    new = [{"teacher": "linear", "reading": "start", "seed": 1, "nfe": 1, "fd": 2.0}]
+    assert bench.merge_rows(new, old) == [old[0], new[0]]

@@ -44,12 +44,14 @@ TEACHER_SAMPLER = {"name": "dpm++2m", "steps": 25}
 def train_teacher(
     data: str | Dataset, out_dir: str | Path, train: TrainConfig, model: ModelConfig | None = None,
     schedule: VPSchedule | None = None, conditional: bool = True, label_dropout: float = 0.1,
-    accelerator: Any = None,
+    accelerator: Any = None, init_from: str | Path | None = None,
 ) -> Denoiser:
     """Train an epsilon-prediction teacher on ``data`` into ``out_dir`` (resuming if interrupted).
 
     Class-conditional (with label dropout for classifier-free guidance) when the data has labels and
-    ``conditional`` is set.
+    ``conditional`` is set. ``init_from`` (a saved teacher directory) starts from its network and weights instead
+    of a fresh one: fine-tuning, e.g. onto another noise ``schedule`` (benchmarks/rayflow_readings.py's second
+    teacher); ``model`` must then be None.
     """
     dataset = load_dataset(data) if isinstance(data, str) else data
     schedule = schedule or VPSchedule.linear()
@@ -60,12 +62,23 @@ def train_teacher(
             f"the model is built for samples of shape {tuple(model_cfg.sample_shape)} but {dataset.spec} has "
             f"{tuple(dataset.sample_shape)}")
     model_cfg.num_classes = num_classes
-    net = seeded_build(model_cfg, train.seed)
+    if init_from is not None:
+        require(model is None, "train_teacher: give model or init_from, not both (init_from brings its network)")
+        net, init_cfg = load_model_dir(init_from)
+        model_cfg = ModelConfig.from_dict(init_cfg["model"])
+        require(tuple(model_cfg.sample_shape) == tuple(dataset.sample_shape) and model_cfg.num_classes == num_classes,
+                f"{init_from}: its network is for samples {tuple(model_cfg.sample_shape)} with "
+                f"{model_cfg.num_classes} classes, but {dataset.spec} has {tuple(dataset.sample_shape)} and "
+                f"{num_classes}")
+        net.train()
+    else:
+        net = seeded_build(model_cfg, train.seed)
     objective = EpsilonObjective(dataset.x, dataset.labels if num_classes else None, schedule, train.batch_size,
                                  label_dropout=label_dropout, num_classes=num_classes)
     run_config = {
         "kind": "teacher", "model": model_cfg.to_dict(), "schedule": schedule.config, "data": dataset.spec,
         "label_dropout": label_dropout, "sampler": TEACHER_SAMPLER, "rayflow_version": __version__,
+        **({"init_from": str(init_from)} if init_from is not None else {}),
     }
     with RunDirectory(out_dir, is_main=accelerator is None or accelerator.is_main_process):
         return Trainer(net, objective, train, out_dir, run_config, accelerator=accelerator).train()

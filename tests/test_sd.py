@@ -243,6 +243,15 @@ def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys
     assert sd_info["lora"]["rank"] == 4 and sd_info["pipeline"] == str(sd_dir.resolve())
     lora = load_file(str(out / "lora.safetensors"))
     assert lora and all("lora_" in k for k in lora)
+    # LoRA-only files: the final model, every checkpoint and its EMA hold the adapter and nothing else; the
+    # config names the teacher's folder and the fingerprint of its UNet as the base
+    for f in [out / "model.safetensors", *sorted((out / "checkpoints").glob("step-*/*.safetensors"))]:
+        if f.name.startswith(("model", "ema")):
+            keys = load_file(str(f)).keys()
+            assert keys and all("lora_" in k for k in keys), f
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # --checkpoint-every 1, default limit 2
+    base = json.loads((out / "config.json").read_text())["model"]["sd"]["base"]
+    assert base["pipeline"] == str(sd_dir.resolve()) and len(base["fingerprint"]) == 16
     student = load_sd_student(out)
     peft_keys = {k for k in student.unet.state_dict() if "lora_" in k}
     assert len(peft_keys) == len(lora)
@@ -268,6 +277,25 @@ def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     la, lb = load_file(str(out / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+    # the base is read back from the teacher's folder: a changed or missing teacher is refused in one line
+    moved = tmp_path / "teacher-copy"
+    shutil.copytree(sd_dir, moved)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"]["sd"]["base"]["pipeline"] = str(moved)
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(load_sd_student(out).sample_latents(["a red dog"], 1, seed=3),
+                       student.sample_latents(["a red dog"], 1, seed=3))
+    from safetensors.torch import save_file
+    unet_file = next((moved / "unet").glob("*.safetensors"))
+    weights = load_file(str(unet_file))
+    weights["conv_in.bias"] = weights["conv_in.bias"] + 1e-3
+    save_file(weights, str(unet_file))
+    with pytest.raises(RayflowError, match="teacher UNet has changed since the student was trained"):
+        load_sd_student(out)
+    shutil.rmtree(moved)
+    with pytest.raises(RayflowError, match="base UNet .* is missing"):
+        load_sd_student(out)
 
 
 @pytest.mark.parametrize("case", [

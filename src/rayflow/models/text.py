@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,10 +103,14 @@ class TextUNetDenoiser(Denoiser):
     UNet runs in its own parameter dtype (a frozen bf16 teacher) and the output is returned in ``x``'s dtype.
     """
 
-    def __init__(self, unet: nn.Module, prediction_type: str = "epsilon", table: PromptTable | None = None) -> None:
+    def __init__(self, unet: nn.Module, prediction_type: str = "epsilon", table: PromptTable | None = None,
+                 base: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.prediction_type = check_prediction_type(prediction_type)
+        #: where the frozen base weights of a LoRA student come from (``{"pipeline", "fingerprint"}``); they are
+        #: then left out of saved files (:meth:`reference_keys`), None: everything is saved
+        self.base = base
         self.table: PromptTable | None = None
         self.num_classes = 0
         if table is not None:
@@ -115,6 +120,13 @@ class TextUNetDenoiser(Denoiser):
         """Use ``table`` for conditions (``num_classes`` becomes its caption count; wrap the model *after*)."""
         self.table = table
         self.num_classes = table.num_prompts
+
+    def reference_keys(self) -> list[str]:
+        """state_dict keys not saved (see :mod:`rayflow.checkpoint`): with a ``base`` reference, every non-LoRA
+        weight, which :func:`build_sd_denoiser` reads back from the teacher pipeline's ``unet/`` folder."""
+        if not self.base:
+            return []
+        return [k for k in self.state_dict() if not _is_lora_key(k)]
 
     def fingerprint(self) -> str:
         """Included by :func:`rayflow.caches.model_fingerprint`: caches made with other captions differ."""
@@ -157,19 +169,57 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
     return {"rank": int(rank), "alpha": alpha, "target_modules": present}
 
 
+def _is_lora_key(key: str) -> bool:
+    return "lora_" in key or "lora_magnitude_vector" in key
+
+
+def unet_fingerprint(unet: nn.Module) -> str:
+    """A short blake2b of a UNet's non-LoRA weights (names, dtypes and bytes): the identity of a LoRA student's
+    base, recorded at distillation and checked whenever the base is read back from the teacher's folder."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(unet.state_dict().items()):
+        if _is_lora_key(name):
+            continue
+        h.update(f"{name.replace('.base_layer.', '.')}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_base_unet(base: dict[str, Any]) -> nn.Module:
+    """The teacher's UNet from ``base["pipeline"]/unet`` (local files only), checked against the recorded
+    ``base["fingerprint"]``: a LoRA is only the student on exactly the weights it was trained on."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(str(base.get("pipeline", ""))) / "unet"
+    require(folder.is_dir(), f"the LoRA student's base UNet {folder} is missing (its teacher pipeline folder was "
+                             "moved or deleted); a LoRA-only student needs the teacher it was trained on")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise RayflowError(f"{folder}: cannot load the LoRA student's base UNet ({str(exc).splitlines()[0]})") from exc
+    found = unet_fingerprint(unet)
+    require(base.get("fingerprint") in (None, found),
+            f"{folder}: the teacher UNet has changed since the student was trained (fingerprint {found}, "
+            f"recorded {base.get('fingerprint')}); the LoRA would not reproduce the student")
+    return unet
+
+
 def build_sd_denoiser(config: Any) -> TextUNetDenoiser:
-    """The network of a ``ModelConfig(kind="sd")``: a UNet from ``unet_config``, LoRA per ``sd["lora"]``,
+    """The network of a ``ModelConfig(kind="sd")``: a UNet from ``unet_config`` (or, for a LoRA student with a
+    ``sd["base"]`` reference, the teacher's UNet read from its pipeline folder), LoRA per ``sd["lora"]``,
     gradient checkpointing per ``sd["gradient_checkpointing"]``, the registered table ``sd["table"]``."""
     from diffusers import UNet2DConditionModel
 
     sd = dict(config.sd)
-    unet = UNet2DConditionModel.from_config(config.unet_config)
+    base = sd.get("base")
     lora = sd.get("lora")
+    require(not base or bool(lora), "a base reference applies to LoRA students only")
+    unet = load_base_unet(base) if base else UNet2DConditionModel.from_config(config.unet_config)
     if lora:
         add_lora(unet, lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
     if sd.get("gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
-    model = TextUNetDenoiser(unet, config.prediction_type, get_prompt_table(sd.get("table")))
+    model = TextUNetDenoiser(unet, config.prediction_type, get_prompt_table(sd.get("table")), base=base or None)
     model.config = config
     return model
 
@@ -182,4 +232,5 @@ def lora_state_dict(model: TextUNetDenoiser) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["DEFAULT_LORA_TARGETS", "PromptTable", "TextUNetDenoiser", "add_lora", "build_sd_denoiser",
+           "load_base_unet", "unet_fingerprint",
            "get_prompt_table", "lora_state_dict", "register_prompt_table"]

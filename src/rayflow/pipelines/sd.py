@@ -28,7 +28,9 @@ checkpoints, resume).
 Student directory (what :func:`load_sd_student` reads back)::
 
     config.json        rayflow's run config (model kind "sd", method + its config, schedule, teacher path)
-    model.safetensors  the trained denoiser (EMA) state: UNet weights with the LoRA layers injected by peft
+    model.safetensors  the trained denoiser (EMA) state: a LoRA student's adapter weights only (its base is the
+                       teacher's UNet, named by config.json's ``model.sd.base`` = pipeline folder + fingerprint
+                       and read back from there); the whole UNet for full fine-tuning
     sd.json            pipeline path and class, LoRA config (rank, alpha, target modules), prediction types
     scheduler/         the method's diffusers scheduler config (``Method.make_scheduler``)
     lora.safetensors   peft's adapter state dict (``get_peft_model_state_dict``); absent for full fine-tuning
@@ -61,6 +63,7 @@ from rayflow.models.text import (
     add_lora,
     lora_state_dict,
     register_prompt_table,
+    unet_fingerprint,
 )
 from rayflow.schedules import VPSchedule
 
@@ -374,6 +377,10 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
     sd_cfg = {"pipeline": str(sd.path), "pipeline_class": sd.pipeline_class, "xl": sd.xl, "table": key,
               "lora": lora_info, "gradient_checkpointing": options.gradient_checkpointing,
               "resolution": resolution}
+    if lora_info is not None:
+        # a LoRA student saves only its adapter: the base is the teacher's UNet, read back from the pipeline
+        # folder and checked against this fingerprint (models.text.load_base_unet)
+        sd_cfg["base"] = {"pipeline": str(sd.path), "fingerprint": unet_fingerprint(unet)}
     student_cfg = ModelConfig(kind="sd", sample_shape=latent_shape, num_classes=n,
                               prediction_type="epsilon" if sd.prediction_type == "epsilon" else sd.prediction_type,
                               unet_class="UNet2DConditionModel", unet_config=json.loads(json.dumps(dict(unet.config))),

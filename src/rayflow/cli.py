@@ -147,7 +147,9 @@ def cmd_distill_sd(args: argparse.Namespace) -> int:
         check_output_dir(args.cache, "--cache")
     options = SDOptions(lora=lora, resolution=args.resolution, center_crop=not args.random_crop,
                         random_flip=args.random_flip, gradient_checkpointing=args.gradient_checkpointing,
-                        teacher_dtype=args.teacher_dtype)
+                        teacher_dtype=args.teacher_dtype,
+                        validation_prompts=tuple(args.validation_prompts or ()),
+                        validation_steps=args.validation_steps or (500 if args.validation_prompts else 0))
     method = get_method(args.method).from_options(_pool_size_options(args.pool_size, _parse_options(args.option)))
     train = _train_config(args)
     t0 = time.time()
@@ -168,7 +170,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.cache is not None:
         check_output_dir(args.cache, "--cache")
     sd_only = [flag for flag, on in (("--lora-rank", args.lora_rank is not None), ("--lora-alpha", args.lora_alpha),
-                                     ("--full-finetune", args.full_finetune), ("--resolution", args.resolution))
+                                     ("--full-finetune", args.full_finetune), ("--resolution", args.resolution),
+                                     ("--validation-prompts", args.validation_prompts is not None),
+                                     ("--validation-steps", args.validation_steps > 0))
                if on]
     require(not sd_only, f"{', '.join(sd_only)}: only for a diffusers pipeline teacher (--teacher PIPE_DIR)")
     method = get_method(args.method).from_options(_pool_size_options(args.pool_size, _parse_options(args.option)))
@@ -438,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     sdg.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet memory")
     sdg.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="frozen teacher UNet precision (auto: bf16 on CUDA)")
+    sdg.add_argument("--validation-prompts", nargs="+", default=None, metavar="PROMPT",
+                     help="prompts the student samples at 1, 2 and 4 steps every --validation-steps (PNG grids in "
+                          "OUT/validation/, TensorBoard)")
+    sdg.add_argument("--validation-steps", type=int_in(0), default=0, metavar="N",
+                     help="optimizer steps between validation images (default 500 with --validation-prompts)")
     _train_args(d, max_steps=2000, batch_size=256, lr=5e-4, ema=0.999)
     d.set_defaults(func=cmd_distill)
 

@@ -37,16 +37,48 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
                         "time_emb_proj")
 
 
+class StackedRows:
+    """The rows of a large (possibly file-backed) tensor followed by those of a small one, read by index without
+    joining the two (joining would copy a cache that is meant to stay on disk into memory)."""
+
+    def __init__(self, head: torch.Tensor, tail: torch.Tensor) -> None:
+        require(tuple(head.shape[1:]) == tuple(tail.shape[1:]),
+                f"stacked rows must match in shape, got {tuple(head.shape)} and {tuple(tail.shape)}")
+        self.head, self.tail = head, tail.to(head.dtype)
+        self.shape = torch.Size([head.shape[0] + tail.shape[0], *head.shape[1:]])
+        self.ndim, self.dtype = head.ndim, head.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        n = self.head.shape[0]
+        if isinstance(index, int):
+            index = index % len(self)
+            return self.head[index] if index < n else self.tail[index - n]
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        idx = torch.as_tensor(index).long().reshape(-1)
+        out = torch.empty((idx.shape[0], *self.shape[1:]), dtype=self.dtype)
+        first = idx < n
+        out[first] = self.head[idx[first]]
+        out[~first] = self.tail[idx[~first] - n]
+        return out
+
+
 @dataclass
 class PromptTable:
     """Encoded captions plus the unconditional row as the last row (index ``num_prompts``).
 
-    ``embeds`` ``[N+1, L, D]``; for SDXL also ``pooled`` ``[N+1, P]`` and ``time_ids`` ``[N+1, 6]``.
+    ``embeds`` ``[N+1, L, D]``; for SDXL also ``pooled`` ``[N+1, P]`` and ``time_ids`` ``[N+1, 6]``: tensors, or
+    :class:`StackedRows` of a file-backed caption cache and the null row (:meth:`with_null`). ``identity``, when
+    given, names the content (a cache fingerprint) so the key is not a hash of every byte.
     """
 
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
+    embeds: torch.Tensor | StackedRows
+    pooled: torch.Tensor | StackedRows | None = None
+    time_ids: torch.Tensor | StackedRows | None = None
+    identity: str | None = None
 
     def __post_init__(self) -> None:
         n = self.embeds.shape[0]
@@ -58,6 +90,18 @@ class PromptTable:
                                                   f"rows, embeds {n}")
         self.key = self._fingerprint()
 
+    @classmethod
+    def with_null(cls, captions: dict[str, torch.Tensor], null: dict[str, torch.Tensor],
+                  identity: str) -> PromptTable:
+        """A table of (possibly file-backed) caption tensors ``embeds``/``pooled``/``time_ids`` ``[N, ...]`` and
+        the null row ``[1, ...]`` of each, stacked without copying the captions."""
+        parts = {k: StackedRows(captions[k], null[k]) for k in ("embeds", "pooled", "time_ids") if k in captions}
+        return cls(**parts, identity=identity)
+
+    def __deepcopy__(self, memo: dict) -> PromptTable:
+        # read-only data: a deep copy of a network (its EMA shadow) shares the table rather than copying it
+        return self
+
     @property
     def num_prompts(self) -> int:
         """``N``, the number of real captions (the null row is index ``N``)."""
@@ -65,10 +109,15 @@ class PromptTable:
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
+        if self.identity is not None:  # the captions' identity is given: hash it and the small null rows only
+            h.update(self.identity.encode())
         for t in (self.embeds, self.pooled, self.time_ids):
-            if t is not None:
-                h.update(str(tuple(t.shape)).encode())
-                h.update(t.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            if t is None:
+                continue
+            h.update(str(tuple(t.shape)).encode())
+            if self.identity is not None:
+                t = t[len(t) - 1] if isinstance(t, StackedRows) else t[-1]
+            h.update(t.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
     def rows(self, index: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -81,7 +130,6 @@ class PromptTable:
             out["added_cond_kwargs"] = {"text_embeds": self.pooled[idx].to(device=device, dtype=dtype),
                                         "time_ids": self.time_ids[idx].to(device=device, dtype=dtype)}
         return out
-
 
 _TABLES: dict[str, PromptTable] = {}
 
@@ -231,6 +279,6 @@ def lora_state_dict(model: TextUNetDenoiser) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model.unet).items()}
 
 
-__all__ = ["DEFAULT_LORA_TARGETS", "PromptTable", "TextUNetDenoiser", "add_lora", "build_sd_denoiser",
+__all__ = ["DEFAULT_LORA_TARGETS", "PromptTable", "StackedRows", "TextUNetDenoiser", "add_lora", "build_sd_denoiser",
            "load_base_unet", "unet_fingerprint",
            "get_prompt_table", "lora_state_dict", "register_prompt_table"]

@@ -54,3 +54,15 @@ def test_reference_keys_are_left_out_and_accepted_back(tmp_path):
     save_file({"head.weight": net.head.weight.detach()}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(RayflowError, match="missing key 'head.bias'"):
         load_weights_strict(fresh, tmp_path / "partial.safetensors")
+
+
+def test_cli_checkpoint_limit_and_accumulation_reach_the_train_config(capsys):
+    from rayflow.cli import _train_config, build_parser, main
+
+    args = build_parser().parse_args(["distill", "--method", "reflow", "--teacher", "t", "--data", "d", "--out", "o",
+                                      "--checkpoints-total-limit", "3", "--gradient-accumulation-steps", "4"])
+    cfg = _train_config(args)
+    assert cfg.keep_checkpoints == 3 == cfg.checkpoints_total_limit and cfg.gradient_accumulation_steps == 4
+    assert main(["distill", "--method", "reflow", "--teacher", "t", "--data", "d", "--out", "o",
+                 "--checkpoints-total-limit", "0"]) == 2
+    assert "rayflow: error:" in capsys.readouterr().err

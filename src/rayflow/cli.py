@@ -51,6 +51,8 @@ def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr:
     g.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=ema, help=f"0 disables (default {ema:g})")
     g.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     g.add_argument("--checkpoint-every", type=int_in(0), default=500, help="steps between resumable checkpoints")
+    g.add_argument("--gradient-accumulation-steps", type=int_in(1), default=1,
+                   help="micro-batches per optimizer step (effective batch: batch size x this x processes)")
     g.add_argument("--checkpoints-total-limit", type=int_in(1), default=2,
                    help="checkpoints kept, the oldest removed first (default 2; diffusers' checkpoints_total_limit)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
@@ -65,6 +67,7 @@ def _train_config(args: argparse.Namespace):
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.checkpoints_total_limit,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision, compile=args.compile,
         progress=not args.no_progress,
     )

@@ -131,6 +131,7 @@ class PromptTable:
                                         "time_ids": self.time_ids[idx].to(device=device, dtype=dtype)}
         return out
 
+
 _TABLES: dict[str, PromptTable] = {}
 
 

@@ -222,6 +222,7 @@ def test_preprocessing_cache_resumes_identically(sd_dir, caps, tmp_path):
     memory = preprocess_captions(sd, data, 16, cache_dir=None, **kw)
     for k in full:
         assert torch.equal(full[k], again[k]) and torch.equal(full[k], memory[k])
+
     # latents are scaling_factor * a VAE posterior draw of the transformed image
     x, _, _ = transform_image(data.records[0].load_image(), 16, True, False, torch.Generator())
     with torch.no_grad():
@@ -230,19 +231,86 @@ def test_preprocessing_cache_resumes_identically(sd_dir, caps, tmp_path):
     err = [float(((full["latents"][0] / sf - m) / dist.std[0]).abs().max()) for m in dist.mean]
     assert min(err) < 6  # within the posterior's spread for one of the two flips
 
+    # streamed: the shards joined once into one file per key, mapped rather than loaded; the same rows
+    mapped = preprocess_captions(sd, data, 16, cache_dir=tmp_path / "c", mapped=True, **kw)
+    flat = tmp_path / "c" / "latents" / "flat"
+    index = json.loads((flat / "index.json").read_text())
+    assert set(index["keys"]) == set(full) and index["keys"]["latents"]["shape"] == [16, 4, 8, 8]
+    for k in full:
+        assert torch.equal(mapped[k], full[k])
+    stamp = (flat / "latents.bin").stat().st_mtime_ns
+    assert torch.equal(preprocess_captions(sd, data, 16, cache_dir=tmp_path / "c", mapped=True, **kw)["embeds"],
+                       full["embeds"])
+    assert (flat / "latents.bin").stat().st_mtime_ns == stamp  # joined once, then reused
+    with open(flat / "embeds.bin", "r+b") as f:  # a torn join is refused, not read
+        f.truncate(100)
+    with pytest.raises(RayflowError, match="truncated or missing"):
+        preprocess_captions(sd, data, 16, cache_dir=tmp_path / "c", mapped=True, **kw)
+
+
+def test_prompt_table_stacks_a_file_backed_cache_and_its_null_row(tmp_path):
+    import copy
+
+    from rayflow.models.text import StackedRows
+
+    rows = torch.randn(5, 3, 4)
+    rows.numpy().tofile(tmp_path / "e.bin")
+    mapped = torch.from_file(str(tmp_path / "e.bin"), shared=False, size=rows.numel()).view(5, 3, 4)
+    null = torch.zeros(1, 3, 4)
+    table = PromptTable.with_null({"embeds": mapped}, {"embeds": null}, identity="cache-1")
+    joined = PromptTable(torch.cat([rows, null]))
+    assert table.num_prompts == 5 and isinstance(table.embeds, StackedRows)
+    idx = torch.tensor([4, 5, 0, 5, 2])
+    assert torch.equal(table.rows(idx, torch.device("cpu"), torch.float32)["encoder_hidden_states"],
+                       joined.rows(idx, torch.device("cpu"), torch.float32)["encoder_hidden_states"])
+    assert torch.equal(table.embeds[-1], null[0]) and torch.equal(table.embeds[1:3], rows[1:3])
+    # the key names the cache and the null row, and a deep copy (an EMA shadow) shares the table
+    assert table.key != PromptTable.with_null({"embeds": mapped}, {"embeds": null + 1}, identity="cache-1").key
+    assert table.key != PromptTable.with_null({"embeds": mapped}, {"embeds": null}, identity="cache-2").key
+    assert copy.deepcopy(table) is table
+
 
 # ---------------------------------------------------------------------- the command line, end to end
 def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys):
     out = tmp_path / "student"
     code, stdout, err = _run(["distill", "--method", "reflow", "--teacher", str(sd_dir), "--data",
                               f"captions:path={caps}", "--out", str(out), "--cache", str(tmp_path / "cache"),
+                              "--validation-prompts", "a red cat", "a blue car", "--validation-steps", "1",
                               *TINY, *METHOD_OPTIONS["reflow"]], capsys)
     assert code == 0, err
+    # validation images: a grid per step (rows: 1, 2, 4 sampling steps; columns: prompts), the last one the
+    # final student's samples of the seeded validation noise, and the same images in TensorBoard
+    from PIL import Image
+
+    grids = sorted(p.name for p in (out / "validation").iterdir())
+    assert grids == ["step-0000001.png", "step-0000002.png"]
+    last = np.asarray(Image.open(out / "validation" / "step-0000002.png"))
+    assert last.shape == (3 * 16, 2 * 16, 3)
+    final = load_sd_student(out)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for row, k in enumerate((1, 2, 4)):
+        want = final.decode(final.sample_latents(["a red cat", "a blue car"], k, noise=noise))
+        assert np.array_equal(last[16 * row:16 * (row + 1)], np.concatenate(list(want), axis=1)), k
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard" / "run"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["validation/steps_1", "validation/steps_2", "validation/steps_4"]
+    assert [e.step for e in events.Images("validation/steps_4")] == [1, 2]
     sd_info = json.loads((out / "sd.json").read_text())
     assert (out / "scheduler" / "scheduler_config.json").is_file()
     assert sd_info["lora"]["rank"] == 4 and sd_info["pipeline"] == str(sd_dir.resolve())
     lora = load_file(str(out / "lora.safetensors"))
     assert lora and all("lora_" in k for k in lora)
+    # LoRA-only files: the final model, every checkpoint and its EMA hold the adapter and nothing else; the
+    # config names the teacher's folder and the fingerprint of its UNet as the base
+    for f in [out / "model.safetensors", *sorted((out / "checkpoints").glob("step-*/*.safetensors"))]:
+        if f.name.startswith(("model", "ema")):
+            keys = load_file(str(f)).keys()
+            assert keys and all("lora_" in k for k in keys), f
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # --checkpoint-every 1, default limit 2
+    base = json.loads((out / "config.json").read_text())["model"]["sd"]["base"]
+    assert base["pipeline"] == str(sd_dir.resolve()) and len(base["fingerprint"]) == 16
     student = load_sd_student(out)
     peft_keys = {k for k in student.unet.state_dict() if "lora_" in k}
     assert len(peft_keys) == len(lora)
@@ -268,6 +336,25 @@ def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     la, lb = load_file(str(out / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+    # the base is read back from the teacher's folder: a changed or missing teacher is refused in one line
+    moved = tmp_path / "teacher-copy"
+    shutil.copytree(sd_dir, moved)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"]["sd"]["base"]["pipeline"] = str(moved)
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(load_sd_student(out).sample_latents(["a red dog"], 1, seed=3),
+                       student.sample_latents(["a red dog"], 1, seed=3))
+    from safetensors.torch import save_file
+    unet_file = next((moved / "unet").glob("*.safetensors"))
+    weights = load_file(str(unet_file))
+    weights["conv_in.bias"] = weights["conv_in.bias"] + 1e-3
+    save_file(weights, str(unet_file))
+    with pytest.raises(RayflowError, match="teacher UNet has changed since the student was trained"):
+        load_sd_student(out)
+    shutil.rmtree(moved)
+    with pytest.raises(RayflowError, match="base UNet .* is missing"):
+        load_sd_student(out)
 
 
 @pytest.mark.parametrize("case", [

@@ -6,6 +6,7 @@ A cache is a directory::
     shard-00000.safetensors   items [0, shard_size)
     shard-00001.safetensors   items [shard_size, 2 * shard_size)
     ...
+    flat/<key>.bin, index.json  (only when read mapped) the shards joined per key, mapped instead of loaded
 
 Shard ``i`` always covers the same items and is computed from a generator seeded by ``(seed, i)``, so an
 interrupted build resumes by computing only the missing shards: nothing is duplicated or lost. Each shard is
@@ -26,6 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -201,9 +205,8 @@ class ShardedCache:
     def is_complete(self) -> bool:
         return all(self._valid(i) for i in range(self.num_shards))
 
-    def load(self) -> dict[str, torch.Tensor]:
-        """All items, concatenated in index order. Every shard (of every rank) must be present."""
-        parts: list[dict[str, torch.Tensor]] = []
+    def _checked_shards(self):
+        """Each shard's tensors in index order, checked (present, readable, of this meta, the right size)."""
         for i in range(self.num_shards):
             path = self.shard_path(i)
             require(path.exists(), f"{path}: shard missing; run the same command again to finish the cache")
@@ -220,16 +223,83 @@ class ShardedCache:
             _, count = self.shard_range(i)
             require(all(t.shape[0] == count for t in tensors.values()),
                     f"{path}: shard holds the wrong number of items; delete it and run again")
-            parts.append(tensors)
+            yield tensors
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """All items, concatenated in index order. Every shard (of every rank) must be present."""
+        parts = list(self._checked_shards())
         keys = parts[0].keys()
         return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+    def load_mapped(self) -> dict[str, torch.Tensor]:
+        """All items as file-backed tensors instead of in memory (for caches larger than memory, such as the
+        latents and text embeddings of a Stable Diffusion data set).
+
+        The shards are joined once, shard by shard, into one raw file per key (``flat/<key>.bin``, described by
+        ``flat/index.json``, which carries this cache's fingerprint and is written last), then mapped
+        copy-on-write with ``torch.from_file``: a run's memory holds only the pages of the rows it reads, which
+        the OS loads on first touch and may drop again. The tensors are ordinary CPU tensors to every caller.
+        """
+        flat = self.root / FLAT_DIR
+        index_path = flat / "index.json"
+        with DirectoryLock(self.root, CACHE_LOCK, blocking=True):  # one rank joins, the others wait and map
+            index = _read_flat_index(index_path)
+            if index is None or index.get("fingerprint") != self.fingerprint:
+                index = self._write_flat(flat)
+        out = {}
+        for key, info in index["keys"].items():
+            shape, dtype = tuple(info["shape"]), getattr(torch, info["dtype"])
+            path = flat / f"{key}.bin"
+            numel = math.prod(shape)
+            require(path.is_file() and path.stat().st_size == numel * torch.empty((), dtype=dtype).element_size(),
+                    f"{path}: truncated or missing; delete {flat} and run again")
+            out[key] = torch.from_file(str(path), shared=False, size=numel, dtype=dtype).view(shape)
+        return out
+
+    def _write_flat(self, flat: Path) -> dict[str, Any]:
+        if flat.exists():
+            shutil.rmtree(flat)
+        flat.mkdir(parents=True)
+        files: dict[str, Any] = {}
+        info: dict[str, dict[str, Any]] = {}
+        try:
+            for tensors in self._checked_shards():
+                for key, t in tensors.items():
+                    if key not in files:
+                        files[key] = open(flat / f"{key}.bin", "wb")  # noqa: SIM115 - closed below
+                        info[key] = {"shape": [0, *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
+                    files[key].write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                    info[key]["shape"][0] += t.shape[0]
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            for f in files.values():
+                f.close()
+        index = {"fingerprint": self.fingerprint, "keys": info}
+        write_json_atomic(index, flat / "index.json")
+        return index
+
+
+FLAT_DIR = "flat"
+
+
+def _read_flat_index(path: Path) -> dict[str, Any] | None:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return index if isinstance(index, dict) and isinstance(index.get("keys"), dict) else None
 
 
 def build_or_load(root: str | Path | None, meta: dict[str, Any], num_items: int, make_shard: ShardFn, *,
                   seed: int = 0, shard_size: int | None = None, progress: bool = True, desc: str = "cache",
-                  rank: int = 0, world_size: int = 1,
-                  barrier: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+                  rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None,
+                  mapped: bool = False) -> dict[str, torch.Tensor]:
     """Build a cache at ``root`` (resuming) and return its contents; with ``root=None`` compute in memory.
+
+    ``mapped``: return file-backed tensors (:meth:`ShardedCache.load_mapped`) instead of loading the cache into
+    memory (only with a ``root``).
 
     ``barrier`` (e.g. ``accelerator.wait_for_everyone``) is called between building and loading so that every
     rank sees every shard. ``shard_size=None`` chooses it from the pool (:func:`auto_shard_size`).
@@ -246,4 +316,4 @@ def build_or_load(root: str | Path | None, meta: dict[str, Any], num_items: int,
     cache.build(make_shard, seed=seed, progress=progress, desc=desc)
     if barrier is not None:
         barrier()
-    return cache.load()
+    return cache.load_mapped() if mapped else cache.load()

@@ -51,6 +51,10 @@ def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr:
     g.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=ema, help=f"0 disables (default {ema:g})")
     g.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     g.add_argument("--checkpoint-every", type=int_in(0), default=500, help="steps between resumable checkpoints")
+    g.add_argument("--gradient-accumulation-steps", type=int_in(1), default=1,
+                   help="micro-batches per optimizer step (effective batch: batch size x this x processes)")
+    g.add_argument("--checkpoints-total-limit", type=int_in(1), default=2,
+                   help="checkpoints kept, the oldest removed first (default 2; diffusers' checkpoints_total_limit)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile (auto: on CUDA)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +66,9 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision, compile=args.compile,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.checkpoints_total_limit,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision, compile=args.compile,
         progress=not args.no_progress,
     )
 
@@ -144,7 +150,9 @@ def cmd_distill_sd(args: argparse.Namespace) -> int:
         check_output_dir(args.cache, "--cache")
     options = SDOptions(lora=lora, resolution=args.resolution, center_crop=not args.random_crop,
                         random_flip=args.random_flip, gradient_checkpointing=args.gradient_checkpointing,
-                        teacher_dtype=args.teacher_dtype)
+                        teacher_dtype=args.teacher_dtype,
+                        validation_prompts=tuple(args.validation_prompts or ()),
+                        validation_steps=args.validation_steps or (500 if args.validation_prompts else 0))
     method = get_method(args.method).from_options(_pool_size_options(args.pool_size, _parse_options(args.option)))
     train = _train_config(args)
     t0 = time.time()
@@ -165,7 +173,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.cache is not None:
         check_output_dir(args.cache, "--cache")
     sd_only = [flag for flag, on in (("--lora-rank", args.lora_rank is not None), ("--lora-alpha", args.lora_alpha),
-                                     ("--full-finetune", args.full_finetune), ("--resolution", args.resolution))
+                                     ("--full-finetune", args.full_finetune), ("--resolution", args.resolution),
+                                     ("--validation-prompts", args.validation_prompts is not None),
+                                     ("--validation-steps", args.validation_steps > 0))
                if on]
     require(not sd_only, f"{', '.join(sd_only)}: only for a diffusers pipeline teacher (--teacher PIPE_DIR)")
     method = get_method(args.method).from_options(_pool_size_options(args.pool_size, _parse_options(args.option)))
@@ -435,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     sdg.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet memory")
     sdg.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="frozen teacher UNet precision (auto: bf16 on CUDA)")
+    sdg.add_argument("--validation-prompts", nargs="+", default=None, metavar="PROMPT",
+                     help="prompts the student samples at 1, 2 and 4 steps every --validation-steps (PNG grids in "
+                          "OUT/validation/, TensorBoard)")
+    sdg.add_argument("--validation-steps", type=int_in(0), default=0, metavar="N",
+                     help="optimizer steps between validation images (default 500 with --validation-prompts)")
     _train_args(d, max_steps=2000, batch_size=256, lr=5e-4, ema=0.999)
     d.set_defaults(func=cmd_distill)
 

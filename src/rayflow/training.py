@@ -30,7 +30,7 @@ On-disk layout of ``out_dir``::
     tensorboard/                        the same scalars, when tensorboard is installed
     checkpoints/latest                  text: the name of the newest complete checkpoint, e.g. "step-0000500"
     checkpoints/step-0000500/
-        model.safetensors               raw (non-EMA) weights
+        model.safetensors               raw (non-EMA) weights (a LoRA student: only the adapter; see checkpoint.py)
         ema.safetensors                 EMA weights (metadata: ema_step, ema_decay); absent when EMA is off
         optimizer.safetensors           AdamW state tensors (exp_avg, exp_avg_sq, step) + LR scheduler tensors
         optimizer.json                  the rest: param groups, hyperparameters, LambdaLR counters
@@ -72,6 +72,7 @@ from rayflow.checkpoint import (
     save_model_dir,
     save_safetensors_atomic,
     save_state,
+    saved_state_dict,
     unwrap_denoiser,
     write_json_atomic,
     write_text_atomic,
@@ -343,14 +344,17 @@ class EMA:
 
     ``shadow <- lerp(shadow, param, 1 - d_n)`` with one ``torch._foreach_lerp_`` over all parameters and
     diffusers' default decay warm-up ``d_n = min(decay, (1 + n) / (10 + n))`` (``n`` = updates so far), so short
-    runs are not dominated by the initial weights. Buffers are copied. The shadow module's ``state_dict()`` is
-    what gets saved.
+    runs are not dominated by the initial weights. Buffers are copied; frozen parameters are shared with the
+    model, not copied. The shadow module's ``state_dict()`` is what gets saved.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = float(decay)
         self.step = 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # frozen parameters never change: the shadow shares them instead of copying (a LoRA student's EMA then
+        # costs the adapter's size, not a second UNet)
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.module = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         self._pairs: tuple[int, list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]] | None
         self._pairs = None
@@ -699,7 +703,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model_state = self.raw_model.state_dict()
+            model_state = saved_state_dict(self.raw_model)  # a LoRA student: the adapter only
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             name = f"step-{steps_done:07d}"
             final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
@@ -708,7 +712,7 @@ class Trainer:
             tmp.mkdir()
             save_safetensors_atomic(model_state, tmp / "model.safetensors", {"format": "pt"})
             if self.ema is not None:
-                save_safetensors_atomic(self.ema.module.state_dict(), tmp / "ema.safetensors", {
+                save_safetensors_atomic(saved_state_dict(self.ema.module), tmp / "ema.safetensors", {
                     "format": "pt", "ema_step": str(self.ema.step), "ema_decay": repr(self.ema.decay)})
             save_state({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()},
                        tmp / "optimizer.safetensors", tmp / "optimizer.json")

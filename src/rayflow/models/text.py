@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,16 +37,48 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
                         "time_emb_proj")
 
 
+class StackedRows:
+    """The rows of a large (possibly file-backed) tensor followed by those of a small one, read by index without
+    joining the two (joining would copy a cache that is meant to stay on disk into memory)."""
+
+    def __init__(self, head: torch.Tensor, tail: torch.Tensor) -> None:
+        require(tuple(head.shape[1:]) == tuple(tail.shape[1:]),
+                f"stacked rows must match in shape, got {tuple(head.shape)} and {tuple(tail.shape)}")
+        self.head, self.tail = head, tail.to(head.dtype)
+        self.shape = torch.Size([head.shape[0] + tail.shape[0], *head.shape[1:]])
+        self.ndim, self.dtype = head.ndim, head.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        n = self.head.shape[0]
+        if isinstance(index, int):
+            index = index % len(self)
+            return self.head[index] if index < n else self.tail[index - n]
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        idx = torch.as_tensor(index).long().reshape(-1)
+        out = torch.empty((idx.shape[0], *self.shape[1:]), dtype=self.dtype)
+        first = idx < n
+        out[first] = self.head[idx[first]]
+        out[~first] = self.tail[idx[~first] - n]
+        return out
+
+
 @dataclass
 class PromptTable:
     """Encoded captions plus the unconditional row as the last row (index ``num_prompts``).
 
-    ``embeds`` ``[N+1, L, D]``; for SDXL also ``pooled`` ``[N+1, P]`` and ``time_ids`` ``[N+1, 6]``.
+    ``embeds`` ``[N+1, L, D]``; for SDXL also ``pooled`` ``[N+1, P]`` and ``time_ids`` ``[N+1, 6]``: tensors, or
+    :class:`StackedRows` of a file-backed caption cache and the null row (:meth:`with_null`). ``identity``, when
+    given, names the content (a cache fingerprint) so the key is not a hash of every byte.
     """
 
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
+    embeds: torch.Tensor | StackedRows
+    pooled: torch.Tensor | StackedRows | None = None
+    time_ids: torch.Tensor | StackedRows | None = None
+    identity: str | None = None
 
     def __post_init__(self) -> None:
         n = self.embeds.shape[0]
@@ -57,6 +90,18 @@ class PromptTable:
                                                   f"rows, embeds {n}")
         self.key = self._fingerprint()
 
+    @classmethod
+    def with_null(cls, captions: dict[str, torch.Tensor], null: dict[str, torch.Tensor],
+                  identity: str) -> PromptTable:
+        """A table of (possibly file-backed) caption tensors ``embeds``/``pooled``/``time_ids`` ``[N, ...]`` and
+        the null row ``[1, ...]`` of each, stacked without copying the captions."""
+        parts = {k: StackedRows(captions[k], null[k]) for k in ("embeds", "pooled", "time_ids") if k in captions}
+        return cls(**parts, identity=identity)
+
+    def __deepcopy__(self, memo: dict) -> PromptTable:
+        # read-only data: a deep copy of a network (its EMA shadow) shares the table rather than copying it
+        return self
+
     @property
     def num_prompts(self) -> int:
         """``N``, the number of real captions (the null row is index ``N``)."""
@@ -64,10 +109,15 @@ class PromptTable:
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
+        if self.identity is not None:  # the captions' identity is given: hash it and the small null rows only
+            h.update(self.identity.encode())
         for t in (self.embeds, self.pooled, self.time_ids):
-            if t is not None:
-                h.update(str(tuple(t.shape)).encode())
-                h.update(t.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            if t is None:
+                continue
+            h.update(str(tuple(t.shape)).encode())
+            if self.identity is not None:
+                t = t[len(t) - 1] if isinstance(t, StackedRows) else t[-1]
+            h.update(t.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
     def rows(self, index: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -102,10 +152,14 @@ class TextUNetDenoiser(Denoiser):
     UNet runs in its own parameter dtype (a frozen bf16 teacher) and the output is returned in ``x``'s dtype.
     """
 
-    def __init__(self, unet: nn.Module, prediction_type: str = "epsilon", table: PromptTable | None = None) -> None:
+    def __init__(self, unet: nn.Module, prediction_type: str = "epsilon", table: PromptTable | None = None,
+                 base: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.prediction_type = check_prediction_type(prediction_type)
+        #: where the frozen base weights of a LoRA student come from (``{"pipeline", "fingerprint"}``); they are
+        #: then left out of saved files (:meth:`reference_keys`), None: everything is saved
+        self.base = base
         self.table: PromptTable | None = None
         self.num_classes = 0
         if table is not None:
@@ -115,6 +169,13 @@ class TextUNetDenoiser(Denoiser):
         """Use ``table`` for conditions (``num_classes`` becomes its caption count; wrap the model *after*)."""
         self.table = table
         self.num_classes = table.num_prompts
+
+    def reference_keys(self) -> list[str]:
+        """state_dict keys not saved (see :mod:`rayflow.checkpoint`): with a ``base`` reference, every non-LoRA
+        weight, which :func:`build_sd_denoiser` reads back from the teacher pipeline's ``unet/`` folder."""
+        if not self.base:
+            return []
+        return [k for k in self.state_dict() if not _is_lora_key(k)]
 
     def fingerprint(self) -> str:
         """Included by :func:`rayflow.caches.model_fingerprint`: caches made with other captions differ."""
@@ -157,19 +218,57 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
     return {"rank": int(rank), "alpha": alpha, "target_modules": present}
 
 
+def _is_lora_key(key: str) -> bool:
+    return "lora_" in key or "lora_magnitude_vector" in key
+
+
+def unet_fingerprint(unet: nn.Module) -> str:
+    """A short blake2b of a UNet's non-LoRA weights (names, dtypes and bytes): the identity of a LoRA student's
+    base, recorded at distillation and checked whenever the base is read back from the teacher's folder."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(unet.state_dict().items()):
+        if _is_lora_key(name):
+            continue
+        h.update(f"{name.replace('.base_layer.', '.')}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_base_unet(base: dict[str, Any]) -> nn.Module:
+    """The teacher's UNet from ``base["pipeline"]/unet`` (local files only), checked against the recorded
+    ``base["fingerprint"]``: a LoRA is only the student on exactly the weights it was trained on."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(str(base.get("pipeline", ""))) / "unet"
+    require(folder.is_dir(), f"the LoRA student's base UNet {folder} is missing (its teacher pipeline folder was "
+                             "moved or deleted); a LoRA-only student needs the teacher it was trained on")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise RayflowError(f"{folder}: cannot load the LoRA student's base UNet ({str(exc).splitlines()[0]})") from exc
+    found = unet_fingerprint(unet)
+    require(base.get("fingerprint") in (None, found),
+            f"{folder}: the teacher UNet has changed since the student was trained (fingerprint {found}, "
+            f"recorded {base.get('fingerprint')}); the LoRA would not reproduce the student")
+    return unet
+
+
 def build_sd_denoiser(config: Any) -> TextUNetDenoiser:
-    """The network of a ``ModelConfig(kind="sd")``: a UNet from ``unet_config``, LoRA per ``sd["lora"]``,
+    """The network of a ``ModelConfig(kind="sd")``: a UNet from ``unet_config`` (or, for a LoRA student with a
+    ``sd["base"]`` reference, the teacher's UNet read from its pipeline folder), LoRA per ``sd["lora"]``,
     gradient checkpointing per ``sd["gradient_checkpointing"]``, the registered table ``sd["table"]``."""
     from diffusers import UNet2DConditionModel
 
     sd = dict(config.sd)
-    unet = UNet2DConditionModel.from_config(config.unet_config)
+    base = sd.get("base")
     lora = sd.get("lora")
+    require(not base or bool(lora), "a base reference applies to LoRA students only")
+    unet = load_base_unet(base) if base else UNet2DConditionModel.from_config(config.unet_config)
     if lora:
         add_lora(unet, lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
     if sd.get("gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
-    model = TextUNetDenoiser(unet, config.prediction_type, get_prompt_table(sd.get("table")))
+    model = TextUNetDenoiser(unet, config.prediction_type, get_prompt_table(sd.get("table")), base=base or None)
     model.config = config
     return model
 
@@ -181,5 +280,6 @@ def lora_state_dict(model: TextUNetDenoiser) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model.unet).items()}
 
 
-__all__ = ["DEFAULT_LORA_TARGETS", "PromptTable", "TextUNetDenoiser", "add_lora", "build_sd_denoiser",
+__all__ = ["DEFAULT_LORA_TARGETS", "PromptTable", "StackedRows", "TextUNetDenoiser", "add_lora", "build_sd_denoiser",
+           "load_base_unet", "unet_fingerprint",
            "get_prompt_table", "lora_state_dict", "register_prompt_table"]

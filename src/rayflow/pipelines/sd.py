@@ -28,7 +28,9 @@ checkpoints, resume).
 Student directory (what :func:`load_sd_student` reads back)::
 
     config.json        rayflow's run config (model kind "sd", method + its config, schedule, teacher path)
-    model.safetensors  the trained denoiser (EMA) state: UNet weights with the LoRA layers injected by peft
+    model.safetensors  the trained denoiser (EMA) state: a LoRA student's adapter weights only (its base is the
+                       teacher's UNet, named by config.json's ``model.sd.base`` = pipeline folder + fingerprint
+                       and read back from there); the whole UNet for full fine-tuning
     sd.json            pipeline path and class, LoRA config (rank, alpha, target modules), prediction types
     scheduler/         the method's diffusers scheduler config (``Method.make_scheduler``)
     lora.safetensors   peft's adapter state dict (``get_peft_model_state_dict``); absent for full fine-tuning
@@ -47,7 +49,7 @@ import numpy as np
 import torch
 
 from rayflow import __version__
-from rayflow.caches import build_or_load, model_fingerprint
+from rayflow.caches import build_or_load, meta_fingerprint, model_fingerprint
 from rayflow.captions import CaptionData, load_captions, transform_image
 from rayflow.checkpoint import load_model_dir, read_json, save_safetensors_atomic, write_json_atomic
 from rayflow.data import Dataset
@@ -61,8 +63,10 @@ from rayflow.models.text import (
     add_lora,
     lora_state_dict,
     register_prompt_table,
+    unet_fingerprint,
 )
 from rayflow.schedules import VPSchedule
+from rayflow.training import Trainer
 
 #: pipeline classes rayflow distils, and whether they are SDXL-type (two text encoders, added conditions)
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionXLPipeline": True}
@@ -222,8 +226,12 @@ def prompt_table(sd: SDPipeline, texts: list[str], device: torch.device, resolut
 def preprocess_captions(sd: SDPipeline, data: CaptionData, resolution: int, *, center_crop: bool = True,
                         random_flip: bool = False, cache_dir: str | Path | None = None, seed: int = 0,
                         batch_size: int = 16, shard_size: int = 1024, device: torch.device | str = "cpu",
-                        progress: bool = False, accelerator: Any = None) -> dict[str, torch.Tensor]:
+                        progress: bool = False, accelerator: Any = None, mapped: bool = False
+                        ) -> dict[str, torch.Tensor]:
     """Latents ``scaling_factor * E(x)`` and caption embeddings of every record, via a resumable sharded cache.
+
+    ``mapped`` (with a ``cache_dir``): file-backed tensors (:meth:`~rayflow.caches.ShardedCache.load_mapped`),
+    so training reads the rows it draws from disk instead of holding the whole data set in memory.
 
     Keys: ``latents`` [N, C, R/f, R/f] (absent for prompts-only data), ``embeds`` [N, L, D]; SDXL adds
     ``pooled`` [N, P] and ``time_ids`` [N, 6]. Shard ``i`` depends only on ``(seed, i)`` (crops, flips and the
@@ -264,13 +272,19 @@ def preprocess_captions(sd: SDPipeline, data: CaptionData, resolution: int, *, c
             out["time_ids"] = torch.tensor(ids, dtype=torch.float32)
         return out
 
-    meta = {"kind": "sd-latents", "pipeline": sd.fingerprint(), "data": data.spec, "resolution": resolution,
-            "center_crop": center_crop, "random_flip": random_flip, "seed": seed,
-            "texts": hashlib.sha256("\n".join(data.texts).encode()).hexdigest()[:16]}
+    meta = _latent_meta(sd, data, resolution, center_crop, random_flip, seed)
     rank, world, barrier = distributed(accelerator)
     root = None if cache_dir is None else Path(cache_dir) / "latents"
     return build_or_load(root, meta, len(data), make_shard, seed=seed, shard_size=shard_size, progress=progress,
-                         desc="latents", rank=rank, world_size=world, barrier=barrier)
+                         desc="latents", rank=rank, world_size=world, barrier=barrier, mapped=mapped)
+
+
+def _latent_meta(sd: SDPipeline, data: CaptionData, resolution: int, center_crop: bool, random_flip: bool,
+                 seed: int) -> dict[str, Any]:
+    """What the latent cache is computed from (its ``meta.json``)."""
+    return {"kind": "sd-latents", "pipeline": sd.fingerprint(), "data": data.spec, "resolution": resolution,
+            "center_crop": center_crop, "random_flip": random_flip, "seed": seed,
+            "texts": hashlib.sha256("\n".join(data.texts).encode()).hexdigest()[:16]}
 
 
 # ---------------------------------------------------------------------- distillation
@@ -299,9 +313,21 @@ class SDOptions:
     gradient_checkpointing: bool = False
     teacher_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | fp32 | bf16 | fp16
     preprocess_batch: int = 16
+    #: validation images (diffusers' --validation_prompts / --validation_steps): every ``validation_steps``
+    #: optimizer steps (0 = never) the student samples these prompts at each of ``validation_sample_steps``
+    validation_prompts: tuple[str, ...] = ()
+    validation_steps: int = 0
+    validation_sample_steps: tuple[int, ...] = (1, 2, 4)
+    validation_seed: int = 0
 
     def __post_init__(self) -> None:
         require(self.resolution is None or self.resolution >= 8, f"--resolution must be >= 8, got {self.resolution}")
+        require(self.validation_steps >= 0, f"--validation-steps must be >= 0, got {self.validation_steps}")
+        require(not (self.validation_steps and not self.validation_prompts),
+                "--validation-steps needs --validation-prompts")
+        require(all(isinstance(k, int) and k >= 1 for k in self.validation_sample_steps)
+                and len(self.validation_sample_steps) >= 1,
+                f"validation sample steps must be integers >= 1, got {self.validation_sample_steps}")
         require(self.teacher_dtype in ("auto", "fp32", "bf16", "fp16"),
                 f"--teacher-dtype must be auto, fp32, bf16 or fp16, got {self.teacher_dtype!r}")
         require(self.preprocess_batch >= 1, f"preprocess batch must be >= 1, got {self.preprocess_batch}")
@@ -342,7 +368,7 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
     tensors = preprocess_captions(sd, captions, resolution, center_crop=options.center_crop,
                                   random_flip=options.random_flip, cache_dir=cache_dir, seed=train.seed,
                                   batch_size=options.preprocess_batch, device=device, progress=progress,
-                                  accelerator=accelerator)
+                                  accelerator=accelerator, mapped=cache_dir is not None)
     # the encoders are done: free them before the UNets move to the device
     sd.vae.to("cpu")
     sd.pipe.text_encoder.to("cpu")
@@ -351,14 +377,16 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
     null = _null_row(sd, torch.device("cpu"))
     n = len(captions)
     if sd.xl:
-        default = torch.tensor([_time_ids((resolution, resolution), (0, 0), (resolution, resolution))])
-        table = PromptTable(torch.cat([tensors["embeds"], null["embeds"]]),
-                            torch.cat([tensors["pooled"], null["pooled"]]), torch.cat([tensors["time_ids"], default]))
-    else:
-        table = PromptTable(torch.cat([tensors["embeds"], null["embeds"]]))
+        null["time_ids"] = torch.tensor([_time_ids((resolution, resolution), (0, 0), (resolution, resolution))])
+    # the caption rows stay where the cache put them (file-backed with a --cache): the null row is stacked on
+    # rather than joined, and the table's key is the cache's identity rather than a hash of every row
+    identity = meta_fingerprint(_latent_meta(sd, captions, resolution, options.center_crop, options.random_flip,
+                                             train.seed))
+    table = PromptTable.with_null({k: v for k, v in tensors.items() if k != "latents"}, null, identity)
     key = register_prompt_table(table)
     latent_shape = (sd.latent_channels, resolution // sd.vae_scale_factor, resolution // sd.vae_scale_factor)
-    x = tensors["latents"] if captions.has_images else torch.zeros(n, *latent_shape)
+    # prompts-only data have no x0: a zero view the size of one latent stands for all of them
+    x = tensors["latents"] if captions.has_images else torch.zeros(1, *latent_shape).expand(n, *latent_shape)
     dataset = Dataset(x=x, labels=torch.arange(n), num_classes=n, kind="latent", spec=captions.spec)
 
     # the student: a copy of the fp32 teacher UNet with a LoRA (seeded, so a rerun builds the same adapter)
@@ -374,6 +402,10 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
     sd_cfg = {"pipeline": str(sd.path), "pipeline_class": sd.pipeline_class, "xl": sd.xl, "table": key,
               "lora": lora_info, "gradient_checkpointing": options.gradient_checkpointing,
               "resolution": resolution}
+    if lora_info is not None:
+        # a LoRA student saves only its adapter: the base is the teacher's UNet, read back from the pipeline
+        # folder and checked against this fingerprint (models.text.load_base_unet)
+        sd_cfg["base"] = {"pipeline": str(sd.path), "fingerprint": unet_fingerprint(unet)}
     student_cfg = ModelConfig(kind="sd", sample_shape=latent_shape, num_classes=n,
                               prediction_type="epsilon" if sd.prediction_type == "epsilon" else sd.prediction_type,
                               unet_class="UNet2DConditionModel", unet_config=json.loads(json.dumps(dict(unet.config))),
@@ -396,7 +428,15 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
                          student_config=student_cfg, student_init=init, guidance=guidance,
                          cache_dir=Path(cache_dir) if cache_dir is not None else None, device=device,
                          accelerator=accelerator, progress=progress, base_config=base)
-    result = method.distill(ctx)
+    validation = None
+    if options.validation_steps and options.validation_prompts:
+        validation = ValidationImages(sd, method, sd.schedule, options, latent_shape, resolution)
+        Trainer.callbacks.append(validation)
+    try:
+        result = method.distill(ctx)
+    finally:
+        if validation is not None:
+            Trainer.callbacks.remove(validation)
     if accelerator is None or accelerator.is_main_process:
         cfg_path = out_dir / "config.json"
         if cfg_path.exists():
@@ -412,6 +452,79 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
         # the diffusers scheduler that samples this student (the method kit's), as for pixel-space students
         method.make_scheduler(sd.schedule, method.raw_network(result.student)).save_config(str(out_dir / "scheduler"))
     return result
+
+
+VALIDATION_DIR = "validation"
+
+
+class ValidationImages:
+    """Validation images during a distillation, as diffusers' training scripts make them (a :class:`Trainer`
+    callback registered by :func:`distill_sd`).
+
+    Every ``options.validation_steps`` optimizer steps (and at a stage's last step), on the main process, the
+    current student - the EMA weights when EMA is on, as the final model - samples ``validation_prompts`` with
+    the method's own sampler at each of ``validation_sample_steps`` (1, 2, 4), from the same seeded noise every
+    time so that the grids of a run are comparable. The decoded images are written as
+    ``RUN_DIR/validation/step-XXXXXXX.png`` (one row per step count, one column per prompt) and logged to the
+    accelerator's TensorBoard tracker as ``validation/steps_K`` (NHWC, as the diffusers scripts do). Sampling
+    changes nothing the training reads: the student's prompt table is swapped for the prompts' and back, and
+    no random state is drawn from the trainer's generators.
+    """
+
+    def __init__(self, sd: SDPipeline, method: Method, schedule: VPSchedule, options: SDOptions,
+                 latent_shape: tuple[int, ...], resolution: int) -> None:
+        self.sd, self.method, self.schedule = sd, method, schedule
+        self.every = int(options.validation_steps)
+        self.sample_steps = tuple(int(k) for k in options.validation_sample_steps)
+        self.prompts = list(options.validation_prompts)
+        # encoded now, on the CPU, while the text encoders are loaded; the table is small (a few prompts)
+        self.table = prompt_table(sd, self.prompts, torch.device("cpu"), resolution)
+        self.noise = torch.randn(len(self.prompts), *latent_shape,
+                                 generator=torch.Generator().manual_seed(int(options.validation_seed)))
+        self.written: list[Path] = []
+
+    def __call__(self, trainer: Trainer, event: str, step: int) -> None:
+        if event != "step" or not (step % self.every == 0 or step == trainer.config.max_steps):
+            return
+        if trainer.accelerator.is_main_process:
+            self.write(trainer, step)
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, device: torch.device) -> dict[int, np.ndarray]:
+        """Decoded uint8 images ``[P, H, W, 3]`` of ``model``'s student for each number of sampling steps."""
+        network = _find_text_unet(model)
+        old_table, was_training = network.table, network.training
+        network.set_prompt_table(self.table)
+        network.eval()
+        try:
+            student = self.method.wrap_student(network, self.schedule)
+            cond = torch.arange(len(self.prompts), device=device)
+            latents = {k: self.method.sample(student, self.noise.to(device), self.schedule, k, cond).float().cpu()
+                       for k in self.sample_steps}
+        finally:
+            network.set_prompt_table(old_table)
+            network.train(was_training)
+        return {k: decode_latents(self.sd, z, device) for k, z in latents.items()}
+
+    def write(self, trainer: Trainer, step: int) -> Path | None:
+        from PIL import Image
+
+        model = trainer.ema.module if trainer.ema is not None else trainer.raw_model
+        if not any(isinstance(m, TextUNetDenoiser) for m in model.modules()):
+            return None  # a network of the method's own (not the student): nothing to show
+        with trainer.accelerator.autocast():
+            images = self.sample(model, trainer.device)
+        grid = np.concatenate([np.concatenate(list(images[k]), axis=1) for k in self.sample_steps], axis=0)
+        path = trainer.out_dir / VALIDATION_DIR / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        for tracker in trainer.accelerator.trackers:
+            if getattr(tracker, "name", "") == "tensorboard":
+                for k, imgs in images.items():
+                    tracker.writer.add_images(f"validation/steps_{k}", imgs, step, dataformats="NHWC")
+                tracker.writer.flush()
+        self.written.append(path)
+        return path
 
 
 def _find_text_unet(model: torch.nn.Module) -> TextUNetDenoiser:

@@ -176,8 +176,12 @@ class RectifiedDiffusion(Method):
             return self.config
         return dataclasses.replace(self.config, student_schedule="teacher" if self.config.phased else "scaled_linear")
 
+    def unresolved(self) -> list[str]:
+        # student_schedule=auto depends on the config alone (phased or not), so it is read where it is used too
+        return [name for name in super().unresolved() if name != "student_schedule"]
+
     def student_schedule(self, teacher_schedule: VPSchedule) -> VPSchedule:
-        name = self.config.student_schedule
+        name = self.resolve().student_schedule
         if name == "teacher":
             return teacher_schedule
         return VPSchedule.from_name(name, teacher_schedule.num_train_timesteps)

@@ -8,7 +8,6 @@ few-step sampler. Nothing else in the package changes when a method is added.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 from collections.abc import Iterator
@@ -90,13 +89,6 @@ class DistillContext:
         self._charged += sum(cost)
 
     # ------------------------------------------------------------------ students and stages
-    def new_student(self) -> Denoiser:
-        """A student network initialised from the teacher's weights (or freshly, for an exact teacher)."""
-        net = build_model(self.student_config)
-        if self.student_init is not None:
-            net.load_state_dict(copy.deepcopy(self.student_init))
-        return net.to(self.device)
-
     def build_student(self, config: ModelConfig | None = None, init: Denoiser | None = None) -> Denoiser:
         """The student every method starts from: ``config`` (default: the teacher's architecture) initialised from
         the run's seed alone, then given ``init``'s weights (an earlier stage) or the teacher's (``student_init``).
@@ -257,8 +249,9 @@ class Method:
         raise NotImplementedError
 
     def nfe_for_steps(self, steps: int) -> int:
-        """Network evaluations of a ``steps``-step sample (one per step unless the method's sampler says otherwise)."""
-        return steps
+        """Network evaluations of a ``steps``-step sample: one per step for every sampler here (a method whose
+        sampler evaluates more overrides this)."""
+        return int(steps)
 
     def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
         """Turn the trained network into the model :meth:`sample` expects (identity unless reparameterised)."""

@@ -134,8 +134,6 @@ class PeRFlow(Method):
         return PiecewiseFlowScheduler(**schedule_fields(schedule), windows=self.config.windows,
                                       parameterization=self.config.parameterization)
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return steps
 
 
 __all__ = [

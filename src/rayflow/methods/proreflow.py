@@ -267,8 +267,6 @@ class ProReflow(Method):
         return PiecewiseFlowScheduler(**schedule_fields(schedule), windows=int(self.config.windows[-1]),
                                       parameterization=self.config.parameterization)
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return steps
 
 
 __all__ = ["PRESETS", "ProReflow", "ProReflowConfig", "preset_name", "stage_split"]

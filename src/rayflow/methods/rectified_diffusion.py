@@ -217,8 +217,6 @@ class RectifiedDiffusion(Method):
                                  timestep_spacing="windows" if self.config.phased else "trailing",
                                  windows=int(self.config.phases))
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return steps
 
 
 __all__ = ["PhasedObjective", "RectifiedDiffusion", "RectifiedDiffusionConfig", "RectifiedDiffusionObjective",

@@ -231,8 +231,6 @@ class Reflow(Method):
         ptype = "flow" if self.config.parameterization == "flow" else getattr(network, "prediction_type", "epsilon")
         return FlowEulerScheduler(**schedule_fields(schedule), prediction_type=ptype)
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return steps
 
 
 __all__ = ["FlowStudent", "OneStepObjective", "Reflow", "ReflowConfig", "ReflowObjective", "euler_flow",

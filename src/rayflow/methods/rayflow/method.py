@@ -60,9 +60,6 @@ class RayFlow(Method):
     def validate(self) -> None:
         validate_config(self.config)
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return int(steps)
-
     # -------------------------------------------------------------- student construction
     def student_config(self, ctx: DistillContext) -> ModelConfig:
         """The network the student uses: the teacher's architecture, whose raw output at the VP-matched point is

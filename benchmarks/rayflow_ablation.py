@@ -164,7 +164,7 @@ def job_distill(task: dict) -> dict:
                                "teacher_nfe": result.teacher_nfe, "train_seconds": round(train_s, 1)}
         with torch.no_grad():
             for nfe in NFES:
-                x = method.sample(result.student, noise, sched, nfe, cond=labels)
+                x = result.method.sample(result.student, noise, sched, nfe, cond=labels)
                 row[f"nfe{nfe}"] = float(scorer.score(x, labels)[_metric(spec)])
         # keep the learned distribution's log and plot
         if getattr(getattr(method.config, "time", None), "time_sampler", "") == "learned":

@@ -117,7 +117,8 @@ def short_run(tmp_path_factory):
 
 def test_short_distillation_beats_ddim_at_4_nfe(short_run):
     method, result, out = short_run
-    assert method.config.parameterization == "velocity"  # auto: a fresh student predicts the velocity
+    assert method.config.parameterization == "auto"  # distill() resolves into a new method, leaving this one
+    assert result.method.config.parameterization == "flow"  # auto: a fresh student predicts the flow velocity
     sched = VPSchedule.linear(1000)
     mix = GaussianMixture.from_options(dim=8, modes=6, std=0.2, seed=3)
     teacher = ExactTeacher(mix, sched, conditional=True)

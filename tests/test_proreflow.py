@@ -114,7 +114,7 @@ def test_student_pairs_over_merged_windows_are_the_previous_students_solve():
     ds = load_dataset(MOG + ",n=400")
     teacher = ExactTeacher(ds.mixture, sched, conditional=True)
     b8, b4 = P.check_stage_windows((8, 4), 1000)
-    method = ProReflow(ProReflowConfig(windows=(8, 4), parameterization="ddim_eps", student_steps_per_window=1))
+    method = ProReflow(ProReflowConfig(windows=(8, 4), parameterization="epsilon", student_steps_per_window=1))
     solve, counter = method._student_solver(teacher, b8, sched)
     pool = P.window_pairs(solve, counter, ds, sched, b4, 32, num_classes=6, seed=2)
     k = pool["window"]

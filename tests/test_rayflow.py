@@ -410,7 +410,7 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch):
 
 def test_teacher_initialised_student_starts_as_the_teacher(tmp_path):
     """With the teacher's output type kept, either form starts as that network at the VP-matched point; by
-    default (``auto``) the velocity form gets a flow head: the same weights, the output reinterpreted."""
+    default (``auto``) the flow form gets a flow head: the same weights, the output reinterpreted."""
     from rayflow.models import build_model
 
     ds = load_dataset(MOG)
@@ -421,20 +421,21 @@ def test_teacher_initialised_student_starts_as_the_teacher(tmp_path):
     ctx = _context(tmp_path, ds, net, sched, cache=False)
     ctx.student_config, ctx.student_init = cfg, net.state_dict()
     x, t = torch.randn(16, 8), torch.full((16,), 600.0)
-    for form in ("epsilon", "velocity"):
+    for form in ("epsilon", "flow"):
         method = RayFlow(RayFlowConfig.from_dict(parameterization=form, network_prediction="epsilon"))
         student = method.wrap_student(method.build_network(ctx), sched)
         torch.testing.assert_close(student(x, t), RayStudent(net, sched, form)(x, t))
     assert RayFlow(RayFlowConfig.from_dict(parameterization="epsilon")).build_network(ctx).prediction_type == "epsilon"
 
-    method = RayFlow(RayFlowConfig.from_dict(parameterization="velocity"))
+    method = RayFlow(RayFlowConfig.from_dict(parameterization="velocity"))  # the old name of the flow form
+    assert method.config.ray.parameterization == "flow"
     head = method.build_network(ctx)
     assert head.prediction_type == "flow"
     for (k, v), (_, w) in zip(head.state_dict().items(), net.state_dict().items()):
         assert torch.equal(v, w), k
-    # the raw output now reads as flow = eps_mu - x0 = -v at the VP-matched point (c x, t')
+    # the raw output now reads as flow = eps_mu - x0 at the VP-matched point (c x, t'), the flow form's own output
     c, _, _, t2 = vp_matched(sched, t.double())
-    torch.testing.assert_close(method.wrap_student(head, sched)(x, t), -net(c[:, None].float() * x, t2.float()))
+    torch.testing.assert_close(method.wrap_student(head, sched)(x, t), net(c[:, None].float() * x, t2.float()))
 
 
 # ---------------------------------------------------------------------- bad input

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rayflow import __version__
-from rayflow.checkpoint import RunDirectory, load_model_dir, read_json, write_json_atomic
+from rayflow.checkpoint import RunDirectory, load_model_dir, read_json
 from rayflow.data import Dataset, load_dataset
 from rayflow.errors import RayflowError, require
 from rayflow.gmm import ExactTeacher
@@ -146,8 +146,9 @@ def distill(
     """Distil ``teacher`` (a directory or ``"exact"``) with ``method`` into ``out_dir``.
 
     The student starts from the teacher's weights when the teacher is a network, and from a fresh network
-    (``student_model`` or the default for the data's shape) for the exact teacher. ``config.json`` of the
-    result records the method, its config and the teacher NFEs spent.
+    (``student_model`` or the default for the data's shape) for the exact teacher. ``method`` itself is not
+    changed: its "auto" values are resolved into a new method (``result.method``, what ``config.json`` records
+    with the teacher NFEs spent).
     """
     require(math.isfinite(guidance) and (guidance >= 1.0 or guidance == 0.0),
             f"--guidance must be >= 1 (1 = no guidance) or 0, got {guidance}")
@@ -180,15 +181,17 @@ def distill(
         cache_dir=Path(cache_dir) if cache_dir is not None else None, device=device, accelerator=accelerator,
         progress=progress, base_config=base,
     )
-    with RunDirectory(out_dir, is_main=accelerator is None or accelerator.is_main_process):
-        result = method.distill(ctx)
-    cfg_path = out_dir / "config.json"
-    if cfg_path.exists() and (accelerator is None or accelerator.is_main_process):
-        cfg = read_json(cfg_path)
-        cfg["teacher_nfe"] = int(result.teacher_nfe)
-        write_json_atomic(cfg, cfg_path)
-        # the diffusers scheduler that samples this student, so any diffusers-style loop can drive it
-        method.make_scheduler(schedule, method.raw_network(result.student)).save_config(str(out_dir / "scheduler"))
+    return run_method(method, ctx)
+
+
+def run_method(method: Method, ctx: DistillContext) -> DistillResult:
+    """Resolve ``method``'s "auto" values for ``ctx`` (a new method; the caller's is left as it was), distil, and
+    return the result with the method that trained it (the kit records the student directory as it trains)."""
+    resolved = method.resolved(ctx)
+    with RunDirectory(ctx.out_dir, is_main=ctx.is_main):
+        result = resolved.distill(ctx)
+    if result.method is None:
+        result.method = resolved
     return result
 
 
@@ -283,4 +286,5 @@ def load_generator(model: str | None = None, teacher: str | None = None, data: s
 #: the old name (it collided with ``torch.Generator``); kept for one release
 Generator = FewStepModel
 
-__all__ = ["FewStepModel", "Generator", "distill", "get_sampler", "load_generator", "load_teacher", "train_teacher"]
+__all__ = ["FewStepModel", "Generator", "distill", "get_sampler", "load_generator", "load_teacher", "run_method",
+           "train_teacher"]

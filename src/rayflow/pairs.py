@@ -39,7 +39,7 @@ import torch
 
 from rayflow.caches import build_or_load, model_fingerprint
 from rayflow.errors import require
-from rayflow.models.base import Condition, Denoiser, with_guidance
+from rayflow.models.base import Condition, Denoiser, drop_labels, with_guidance
 from rayflow.models.counting import CountingDenoiser
 from rayflow.samplers import get_sampler, make_timesteps, window_timesteps
 from rayflow.schedules import VPSchedule
@@ -127,10 +127,7 @@ def _labels(dataset: Any, rows: torch.Tensor, num_classes: int, label_dropout: f
     if num_classes <= 0 or getattr(dataset, "labels", None) is None:
         return None
     labels = dataset.labels[rows].long()
-    if label_dropout > 0:
-        drop = torch.rand(rows.shape[0], generator=generator) < label_dropout
-        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
-    return labels
+    return drop_labels(labels, label_dropout, num_classes, generator) if label_dropout > 0 else labels
 
 
 def _chunks(n: int, size: int):

@@ -40,7 +40,14 @@ from rayflow.errors import RayflowError, require
 from rayflow.models.base import Condition, Denoiser, with_guidance
 from rayflow.samplers import make_timesteps
 from rayflow.schedules import VPSchedule, expand_like, timestep_to_flow_time, to_x0_eps
-from rayflow.windows import WindowPoint, piecewise_timesteps, window_boundaries, window_index, window_velocity
+from rayflow.windows import (
+    WindowPoint,
+    piecewise_timesteps,
+    window_boundaries,
+    window_index,
+    window_parameterization,
+    window_velocity,
+)
 
 _COSINE_DEFAULTS = {"max_beta": 0.999, "s": 0.008}
 
@@ -273,16 +280,18 @@ class FlowEulerScheduler(_StudentScheduler):
 class PiecewiseFlowScheduler(_StudentScheduler):
     r"""PeRFlow's sampler: ``N`` steps spread over ``K`` equal windows (:func:`rayflow.windows.piecewise_timesteps`),
     each an Euler step ``z <- z + (tau' - tau) v`` with the window velocity ``v`` that the network output gives under
-    ``parameterization`` (``velocity``, ``diff_eps`` or ``ddim_eps``; :func:`rayflow.windows.window_velocity`).
+    ``parameterization`` (``flow``, ``window_epsilon`` or ``epsilon``; :func:`rayflow.windows.window_velocity`).
     The network is called at ``(z, t)`` on the grid; ``pred_original_sample`` is ``z - tau v``.
     """
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                  beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
-                 windows: int = 4, parameterization: str = "diff_eps") -> None:
-        require(parameterization in ("velocity", "diff_eps", "ddim_eps"),
-                f"unknown window parameterization {parameterization!r}; expected velocity, diff_eps or ddim_eps")
+                 windows: int = 4, parameterization: str = "window_epsilon") -> None:
+        try:  # PeRFlow's own names (diff_eps, ddim_eps, velocity) in older saved configs still read
+            window_parameterization(parameterization)
+        except ValueError as exc:
+            raise RayflowError(str(exc)) from None
         self._init_schedule()
         self.boundaries = window_boundaries(int(windows), int(num_train_timesteps))
 

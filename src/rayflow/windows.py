@@ -3,9 +3,10 @@ r"""Time windows: the piecewise maths shared by PeRFlow, ProReflow and phased Re
 ``K`` equal windows of the integer timesteps ``T-1 .. -1`` have boundaries ``b_0 = T-1 > b_1 > ... > b_K = -1``
 (flow time ``tau = (t + 1) / T``: ``1, (K-1)/K, ..., 0``). Inside a window ``[t_s, t_e)`` a straight student
 moves along the chord ``z_t = z_s + (z_e - z_s) (tau - tau_s) / (tau_e - tau_s)``; its network output is read as
-the window velocity ``v = dz/dtau`` directly (``velocity``) or through PeRFlow's epsilon coefficients
-``z_e = lambda_s z_s + eta_s eps`` (``diff_eps``: the forward-process noise ``e -> s``; ``ddim_eps``: one DDIM step
-``s -> e``). Derivations: rayflow.methods.perflow's module doc and reflow-peers.md §B.2.3.
+the window velocity ``v = dz/dtau`` directly (``flow``, the flow-time convention's ``dx/dtau``) or through PeRFlow's
+epsilon coefficients ``z_e = lambda_s z_s + eta_s eps`` (``window_epsilon``, PeRFlow's ``diff_eps``: the
+forward-process noise ``e -> s``; ``epsilon``, PeRFlow's ``ddim_eps``: diffusers' epsilon, one DDIM step ``s -> e``).
+Derivations: rayflow.methods.perflow's module doc and reflow-peers.md §B.2.3.
 """
 
 from __future__ import annotations
@@ -102,14 +103,29 @@ def piecewise_timesteps(num_steps: int, boundaries: torch.Tensor) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------- the window parameterisations
+#: what a window student's network outputs (one vocabulary with the rest of the package)
+WINDOW_PARAMETERIZATIONS = ("window_epsilon", "epsilon", "flow")
+#: PeRFlow's own names, as older student directories and scheduler configs record them
+LEGACY_WINDOW_PARAMETERIZATIONS = {"diff_eps": "window_epsilon", "ddim_eps": "epsilon", "velocity": "flow"}
+
+
+def window_parameterization(name: str) -> str:
+    """The canonical name of a window parameterisation (PeRFlow's old names map silently); unknown -> ValueError."""
+    name = LEGACY_WINDOW_PARAMETERIZATIONS.get(name, name)
+    if name not in WINDOW_PARAMETERIZATIONS:
+        raise ValueError(f"unknown window parameterization {name!r}; expected {', '.join(WINDOW_PARAMETERIZATIONS)}")
+    return name
+
+
 def window_coefficients(schedule: VPSchedule, t_start: torch.Tensor, t_end: torch.Tensor,
                         parameterization: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lambda_s, eta_s)`` (float64 ``[B]``) with ``z_e = lambda_s z_s + eta_s eps`` for the epsilon modes."""
+    parameterization = window_parameterization(parameterization)
     ab_s, ab_e = schedule.alpha_bar(t_start), schedule.alpha_bar(t_end)
-    if parameterization == "diff_eps":
+    if parameterization == "window_epsilon":
         gamma = (ab_s / ab_e).sqrt()
         return 1.0 / gamma, -(1.0 - gamma**2).clamp(min=0).sqrt() / gamma
-    if parameterization == "ddim_eps":
+    if parameterization == "epsilon":
         return (ab_e / ab_s).sqrt(), (1.0 - ab_e).sqrt() - (ab_e * (1.0 - ab_s) / ab_s).sqrt()
     raise ValueError(f"no epsilon coefficients for parameterization {parameterization!r}")
 
@@ -152,7 +168,7 @@ class WindowPoint:
 def window_end_prediction(pred: torch.Tensor, z: torch.Tensor, where: WindowPoint, schedule: VPSchedule,
                           parameterization: str) -> torch.Tensor:
     """The network output at ``z`` turned into the predicted window end ``z_e_hat``."""
-    if parameterization == "velocity":
+    if window_parameterization(parameterization) == "flow":
         return z + expand_like(where.tau_end - where.tau, z) * pred
     lam_s, eta_s = window_coefficients(schedule, where.t_start, where.t_end, parameterization)
     lam_t, eta_t = point_coefficients(lam_s, eta_s, where.tau_start, where.tau_end, where.tau)
@@ -162,7 +178,7 @@ def window_end_prediction(pred: torch.Tensor, z: torch.Tensor, where: WindowPoin
 def window_velocity(pred: torch.Tensor, z: torch.Tensor, where: WindowPoint, schedule: VPSchedule,
                     parameterization: str) -> torch.Tensor:
     """The network output converted to the window velocity ``v = (z_e_hat - z) / (tau_e - tau)`` (``dz/dtau``)."""
-    if parameterization == "velocity":
+    if window_parameterization(parameterization) == "flow":
         return pred
     z_end = window_end_prediction(pred, z, where, schedule, parameterization)
     return (z_end - z) / expand_like(where.tau_end - where.tau, z)
@@ -171,12 +187,13 @@ def window_velocity(pred: torch.Tensor, z: torch.Tensor, where: WindowPoint, sch
 def native_target(z_start: torch.Tensor, z_end: torch.Tensor, where: WindowPoint, schedule: VPSchedule,
                   parameterization: str) -> torch.Tensor:
     """The regression target in the network's own output space (epsilon* or the chord velocity)."""
-    if parameterization == "velocity":
+    if window_parameterization(parameterization) == "flow":
         return (z_end - z_start) / expand_like(where.tau_end - where.tau_start, z_end)
     lam_s, eta_s = window_coefficients(schedule, where.t_start, where.t_end, parameterization)
     return epsilon_target(z_start, z_end, lam_s, eta_s)
 
 
-__all__ = ["WindowPoint", "check_stage_windows", "epsilon_target", "merge_windows", "native_target",
-           "piecewise_timesteps", "point_coefficients", "subwindow_grid", "window_boundaries", "window_coefficients",
-           "window_end_prediction", "window_index", "window_velocity"]
+__all__ = ["LEGACY_WINDOW_PARAMETERIZATIONS", "WINDOW_PARAMETERIZATIONS", "WindowPoint", "check_stage_windows",
+           "epsilon_target", "merge_windows", "native_target", "piecewise_timesteps", "point_coefficients",
+           "subwindow_grid", "window_boundaries", "window_coefficients", "window_end_prediction", "window_index",
+           "window_parameterization", "window_velocity"]

@@ -8,12 +8,13 @@ few-step sampler. Nothing else in the package changes when a method is added.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers import SchedulerMixin
@@ -24,32 +25,70 @@ from rayflow.models.counting import CountingDenoiser
 from rayflow.schedulers import run_scheduler
 from rayflow.schedules import VPSchedule
 
+if TYPE_CHECKING:  # typing only: importing accelerate, the data and the trainer modules costs start-up time
+    from accelerate import Accelerator
+
+    from rayflow.data import Dataset
+    from rayflow.training import Objective, TrainConfig
+
 
 @dataclass
 class DistillContext:
-    """Everything a method needs to distil a teacher; built by :func:`rayflow.distillation.distill`."""
+    """Everything a method needs to distil a teacher; built by :func:`rayflow.distillation.distill`.
+
+    It also keeps the run's teacher-NFE account (:attr:`teacher_nfe`): every teacher evaluation made through it
+    counts, except those spent building a pool, which count as the whole pool's recorded cost instead
+    (:meth:`pool_cost`) - so a pool read back from a cache costs what it cost to make, and an interrupted and
+    resumed run reports what an uninterrupted one does.
+    """
 
     teacher: CountingDenoiser  # frozen, in eval mode, on ``device``
     schedule: VPSchedule
-    dataset: Any  # rayflow.data.Dataset
-    train: Any  # rayflow.training.TrainConfig (student updates, batch size, lr ... shared by all methods)
+    dataset: Dataset
+    train: TrainConfig  # student updates, batch size, lr ... shared by all methods
     out_dir: Path
     student_config: ModelConfig  # the network the student uses (the teacher's, or a fresh one for exact teachers)
     student_init: dict[str, torch.Tensor] | None  # teacher weights to initialise from (None: fresh init)
     guidance: float = 1.0  # teacher CFG scale used when making targets and pairs
     cache_dir: Path | None = None  # where pair / target caches live (None: computed in memory)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    accelerator: Any = None
+    accelerator: Accelerator | None = None
     progress: bool = True
     base_config: dict[str, Any] = field(default_factory=dict)  # schedule, data, teacher ... for config.json
+    _charged: int = field(default=0, init=False, repr=False)  # pool costs, as recorded
+    _in_pools: int = field(default=0, init=False, repr=False)  # evaluations made while building those pools
+    _start: int = field(default=0, init=False, repr=False)
 
-    def new_student(self) -> Denoiser:
-        """A student network initialised from the teacher's weights (or freshly, for an exact teacher)."""
-        net = build_model(self.student_config)
-        if self.student_init is not None:
-            net.load_state_dict(copy.deepcopy(self.student_init))
-        return net.to(self.device)
+    def __post_init__(self) -> None:
+        self._start = int(getattr(self.teacher, "evaluations", 0))
 
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    # ------------------------------------------------------------------ the teacher-NFE account
+    @property
+    def teacher_nfe(self) -> int:
+        """Per-sample teacher evaluations this distillation costs: its pools' recorded costs plus every other
+        teacher evaluation made since the context was built (online targets, measurements)."""
+        live = int(getattr(self.teacher, "evaluations", 0)) - self._start - self._in_pools
+        return self._charged + live
+
+    def charge(self, nfe: int) -> None:
+        """Add teacher evaluations spent outside this run (e.g. by earlier stages reused from disk)."""
+        self._charged += int(nfe)
+
+    @contextmanager
+    def pool_cost(self, nfe: int | None = None) -> Iterator[list[int]]:
+        """Count the block's teacher evaluations as a pool's recorded cost, not live: ``with ctx.pool_cost() as
+        cost: ...; cost.append(pool.nfe)`` (or ``pool_cost(nfe)`` when the cost is known up front)."""
+        before = int(getattr(self.teacher, "evaluations", 0))
+        cost: list[int] = [] if nfe is None else [int(nfe)]
+        yield cost
+        self._in_pools += int(getattr(self.teacher, "evaluations", 0)) - before
+        self._charged += sum(cost)
+
+    # ------------------------------------------------------------------ students and stages
     def build_student(self, config: ModelConfig | None = None, init: Denoiser | None = None) -> Denoiser:
         """The student every method starts from: ``config`` (default: the teacher's architecture) initialised from
         the run's seed alone, then given ``init``'s weights (an earlier stage) or the teacher's (``student_init``).
@@ -68,15 +107,37 @@ class DistillContext:
             net.load_state_dict({k: v.clone() for k, v in self.student_init.items()})
         return net.to(self.device)
 
-    def train_stage(self, method: Method, network: Denoiser, objective: Any, steps: int, out_dir: Path,
+    def train_stage(self, method: Method, network: Denoiser, objective: Objective, steps: int, out_dir: Path,
                     run_extra: dict[str, Any] | None = None) -> Denoiser:
         """Train ``network`` on ``objective`` for ``steps`` updates into ``out_dir`` with the shared trainer;
-        ``run_extra`` is added to (and may override keys of) the run's ``config.json``."""
+        ``run_extra`` is added to (and may override keys of) the run's ``config.json``.
+
+        The stage that writes the run's own directory (``out_dir == ctx.out_dir``) is the student: its record is
+        completed here (:meth:`record_student`), once, by the process that writes files.
+        """
         from rayflow.training import Trainer
 
         train = dataclasses.replace(self.train, max_steps=int(steps))
         run_config = {**self.run_config(method), **(run_extra or {})}
-        return Trainer(network, objective, train, out_dir, run_config, accelerator=self.accelerator).train()
+        trained = Trainer(network, objective, train, out_dir, run_config, accelerator=self.accelerator).train()
+        if Path(out_dir) == Path(self.out_dir):
+            self.record_student(method, trained)
+        return trained
+
+    def record_student(self, method: Method, network: Denoiser) -> None:
+        """Complete the student directory: the teacher NFEs spent (known only once training has run, as online
+        targets are counted live) in ``config.json``, and the diffusers scheduler that samples the student in
+        ``scheduler/scheduler_config.json`` (so any diffusers-style loop can drive it)."""
+        from rayflow.checkpoint import read_json, write_json_atomic
+
+        if not self.is_main:
+            return
+        path = Path(self.out_dir) / "config.json"
+        if path.is_file():
+            # not part of the trainer's run config: that must match on resume, and online costs grow in training
+            write_json_atomic({**read_json(path), "teacher_nfe": self.teacher_nfe}, path)
+        method.make_scheduler(self.schedule, method.raw_network(network)).save_config(
+            str(Path(self.out_dir) / "scheduler"))
 
     def run_config(self, method: Method, **extra: Any) -> dict[str, Any]:
         """The ``config.json`` of a student directory: enough to rebuild and sample it."""
@@ -97,6 +158,9 @@ class DistillResult:
     student: Denoiser  # ready to sample with ``method.sample`` (already wrapped by ``wrap_student``)
     teacher_nfe: int  # per-sample teacher evaluations spent, pair generation included
     logs: dict[str, Any] = field(default_factory=dict)
+    #: the method as it trained the student: its config with every "auto" value resolved (what config.json holds);
+    #: sample the student with this one
+    method: Method | None = None
 
 
 class Method:
@@ -114,6 +178,9 @@ class Method:
     tiny_options: ClassVar[dict[str, str]] = {"pool_size": "64"}
     #: benchmark rows of this method: row name -> options (ablations are opt-in rows of the method's own)
     benchmark_variants: ClassVar[dict[str, dict[str, str]] | None] = None
+    #: renamed option values: option -> {old value: new value}; ``--option`` takes the old value with a
+    #: deprecation warning (for one release), an older ``config.json`` silently
+    value_aliases: ClassVar[dict[str, dict[str, str]]] = {}
 
     @classmethod
     def variants(cls) -> dict[str, dict[str, str]]:
@@ -129,7 +196,23 @@ class Method:
         self.validate()
 
     def validate(self) -> None:
-        """Check the config; raise :class:`RayflowError` with a one-line message on bad values."""
+        """Check the config (never change it); raise :class:`RayflowError` with a one-line message on bad values."""
+
+    # ------------------------------------------------------------------ resolution of "auto" values
+    def resolve(self, ctx: DistillContext) -> Any:
+        """The config with every value that depends on the run (``"auto"``) decided for ``ctx``: a new object,
+        ``self.config`` is left as it is. What is saved with the student, so loading one needs no resolution."""
+        return self.config
+
+    def resolved(self, ctx: DistillContext) -> Method:
+        """A new method of this kind with :meth:`resolve`'s config (the one :func:`~rayflow.distillation.distill`
+        runs)."""
+        return type(self)(self.resolve(ctx))
+
+    def unresolved(self) -> list[str]:
+        """Options still waiting for :meth:`resolve` (by default: those whose value is ``"auto"``)."""
+        flat = config_fields(self.config_class)
+        return sorted(name for name, path in flat.items() if _get_path(self.config, path) == "auto")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Method:
@@ -147,20 +230,28 @@ class Method:
                       f"(or --pool-size); the old name goes in the next release", file=sys.stderr)
                 key = DEPRECATED_OPTIONS[key]
             require(key in fields, f"--method {cls.name}: unknown option {key!r}; valid: {', '.join(sorted(fields))}")
+            new = cls.value_aliases.get(key, {}).get(value) if isinstance(value, str) else None
+            if new is not None:
+                print(f"rayflow: warning: --option {key}={value} is deprecated, use {key}={new}; the old value "
+                      f"goes in the next release", file=sys.stderr)
+                value = new
             kwargs[key] = _coerce(value, _get_path(default, fields[key]), f"--method {cls.name}: option {key}")
         return cls(config_from_dict(cls.config_class, kwargs))
 
     @classmethod
     def config_from_dict(cls, mapping: dict[str, Any]) -> Any:
-        """The config saved in a student's ``config.json`` (nested by section, or flat as older runs wrote it)."""
-        return config_from_dict(cls.config_class, mapping)
+        """The config saved in a student's ``config.json`` (nested by section, or flat as older runs wrote it;
+        renamed option names and values read silently)."""
+        return config_from_dict(cls.config_class, mapping, cls.value_aliases)
 
     def distill(self, ctx: DistillContext) -> DistillResult:  # pragma: no cover - abstract
+        """Distil ``ctx.teacher``; called on a resolved method (:meth:`resolved`)."""
         raise NotImplementedError
 
     def nfe_for_steps(self, steps: int) -> int:
-        """Network evaluations of a ``steps``-step sample (one per step unless the method's sampler says otherwise)."""
-        return steps
+        """Network evaluations of a ``steps``-step sample: one per step for every sampler here (a method whose
+        sampler evaluates more overrides this)."""
+        return int(steps)
 
     def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
         """Turn the trained network into the model :meth:`sample` expects (identity unless reparameterised)."""
@@ -181,8 +272,17 @@ class Method:
                cond: Condition = None, guidance: float = 1.0) -> torch.Tensor:
         """``steps``-step samples from ``noise``: the one loop over this method's scheduler (CFG inside)."""
         require(int(steps) >= 1, f"{self.name}: steps must be >= 1, got {steps}")
+        check_resolved(self)
         network = self.raw_network(student)
         return run_scheduler(network, self.make_scheduler(schedule, network), noise, int(steps), cond, guidance)
+
+
+def check_resolved(method: Method) -> None:
+    """Refuse to sample with a config whose run-dependent values were never decided (a method built by hand and
+    not distilled); a distilled or loaded student's method is always resolved."""
+    left = method.unresolved()
+    require(not left, f"{method.name}: {', '.join(left)} still 'auto'; these are decided when distilling "
+            f"(use the DistillResult's method, or load the student directory)")
 
 
 def _section_class(f: dataclasses.Field) -> type | None:
@@ -215,10 +315,12 @@ def _get_path(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
-def config_from_dict(config_class: type, mapping: dict[str, Any]) -> Any:
+def config_from_dict(config_class: type, mapping: dict[str, Any],
+                     value_aliases: dict[str, dict[str, str]] | None = None) -> Any:
     """Build a (possibly nested) config from flat option names, nested section dicts, or a mix of the two.
 
-    Unknown names raise ``TypeError`` (as the dataclass constructor would).
+    Renamed options (:data:`DEPRECATED_OPTIONS`) and renamed values (``value_aliases``: option -> {old: new}) are
+    read under their new names. Unknown names raise ``TypeError`` (as the dataclass constructor would).
     """
     fields = config_fields(config_class)
     sections = {f.name: _section_class(f) for f in dataclasses.fields(config_class)}
@@ -233,6 +335,9 @@ def config_from_dict(config_class: type, mapping: dict[str, Any]) -> Any:
             flat[key] = value
         else:
             raise TypeError(f"unexpected option {key!r}")
+    for key, renames in (value_aliases or {}).items():
+        if isinstance(flat.get(key), str):
+            flat[key] = renames.get(flat[key], flat[key])
     return _build(config_class, flat)
 
 

@@ -49,13 +49,14 @@ from rayflow.checkpoint import load_model_dir, read_json
 from rayflow.errors import require
 from rayflow.methods import register
 from rayflow.methods.base import CountingDenoiser, DistillContext, DistillResult, Method
-from rayflow.methods.perflow import (
+from rayflow.methods.kit import PairSpec, make_pairs
+from rayflow.methods.windowed import (
+    VALUE_ALIASES,
     WEIGHTINGS,
     WindowObjective,
-    canonical_parameterization,
+    check_parameterization,
     piecewise_solve,
     resolve_parameterization,
-    train_windows,
 )
 from rayflow.models.base import Condition, Denoiser
 from rayflow.schedulers import PiecewiseFlowScheduler, schedule_fields
@@ -98,7 +99,7 @@ class ProReflowConfig:
     progressive: bool = True  # False: train K_S windows directly from the teacher (Table 4 "w/o progressive")
     aligned: bool = True  # False: PeRFlow's native MSE (Table 4 "w/o aligned v-prediction")
     alpha: float = 0.1  # weight of (1 - cos) [NOT FOUND in the paper; measured, docs/proreflow.md]
-    parameterization: str = "auto"  # as PeRFlow: ddim_eps from an epsilon teacher, velocity for a fresh network
+    parameterization: str = "auto"  # as PeRFlow: window_epsilon from an epsilon teacher, flow for a fresh network
     solver: str = "ddim"  # the teacher's window solver in stage 1 [INFERRED from PeRFlow]
     solver_steps: int = 4  # teacher steps per first-stage window (PeRFlow: 8 per quarter = 4 per eighth) [INFERRED]
     student_steps_per_window: int = 2  # previous-stage steps per old window when making pairs [INFERRED; measured]
@@ -125,6 +126,7 @@ class ProReflow(Method):
     benchmark_variants = {"proreflow-ii": {"preset": "II"}}
     config_class = ProReflowConfig
     nfes = (2, 4, 8)
+    value_aliases = VALUE_ALIASES
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Method:
@@ -134,7 +136,7 @@ class ProReflow(Method):
 
     def validate(self) -> None:
         c = self.config
-        c.parameterization = canonical_parameterization(c.parameterization)
+        check_parameterization(c.parameterization, "proreflow")
         require(len(c.windows) >= 1, "proreflow: windows needs at least one stage")
         for i, k in enumerate(c.windows):
             require(k >= 1, f"proreflow: window counts must be >= 1, got {k}")
@@ -198,53 +200,52 @@ class ProReflow(Method):
         return net, int(cfg.get("stage_teacher_nfe", 0))
 
     # ------------------------------------------------------------------ distillation
+    def resolve(self, ctx: DistillContext) -> ProReflowConfig:
+        return dataclasses.replace(self.config,
+                                   parameterization=resolve_parameterization(self.config.parameterization, ctx))
+
     def distill(self, ctx: DistillContext) -> DistillResult:
-        self.config = dataclasses.replace(self.config,
-                                          parameterization=resolve_parameterization(self.config.parameterization, ctx))
         c = self.config
         stages = self.stages()
         bounds = P.check_stage_windows(stages, ctx.schedule.num_train_timesteps)
         budget = stage_split(ctx.train.max_steps, len(stages), c.stage_split)
-        teacher_nfe, logs, prev = 0, {}, None
+        logs, prev = {}, None
         for i, (k, b) in enumerate(zip(stages, bounds), start=1):
-            if i < c.start_stage:
+            if i < c.start_stage:  # an earlier stage already in --out: reuse it, and count what it cost
+                net, nfe = self._load_stage(ctx, i)
+                ctx.charge(nfe)
                 if i == c.start_stage - 1:
-                    prev, nfe = self._load_stage(ctx, i)
-                    teacher_nfe += nfe
-                else:
-                    teacher_nfe += self._load_stage(ctx, i)[1]
+                    prev = net
                 continue
             # the same pool seed as PeRFlow's for the teacher stage, so "w/o both" is PeRFlow exactly
-            common = dict(num_classes=ctx.teacher.num_classes, label_dropout=c.label_dropout,
-                          seed=ctx.train.seed + 7 + 101 * (i - 1), device=ctx.device, accelerator=ctx.accelerator,
-                          progress=ctx.progress, cache=ctx.cache_path(f"proreflow-stage{i}-w{k}"))
+            common = dict(seed=7 + 101 * (i - 1), windows=b, spacing=None, label_dropout=c.label_dropout)
             if prev is None:  # stage 1 (or no progression): the teacher makes the pairs
+                before = ctx.teacher_nfe
                 steps = self.teacher_steps_per_window(k)
-                pool = P.window_pairs(
-                    P.teacher_window_solver(ctx.teacher, ctx.schedule, c.solver, steps, ctx.guidance),
-                    ctx.teacher, ctx.dataset, ctx.schedule, b, c.pool_size,
-                    meta=P.teacher_meta(ctx.teacher, solver=c.solver, steps=steps, guidance=ctx.guidance, stage=i),
-                    desc=f"stage {i} pairs (teacher)", **common)
-                stage_teacher_nfe, source = pool.nfe, "teacher"
+                pool = make_pairs(ctx, PairSpec(f"proreflow-stage{i}-w{k}", c.pool_size,
+                                                desc=f"proreflow: stage {i} pairs (teacher)", solver=c.solver,
+                                                steps=steps, meta={"stage": i}, **common))
+                stage_teacher_nfe, source = ctx.teacher_nfe - before, "teacher"
             else:  # merged windows: the previous stage's student makes the pairs
                 solve, counter = self._student_solver(prev, bounds[i - 2], ctx.schedule)
-                pool = P.window_pairs(
-                    solve, counter, ctx.dataset, ctx.schedule, b, c.pool_size,
+                pool = make_pairs(ctx, PairSpec(
+                    f"proreflow-stage{i}-w{k}", c.pool_size,
+                    desc=f"proreflow: stage {i} pairs (stage {i - 1} student)",
                     meta=P.student_meta(prev, solver="piecewise", steps_per_window=c.student_steps_per_window,
                                         stage=i, parameterization=c.parameterization),
-                    desc=f"stage {i} pairs (stage {i - 1} student)", **common)
+                    solve=solve, counter=counter, **common))
                 stage_teacher_nfe, source = 0, "student"
-            teacher_nfe += stage_teacher_nfe
             objective = WindowObjective(pool, b, ctx.schedule, ctx.train.batch_size, c.parameterization,
                                         loss_space="velocity" if c.aligned else "native",
                                         alpha=c.alpha if c.aligned else 0.0, loss=c.loss, weighting=c.weighting)
             extra: dict[str, Any] = {"stage": i, "stage_windows": k, "stage_pair_source": source,
                                      "stage_teacher_nfe": stage_teacher_nfe, "stage_pair_nfe": pool.nfe}
             extra["method"] = self._stage_method_config(i)
-            prev = train_windows(ctx, self, objective, budget[i - 1], self.stage_dir(ctx.out_dir, i, k), prev, extra)
+            prev = ctx.train_stage(self, ctx.build_student(init=prev), objective, budget[i - 1],
+                                   self.stage_dir(ctx.out_dir, i, k), extra)
             logs[f"stage{i}"] = {"windows": k, "steps": budget[i - 1], "pair_source": source, "pair_nfe": pool.nfe}
         logs["teacher_nfe_this_run"] = ctx.teacher.evaluations
-        return DistillResult(prev, teacher_nfe, logs)
+        return DistillResult(prev, ctx.teacher_nfe, logs, method=self)
 
     def _student_solver(self, student: Denoiser, prev_bounds: torch.Tensor,
                         schedule: VPSchedule) -> tuple[P.WindowSolve, CountingDenoiser]:
@@ -263,13 +264,9 @@ class ProReflow(Method):
         return P.window_boundaries(self.config.windows[-1], schedule.num_train_timesteps)
 
     def make_scheduler(self, schedule: VPSchedule, network: Denoiser | None = None) -> PiecewiseFlowScheduler:
-        param = self.config.parameterization
-        require(param != "auto", "parameterization=auto is resolved by distill(); a saved student names its own")
         return PiecewiseFlowScheduler(**schedule_fields(schedule), windows=int(self.config.windows[-1]),
-                                      parameterization=param)
+                                      parameterization=self.config.parameterization)
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return steps
 
 
 __all__ = ["PRESETS", "ProReflow", "ProReflowConfig", "preset_name", "stage_split"]

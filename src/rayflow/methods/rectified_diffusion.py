@@ -41,6 +41,7 @@ and the sampler is DDIM with the steps spread over the phases like PeRFlow's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ from rayflow.errors import require
 from rayflow.losses import regression_loss
 from rayflow.methods import register
 from rayflow.methods.base import DistillContext, DistillResult, Method
-from rayflow.methods.perflow import train_windows
+from rayflow.methods.kit import PairSpec, make_pairs
 from rayflow.models.base import Denoiser
 from rayflow.samplers import make_timesteps
 from rayflow.schedulers import GridDDIMScheduler, schedule_fields
@@ -161,48 +162,49 @@ class RectifiedDiffusion(Method):
         require(c.loss_on in ("x0", "eps"), f"rectified-diffusion: loss_on must be x0 or eps, got {c.loss_on!r}")
         require(c.student_schedule in ("auto", "teacher", "linear", "scaled_linear", "cosine"),
                 f"rectified-diffusion: unknown student_schedule {c.student_schedule!r}")
-        if c.student_schedule == "auto":  # measured; the phased pairs are points of the teacher's own VP path
-            c.student_schedule = "teacher" if c.phased else "scaled_linear"
-        require(not (c.phased and c.student_schedule != "teacher"),
+        require(not (c.phased and c.student_schedule not in ("auto", "teacher")),
                 "rectified-diffusion: the phased variant keeps the teacher's schedule (student_schedule=teacher)")
         require(0 <= c.label_dropout < 1,
                 f"rectified-diffusion: label_dropout must be in [0, 1), got {c.label_dropout}")
         if c.phased:
             self.nfes = tuple(n for n in (c.phases, 2 * c.phases) if n <= 8) or (c.phases,)
 
+    def resolve(self, ctx: DistillContext | None = None) -> RectifiedDiffusionConfig:
+        """``student_schedule=auto``: ``scaled_linear`` (measured, module doc), or the teacher's for the phased
+        variant, whose pairs are points of the teacher's own VP path. Needs nothing from the run."""
+        if self.config.student_schedule != "auto":
+            return self.config
+        return dataclasses.replace(self.config, student_schedule="teacher" if self.config.phased else "scaled_linear")
+
+    def unresolved(self) -> list[str]:
+        # student_schedule=auto depends on the config alone (phased or not), so it is read where it is used too
+        return [name for name in super().unresolved() if name != "student_schedule"]
+
     def student_schedule(self, teacher_schedule: VPSchedule) -> VPSchedule:
-        name = self.config.student_schedule
+        name = self.resolve().student_schedule
         if name == "teacher":
             return teacher_schedule
         return VPSchedule.from_name(name, teacher_schedule.num_train_timesteps)
 
     def distill(self, ctx: DistillContext) -> DistillResult:
         c = self.config
-        common = dict(num_classes=ctx.teacher.num_classes, label_dropout=c.label_dropout, device=ctx.device,
-                      accelerator=ctx.accelerator, progress=ctx.progress)
         if c.phased:
             b = P.window_boundaries(c.phases, ctx.schedule.num_train_timesteps)
-            pool = P.window_pairs(
-                P.teacher_window_solver(ctx.teacher, ctx.schedule, c.phase_solver, c.phase_steps, ctx.guidance),
-                ctx.teacher, ctx.dataset, ctx.schedule, b, c.pool_size, seed=ctx.train.seed + 17,
-                cache=ctx.cache_path(f"rectified-diffusion-phased-m{c.phases}"),
-                meta=P.teacher_meta(ctx.teacher, solver=c.phase_solver, steps=c.phase_steps, guidance=ctx.guidance),
-                desc="phase pairs", **common)
+            pool = make_pairs(ctx, PairSpec(f"rectified-diffusion-phased-m{c.phases}", c.pool_size, seed=17,
+                                            desc="rectified-diffusion: phase pairs (teacher)", solver=c.phase_solver,
+                                            steps=c.phase_steps, spacing=None, windows=b,
+                                            label_dropout=c.label_dropout))
             objective = PhasedObjective(pool, b, ctx.schedule, ctx.train.batch_size, c.loss, c.huber_c)
         else:
-            solve = P.teacher_global_solver(ctx.teacher, ctx.schedule, c.pair_solver, c.pair_steps, ctx.guidance,
-                                            c.pair_spacing)
-            pool = P.global_pairs(
-                solve, ctx.teacher, ctx.dataset, c.pool_size, seed=ctx.train.seed + 11,
-                cache=ctx.cache_path("rectified-diffusion-pairs"),
-                meta=P.teacher_meta(ctx.teacher, solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
-                                    guidance=ctx.guidance),
-                desc="pairs", **common)
+            pool = make_pairs(ctx, PairSpec("rectified-diffusion-pairs", c.pool_size, seed=11,
+                                            desc="rectified-diffusion: teacher pairs", solver=c.pair_solver,
+                                            steps=c.pair_steps, spacing=c.pair_spacing,
+                                            label_dropout=c.label_dropout))
             objective = RectifiedDiffusionObjective(pool, self.student_schedule(ctx.schedule), ctx.train.batch_size,
                                                     c.loss, c.huber_c, c.loss_on)
-        net = train_windows(ctx, self, objective, ctx.train.max_steps, ctx.out_dir, None)
-        return DistillResult(net, pool.nfe, {"pair_nfe": pool.nfe, "num_pairs": len(pool),
-                                             "teacher_nfe_this_run": ctx.teacher.evaluations})
+        net = ctx.train_stage(self, ctx.build_student(), objective, ctx.train.max_steps, ctx.out_dir)
+        return DistillResult(net, ctx.teacher_nfe, {"pair_nfe": pool.nfe, "num_pairs": len(pool),
+                                                    "teacher_nfe_this_run": ctx.teacher.evaluations}, method=self)
 
     def timesteps(self, steps: int, schedule: VPSchedule) -> torch.Tensor:
         if self.config.phased:
@@ -215,8 +217,6 @@ class RectifiedDiffusion(Method):
                                  timestep_spacing="windows" if self.config.phased else "trailing",
                                  windows=int(self.config.phases))
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return steps
 
 
 __all__ = ["PhasedObjective", "RectifiedDiffusion", "RectifiedDiffusionConfig", "RectifiedDiffusionObjective",

@@ -24,10 +24,11 @@ with that ``alpha_bar = a^2`` (:meth:`VPSchedule.timestep_from_alpha_bar`), conv
 eps_hat)`` and return ``u = eps_hat - x0_hat`` (= ``(x_tau - x0_hat) / tau``, the form used for ``tau >= 1/2``,
 which stays defined at ``tau = 1`` where the teacher is evaluated at its noisiest timestep ``T-1``). This is exact
 wherever ``alpha_bar`` lies inside the schedule's table, and with it a flow Euler step is exactly a DDIM step on
-the matching VP grid (``parameterization="eps"``). By default (``"flow"``) the network predicts ``u`` directly,
-initialised from the teacher's weights as InstaFlow turns SD's epsilon UNet into a velocity model: measured on
-``digits`` (docs/proreflow.md) the epsilon view is badly conditioned at few steps - at ``tau = 1`` it divides the
-teacher's epsilon error by ``a_{T-1}`` (0.0064 on DDPM's linear schedule) - and loses at 1-2 NFE.
+the matching VP grid (``parameterization="epsilon"``; ``eps`` is its old name). By default (``"flow"``) the
+network predicts ``u`` directly, initialised from the teacher's weights as InstaFlow turns SD's epsilon UNet into
+a velocity model: measured on ``digits`` (docs/proreflow.md) the epsilon view is badly conditioned at few steps -
+at ``tau = 1`` it divides the teacher's epsilon error by ``a_{T-1}`` (0.0064 on DDPM's linear schedule) - and
+loses at 1-2 NFE.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ from rayflow.errors import require
 from rayflow.losses import regression_loss
 from rayflow.methods import register
 from rayflow.methods.base import CountingDenoiser, DistillContext, DistillResult, Method
+from rayflow.methods.kit import PairSpec, make_pairs
 from rayflow.models.base import Condition, Denoiser
 from rayflow.schedulers import FlowEulerScheduler, flow_timesteps, schedule_fields, velocity_from_vp, vp_point
 from rayflow.schedules import VPSchedule, expand_like
 from rayflow.training import LossOutput
 
-PARAMETERIZATIONS = ("flow", "eps")
+PARAMETERIZATIONS = ("flow", "epsilon")
 
 
 # ---------------------------------------------------------------------- the flow view of a VP network
@@ -139,7 +141,8 @@ class ReflowConfig:
     pair_steps: int = 25  # InstaFlow / Rectified Diffusion: 25 steps
     pair_spacing: str = "trailing"
     pool_size: int = 16384  # pool size (InstaFlow: 1.6M on SD)
-    parameterization: str = "flow"  # flow: the network predicts u | eps: the VP view of an epsilon net (exact init)
+    # flow: the network predicts u | epsilon: the VP view of an epsilon net (exact init)
+    parameterization: str = "flow"
     loss: str = "mse"  # mse | huber
     huber_c: float = 1e-3
     tau_min: float = 1e-3  # RectifiedFlow's eps = 1e-3
@@ -159,6 +162,7 @@ class Reflow(Method):
     tiny_options = {"pool_size": "64", "distill_num_pairs": "64"}
     config_class = ReflowConfig
     nfes = (1, 2, 4, 8)
+    value_aliases = {"parameterization": {"eps": "epsilon"}}
 
     def validate(self) -> None:
         c = self.config
@@ -181,7 +185,7 @@ class Reflow(Method):
         if self.config.parameterization == "flow":
             cfg.prediction_type = "flow"
         else:
-            require(cfg.prediction_type != "flow", "reflow: parameterization=eps needs an epsilon-type network")
+            require(cfg.prediction_type != "flow", "reflow: parameterization=epsilon needs an epsilon-type network")
         return cfg
 
     def _train(self, ctx: DistillContext, cfg, objective, steps: int, out_dir, init: Denoiser | None,
@@ -192,14 +196,9 @@ class Reflow(Method):
     def distill(self, ctx: DistillContext) -> DistillResult:
         cfg = self._student_config(ctx)
         c = self.config
-        solve = P.teacher_global_solver(ctx.teacher, ctx.schedule, c.pair_solver, c.pair_steps, ctx.guidance,
-                                        c.pair_spacing)
-        pool = P.global_pairs(
-            solve, ctx.teacher, ctx.dataset, c.pool_size, num_classes=ctx.teacher.num_classes,
-            label_dropout=c.label_dropout, seed=ctx.train.seed + 11, cache=ctx.cache_path("reflow-pairs"),
-            meta=P.teacher_meta(ctx.teacher, solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
-                                guidance=ctx.guidance),
-            device=ctx.device, accelerator=ctx.accelerator, progress=ctx.progress, desc="reflow pairs")
+        pool = make_pairs(ctx, PairSpec("reflow-pairs", c.pool_size, seed=11, desc="reflow: teacher pairs",
+                                        solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
+                                        label_dropout=c.label_dropout))
         total = ctx.train.max_steps
         reflow_steps = total - int(round(total * c.distill_fraction)) if c.one_step_distill else total
         obj = ReflowObjective(pool, ctx.schedule, ctx.train.batch_size, cfg.prediction_type, c.loss, c.huber_c,
@@ -211,18 +210,16 @@ class Reflow(Method):
             rf = FlowStudent(net, ctx.schedule)
             counter = CountingDenoiser(rf)
             grid = flow_timesteps(c.distill_pair_steps, ctx.schedule.num_train_timesteps)
-            d_pool = P.global_pairs(
-                lambda noise, cond: euler_flow(counter, noise, grid, ctx.schedule.num_train_timesteps, cond),
-                counter, ctx.dataset, c.distill_num_pairs, num_classes=ctx.teacher.num_classes,
-                label_dropout=c.label_dropout, seed=ctx.train.seed + 13,
-                cache=ctx.cache_path("reflow-distill-pairs"),
-                meta=P.student_meta(net, solver="euler", steps=c.distill_pair_steps),
-                device=ctx.device, accelerator=ctx.accelerator, progress=ctx.progress, desc="one-step pairs")
+            d_pool = make_pairs(ctx, PairSpec(
+                "reflow-distill-pairs", c.distill_num_pairs, seed=13, desc="reflow: one-step pairs (2-RF student)",
+                label_dropout=c.label_dropout, meta=P.student_meta(net, solver="euler", steps=c.distill_pair_steps),
+                solve=lambda noise, cond: euler_flow(counter, noise, grid, ctx.schedule.num_train_timesteps, cond),
+                counter=counter))
             obj = OneStepObjective(d_pool, ctx.schedule, ctx.train.batch_size, cfg.prediction_type)
             net = self._train(ctx, cfg, obj, total - reflow_steps, ctx.out_dir, net, stage="one-step")
             logs.update(student_pair_nfe=d_pool.nfe, distill_num_pairs=len(d_pool))
         logs["teacher_nfe_this_run"] = ctx.teacher.evaluations
-        return DistillResult(self.wrap_student(net, ctx.schedule), pool.nfe, logs)
+        return DistillResult(self.wrap_student(net, ctx.schedule), ctx.teacher_nfe, logs, method=self)
 
     def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
         return network if isinstance(network, FlowStudent) else FlowStudent(network, schedule)
@@ -234,8 +231,6 @@ class Reflow(Method):
         ptype = "flow" if self.config.parameterization == "flow" else getattr(network, "prediction_type", "epsilon")
         return FlowEulerScheduler(**schedule_fields(schedule), prediction_type=ptype)
 
-    def nfe_for_steps(self, steps: int) -> int:
-        return steps
 
 
 __all__ = ["FlowStudent", "OneStepObjective", "Reflow", "ReflowConfig", "ReflowObjective", "euler_flow",

@@ -7,6 +7,7 @@ from rayflow.models.base import (
     EpsilonView,
     as_epsilon,
     broadcast_timesteps,
+    drop_labels,
     with_guidance,
 )
 from rayflow.models.networks import (
@@ -22,5 +23,5 @@ from rayflow.models.speed import FrozenTeacher, prepare_frozen_teacher, to_chann
 __all__ = [
     "ClassifierFreeGuidance", "Condition", "Denoiser", "DiffusersDenoiser", "EpsilonView", "FrozenTeacher",
     "MLPDenoiser", "ModelConfig", "UNetDenoiser", "as_epsilon", "broadcast_timesteps", "build_model",
-    "default_model_config", "prepare_frozen_teacher", "to_channels_last", "with_guidance",
+    "default_model_config", "drop_labels", "prepare_frozen_teacher", "to_channels_last", "with_guidance",
 ]

@@ -36,6 +36,18 @@ class Denoiser(nn.Module):
         return None
 
 
+def drop_labels(labels: torch.Tensor, probability: float, null_label: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """Class labels replaced by the null label ``null_label`` (= ``num_classes``) with probability ``probability``:
+    the label dropout that trains a model for classifier-free guidance.
+
+    One draw ``torch.rand(B)`` on ``generator``'s device per call (so a caller's random stream is the same
+    whichever objective or pair builder uses it); the mask then moves to the labels' device.
+    """
+    drop = torch.rand(labels.shape[0], generator=generator, device=generator.device) < probability
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)
+
+
 def broadcast_timesteps(t: Union[torch.Tensor, float, int], batch_size: int, device: torch.device) -> torch.Tensor:
     """Timesteps as a float tensor ``[B]`` (a scalar is repeated)."""
     t = torch.as_tensor(t, dtype=torch.float32, device=device)

@@ -428,29 +428,25 @@ def distill_sd(method: Method, teacher: str | Path, data: str, out_dir: str | Pa
                          student_config=student_cfg, student_init=init, guidance=guidance,
                          cache_dir=Path(cache_dir) if cache_dir is not None else None, device=device,
                          accelerator=accelerator, progress=progress, base_config=base)
+    method = method.resolved(ctx)  # "auto" values decided for this run (the caller's method is left as it was)
     validation = None
     if options.validation_steps and options.validation_prompts:
         validation = ValidationImages(sd, method, sd.schedule, options, latent_shape, resolution)
         Trainer.callbacks.append(validation)
     try:
-        result = method.distill(ctx)
+        result = method.distill(ctx)  # the kit records config.json's teacher NFEs and the scheduler
     finally:
         if validation is not None:
             Trainer.callbacks.remove(validation)
+    result.method = result.method or method
+    method = result.method
     if accelerator is None or accelerator.is_main_process:
-        cfg_path = out_dir / "config.json"
-        if cfg_path.exists():
-            cfg = read_json(cfg_path)
-            cfg["teacher_nfe"] = int(result.teacher_nfe)
-            write_json_atomic(cfg, cfg_path)
         network = _find_text_unet(result.student)
         write_json_atomic({**base["sd"], "prediction_type": network.prediction_type,
                            "method": method.name, "rayflow_version": __version__}, out_dir / SD_JSON)
         if lora_info is not None:
             save_safetensors_atomic(lora_state_dict(network), out_dir / LORA_WEIGHTS,
                                     {"format": "pt", "lora": json.dumps(lora_info)})
-        # the diffusers scheduler that samples this student (the method kit's), as for pixel-space students
-        method.make_scheduler(sd.schedule, method.raw_network(result.student)).save_config(str(out_dir / "scheduler"))
     return result
 
 

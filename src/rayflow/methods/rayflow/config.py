@@ -4,7 +4,7 @@ Every option is set flat from the command line (``--option k_timesteps=8``); :fu
 config_fields` maps the flat name to its section. [NOT FOUND] in the paper unless noted.
 
 Defaults were chosen by measurement on exact Gaussian-mixture teachers (docs/rayflow.md §3: the one-factor-at-a-time
-sweep ``benchmarks/rayflow_ablation.py --table defaults`` and the ablation): velocity form (4-15x better than
+sweep ``benchmarks/rayflow_ablation.py --table defaults`` and the ablation): flow form (4-15x better than
 epsilon), teacher-ODE x0 (best at every NFE with an exact teacher; with a learned teacher, data or mixed x0 wins at
 4+ NFE), the learned Time Sampler (best of learned / uniform / logit-normal with teacher x0), K = 8, sigma = 0,
 standard start noise, uniform weighting, reweighting on.
@@ -23,7 +23,10 @@ from rayflow.samplers import SPACINGS, get_sampler
 from rayflow.schedules import PREDICTION_TYPES
 from rayflow.timestep_dists import TIMESTEP_DISTRIBUTIONS as TIME_SAMPLERS
 
-PARAMETERIZATIONS = ("epsilon", "velocity")
+PARAMETERIZATIONS = ("epsilon", "flow")
+#: renamed option values: the velocity form was ``v = x0 - eps_mu``; it is now ``flow = eps_mu - x0`` (the sign of
+#: every other flow in the package: d x_t / d(noise)), with identical training and samples (the loss is a square)
+VALUE_ALIASES = {"parameterization": {"velocity": "flow"}}
 X0_SOURCES = ("data", "teacher", "mixed")
 EPS_MU_READINGS = ("average", "trajectory", "start")  # issue #14 (readings.py re-exports the same tuple)
 LOSS_WEIGHTINGS = ("uniform", "snr")
@@ -65,8 +68,8 @@ class RayConfig:
     """The ray process and the student's loss (reconstruction §2.4, §2.7)."""
 
     sigma: float = 0.0  # target std; the paper's optimum is sigma* -> 0
-    parameterization: str = "velocity"  # "epsilon" (eps_mu, the paper's) | "velocity" (v = x0 - eps_mu)
-    # what the raw network outputs at the VP-matched point: auto = the form's own (flow for velocity, epsilon for
+    parameterization: str = "flow"  # "epsilon" (eps_mu, the paper's) | "flow" (eps_mu - x0; old: velocity = -flow)
+    # what the raw network outputs at the VP-matched point: auto = the form's own (flow for flow, epsilon for
     # epsilon), the teacher's weights reinterpreted as InstaFlow does; the teacher's type (e.g. epsilon) keeps
     # the exact init, which the velocity form then divides by a_t (measured far worse at 1 NFE; see docs §1)
     network_prediction: str = "auto"
@@ -113,7 +116,7 @@ class RayFlowConfig:
     @classmethod
     def from_dict(cls, mapping: dict[str, Any] | None = None, **options: Any) -> RayFlowConfig:
         """From flat option names and/or nested sections (``config.json`` of older runs is flat)."""
-        return config_from_dict(cls, {**(mapping or {}), **options})
+        return config_from_dict(cls, {**(mapping or {}), **options}, VALUE_ALIASES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,5 +180,5 @@ def parse_timestep_list(text: str) -> list[int]:
 
 
 __all__ = ["EPS_MU_READINGS", "LOSS_WEIGHTINGS", "PARAMETERIZATIONS", "RayConfig", "RayFlowConfig", "SamplingConfig",
-           "START_NOISES",
-           "TargetConfig", "TimeSamplerConfig", "X0_SOURCES", "parse_timestep_list", "validate_config"]
+           "START_NOISES", "TargetConfig", "TimeSamplerConfig", "VALUE_ALIASES", "X0_SOURCES", "parse_timestep_list",
+           "validate_config"]

@@ -12,8 +12,8 @@ import torch
 
 from rayflow.errors import require
 from rayflow.methods import register
-from rayflow.methods.base import DistillContext, DistillResult, Method
-from rayflow.methods.rayflow.config import RayFlowConfig, validate_config
+from rayflow.methods.base import DistillContext, DistillResult, Method, check_resolved
+from rayflow.methods.rayflow.config import VALUE_ALIASES, RayFlowConfig, validate_config
 from rayflow.methods.rayflow.objective import RayFlowObjective
 from rayflow.methods.rayflow.ray import RayStudent, ray_sample
 from rayflow.methods.rayflow.targets import (
@@ -55,18 +55,16 @@ class RayFlow(Method):
     }
     config_class = RayFlowConfig
     nfes = (1, 2, 4, 8)
+    value_aliases = VALUE_ALIASES
 
     def validate(self) -> None:
         validate_config(self.config)
-
-    def nfe_for_steps(self, steps: int) -> int:
-        return int(steps)
 
     # -------------------------------------------------------------- student construction
     def student_config(self, ctx: DistillContext) -> ModelConfig:
         """The network the student uses: the teacher's architecture, whose raw output at the VP-matched point is
         ``network_prediction``; ``auto`` is the form's own output, ``epsilon`` for the epsilon form and ``flow``
-        (``= eps_mu - x0 = -v``) for the velocity form.
+        (``= eps_mu - x0``) for the flow form.
 
         A teacher-initialised student whose output type differs from the teacher's keeps the teacher's weights
         and reinterprets its head, as InstaFlow turns SD's epsilon UNet into a velocity model [OURS, measured:
@@ -81,13 +79,10 @@ class RayFlow(Method):
         return ctx.build_student(self.student_config(ctx))
 
     def wrap_student(self, network: Denoiser, schedule: VPSchedule) -> Denoiser:
-        form = self.config.ray.parameterization
         if str(getattr(network, "prediction_type", "")).startswith("ray-"):  # already predicts along the ray
-            require(getattr(network, "parameterization", None) == form,
-                    f"rayflow: this student predicts {network.prediction_type}, but the method is configured for "
-                    f"the {form} form")
+            # in whichever form it declares (its ``parameterization``): the ray sampler reads that, not the config's
             return network
-        return RayStudent(network, schedule, form)
+        return RayStudent(network, schedule, self.config.ray.parameterization)
 
     # -------------------------------------------------------------- eps_mu pools (the cache; see .targets)
     def teacher_nfe_per_instance(self, source: str, teacher: Denoiser, guidance: float) -> int:
@@ -118,6 +113,28 @@ class RayFlow(Method):
         var = float(x_T.double().square().mean()) + (self.config.ray.sigma * s) ** 2
         return float(f"{math.sqrt(var):.6g}")  # rounded: the value is part of the run's config
 
+    def resolve(self, ctx: DistillContext) -> RayFlowConfig:
+        """``network_prediction=auto`` written out (the form's own output); ``start_std`` of variance-matched start
+        noise is measured later, on the instance pools (:meth:`with_start_std`)."""
+        ray = dataclasses.replace(self.config.ray, network_prediction=self.network_prediction())
+        return dataclasses.replace(self.config, ray=ray)
+
+    def unresolved(self) -> list[str]:
+        # network_prediction=auto depends on the config alone (older students record it so): not run-dependent
+        left = [name for name in super().unresolved() if name != "network_prediction"]
+        s = self.config.sampling
+        measured = s.start_noise != "variance-matched" or s.start_std > 0
+        return left + ([] if measured else ["start_std"])
+
+    def with_start_std(self, source: InstanceSource, schedule: VPSchedule) -> RayFlow:
+        """This method, or (variance-matched start noise still to be measured) a new one whose config records the
+        start noise scale measured on ``source``'s rays: the resolution that needs the instance pools."""
+        s = self.config.sampling
+        if s.start_noise != "variance-matched" or s.start_std > 0:
+            return self
+        sampling = dataclasses.replace(s, start_std=self.measure_start_std(source, schedule))
+        return RayFlow(dataclasses.replace(self.config, sampling=sampling))
+
     # -------------------------------------------------------------- distillation
     def distill(self, ctx: DistillContext) -> DistillResult:
         cfg, schedule = self.config, ctx.schedule
@@ -129,34 +146,32 @@ class RayFlow(Method):
         student_cfg = self.student_config(ctx)
 
         pools = None
-        pooled_nfe = 0  # what the pools cost, whether built now or reused from an earlier run
         require(not (cfg.targets.online and ctx.cache_dir is not None),
                 "rayflow: online=true computes eps_mu per batch and caches nothing; drop --cache or online=true")
         if not cfg.targets.online:
             pools = {}
             for src in self.needed_sources():
                 root = None if ctx.cache_dir is None else ctx.cache_path("eps_mu") / src
-                pools[src] = self.build_pool(ctx, teacher, src, root, progress=ctx.progress)
-                pooled_nfe += self.pool_size(ctx) * self.teacher_nfe_per_instance(src, teacher, ctx.guidance)
-        after_pools = int(getattr(ctx.teacher, "evaluations", 0))
+                # what the pool costs, whether built now or reused from an earlier run
+                with ctx.pool_cost(self.pool_size(ctx) * self.teacher_nfe_per_instance(src, teacher, ctx.guidance)):
+                    pools[src] = self.build_pool(ctx, teacher, src, root, progress=ctx.progress)
         source = InstanceSource(cfg.targets, ctx, teacher, pools)
-        if cfg.sampling.start_noise == "variance-matched" and cfg.sampling.start_std == 0:
-            self.config.sampling.start_std = self.measure_start_std(source, schedule)
+        method = self.with_start_std(source, schedule)  # counted live, as online eps_mu and teacher x0 are
 
-        sampler = self.build_time_sampler(schedule.num_train_timesteps)
+        sampler = method.build_time_sampler(schedule.num_train_timesteps)
         steps = max(1, int(ctx.train.max_steps))
-        objective = RayFlowObjective(source, schedule, cfg, sampler, ctx.train.batch_size,
+        objective = RayFlowObjective(source, schedule, method.config, sampler, ctx.train.batch_size,
                                      network.num_classes, snapshot_every=max(1, steps // 20))
-        trained = ctx.train_stage(self, network, objective, ctx.train.max_steps, ctx.out_dir,
-                                  {"model": student_cfg.to_dict(), "sampler": self.sampler_info()})
-        if ctx.accelerator is None or ctx.accelerator.is_main_process:
+        trained = ctx.train_stage(method, network, objective, ctx.train.max_steps, ctx.out_dir,
+                                  {"model": student_cfg.to_dict(), "sampler": method.sampler_info()})
+        if ctx.is_main:
             write_time_sampler_log(cfg.time.time_sampler, objective.snapshots, ctx.out_dir,
                                    schedule.num_train_timesteps)
         end = int(getattr(ctx.teacher, "evaluations", 0))
-        teacher_nfe = pooled_nfe + (end - after_pools)  # + online eps_mu / teacher x0 / start_std measurement
-        logs = {"teacher_evaluations_this_run": end - before, "start_std": self.config.sampling.start_std,
+        logs = {"teacher_evaluations_this_run": end - before, "start_std": method.config.sampling.start_std,
                 "time_sampler_snapshots": len(objective.snapshots)}
-        return DistillResult(self.wrap_student(trained, schedule), teacher_nfe=teacher_nfe, logs=logs)
+        return DistillResult(method.wrap_student(trained, schedule), teacher_nfe=ctx.teacher_nfe, logs=logs,
+                             method=method)
 
     def build_time_sampler(self, num_timesteps: int) -> TimeSampler:
         return make_time_sampler(self.config.time, num_timesteps)
@@ -170,10 +185,7 @@ class RayFlow(Method):
     # -------------------------------------------------------------- sampling
     def start_scale(self) -> float:
         s = self.config.sampling
-        if s.start_noise == "standard":
-            return 1.0
-        require(s.start_std > 0, "rayflow: start_noise=variance-matched needs start_std (measured at distillation)")
-        return s.start_std
+        return 1.0 if s.start_noise == "standard" else s.start_std
 
     def network_prediction(self, network: Denoiser | None = None) -> str:
         """What the raw network outputs at the VP-matched point (the config's, else ``auto``'s choice)."""
@@ -196,6 +208,7 @@ class RayFlow(Method):
                cond: Condition = None, guidance: float = 1.0, timesteps: torch.Tensor | None = None
                ) -> torch.Tensor:
         require(timesteps is not None or int(steps) >= 1, f"rayflow: steps must be >= 1, got {steps}")
+        check_resolved(self)
         network = self.raw_network(student)
         if str(network.prediction_type).startswith("ray-"):  # a model that predicts along the ray itself
             student = self.wrap_student(network, schedule)

@@ -20,6 +20,7 @@ from rayflow.methods.rayflow.config import RayFlowConfig
 from rayflow.methods.rayflow.ray import RayParameterization, ray_point, ray_target, ray_x0_eps
 from rayflow.methods.rayflow.readings import consistency_residual
 from rayflow.methods.rayflow.targets import InstanceSource, instance_features
+from rayflow.models.base import drop_labels
 from rayflow.schedules import VPSchedule, expand_like
 from rayflow.timestep_dists import TimestepDistribution as TimeSampler
 from rayflow.timestep_dists import downsample
@@ -73,8 +74,7 @@ class RayFlowObjective:
         s = expand_like(self.schedule.s(t.double()).to(x0.dtype), x0).to(dev)
         x_t = ray_point(x0, eps_mu, a, s, rc.sigma, z)  # the ray process at t
         if cond is not None and rc.label_dropout > 0 and self.num_classes > 0:
-            drop = (torch.rand(b, generator=generator, device=generator.device) < rc.label_dropout).to(dev)
-            cond = torch.where(drop, torch.full_like(cond, self.num_classes), cond)
+            cond = drop_labels(cond, rc.label_dropout, self.num_classes, generator)
         if self.num_classes == 0:
             cond = None
         pred = self.ray(model, x_t, t.to(dev), cond).float()  # the network at the VP-matched point, read on the ray

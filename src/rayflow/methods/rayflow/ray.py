@@ -18,6 +18,10 @@ from rayflow.samplers import make_timesteps
 from rayflow.schedulers import check_grid, vp_matched
 from rayflow.schedules import VPSchedule, expand_like, to_x0_eps
 
+#: the forms the ray algebra reads: the config's, and ``velocity`` (``x0 - eps_mu = -flow``), the velocity form's
+#: sign before it took the package's flow convention (kept for code that still passes it)
+RAY_FORMS = (*PARAMETERIZATIONS, "velocity")
+
 
 def ray_point(x0: torch.Tensor, eps_mu: torch.Tensor, a: torch.Tensor, s: torch.Tensor, sigma: float = 0.0,
               z: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,20 +42,26 @@ def ray_x0_eps(pred: torch.Tensor, parameterization: str, x: torch.Tensor, a: to
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x0_hat, eps_hat)`` from a ray prediction at ``x``: the ray inversion.
 
-    epsilon: ``x0 = (x - (1 - a) eps) / a`` [RECOVERED one-step formula]; velocity: ``x0 = x + (1 - a) v``,
-    ``eps = x - a v`` [OURS]. Both are exact on the ``sigma = 0`` ray.
+    epsilon: ``x0 = (x - (1 - a) eps) / a`` [RECOVERED one-step formula]; flow ``f = eps_mu - x0``:
+    ``x0 = x - (1 - a) f``, ``eps = x + a f`` [OURS] (velocity ``v = -f``: ``x0 = x + (1 - a) v``, ``eps = x - a v``).
+    All are exact on the ``sigma = 0`` ray.
     """
     if parameterization == "epsilon":
         return (x - (1 - a) * pred) / a, pred
+    if parameterization == "flow":
+        return x - (1 - a) * pred, x + a * pred
     if parameterization == "velocity":
         return x + (1 - a) * pred, x - a * pred
     raise RayflowError(f"rayflow: unknown parameterization {parameterization!r}")
 
 
 def ray_target(x0: torch.Tensor, eps_mu: torch.Tensor, parameterization: str) -> torch.Tensor:
-    """What a perfect student outputs: ``eps_mu`` (epsilon form) or ``v = x0 - eps_mu`` (velocity form)."""
+    """What a perfect student outputs: ``eps_mu`` (epsilon form) or ``eps_mu - x0`` (flow form; ``x0 - eps_mu`` for
+    the old velocity form)."""
     if parameterization == "epsilon":
         return eps_mu
+    if parameterization == "flow":
+        return eps_mu - x0
     if parameterization == "velocity":
         return x0 - eps_mu
     raise RayflowError(f"rayflow: unknown parameterization {parameterization!r}")
@@ -62,13 +72,13 @@ class RayParameterization:
 
     ``network(c x, t', cond)`` is a prediction of type ``network.prediction_type`` on the VP path
     ``(a', s')``; :func:`rayflow.schedules.to_x0_eps` turns it into ``(x0, eps)``, which are exactly the ray's
-    ``(x0, eps_mu)`` because ``c x = a' x0 + s' eps_mu``. Output: ``eps`` (epsilon form) or ``x0 - eps``
-    (velocity form). [OURS] (the paper fine-tunes SD's epsilon UNet with LoRA; how it feeds ray points to it
-    was not recovered.)
+    ``(x0, eps_mu)`` because ``c x = a' x0 + s' eps_mu``. Output: ``eps`` (epsilon form), ``eps - x0`` (flow form)
+    or ``x0 - eps`` (the old velocity form). [OURS] (the paper fine-tunes SD's epsilon UNet with LoRA; how it feeds
+    ray points to it was not recovered.)
     """
 
     def __init__(self, schedule: VPSchedule, parameterization: str) -> None:
-        _choice(parameterization, PARAMETERIZATIONS, "parameterization")
+        _choice(parameterization, RAY_FORMS, "parameterization")
         self.schedule, self.parameterization = schedule, parameterization
 
     def __call__(self, network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition = None,
@@ -80,7 +90,9 @@ class RayParameterization:
         pred = network(xv, t2.to(device=x.device, dtype=torch.float32), cond)
         ptype = prediction_type or _unwrap(network).prediction_type
         x0, eps = to_x0_eps(pred.to(x.dtype), ptype, xv, a2, s2)
-        return eps if self.parameterization == "epsilon" else x0 - eps
+        if self.parameterization == "epsilon":
+            return eps
+        return eps - x0 if self.parameterization == "flow" else x0 - eps
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,7 +103,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 class RayStudent(Denoiser):
     """The distilled generator: ``student(x, t, cond)`` is the ray prediction (``prediction_type`` is
-    ``"ray-epsilon"`` or ``"ray-velocity"``, which VP samplers refuse instead of misreading); sample it with
+    ``"ray-epsilon"`` or ``"ray-flow"``, which VP samplers refuse instead of misreading); sample it with
     :func:`ray_sample`. Holds the raw network as ``.network`` (its weights are what a model directory stores).
     """
 
@@ -142,5 +154,5 @@ def ray_sample(student: RayStudent, noise: torch.Tensor, schedule: VPSchedule, s
 
 
 
-__all__ = ["RayParameterization", "RayStudent", "check_grid", "ray_point", "ray_sample", "ray_target", "ray_x0_eps",
-           "vp_matched"]
+__all__ = ["RAY_FORMS", "RayParameterization", "RayStudent", "check_grid", "ray_point", "ray_sample", "ray_target",
+           "ray_x0_eps", "vp_matched"]

@@ -311,7 +311,7 @@ def build_pool(cfg: TargetConfig, ctx: DistillContext, teacher: Denoiser, source
     acc = ctx.accelerator
     return build_or_load(root, pool_meta(cfg, ctx, teacher, source), pool_size(cfg, ctx), make_shard,
                          seed=cfg.cache_seed, shard_size=cfg.cache_shard_size, progress=progress,
-                         desc=f"eps_mu ({source} x0)", rank=0 if acc is None else int(acc.process_index),
+                         desc=f"rayflow: eps_mu pool ({source} x0)", rank=0 if acc is None else int(acc.process_index),
                          world_size=1 if acc is None else int(acc.num_processes),
                          barrier=None if acc is None else acc.wait_for_everyone)
 

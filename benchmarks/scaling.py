@@ -55,7 +55,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import sd_lora_step  # noqa: E402  (the SD1.5 UNet + LoRA builder and its RayFlow-Trainer loop)
 import training_speed  # noqa: E402  (the Fashion-MNIST rows and their step timer)
-from rayflow.checkpoint import load_safetensors, read_json, write_json_atomic  # noqa: E402
+from rayflow.checkpoint import (  # noqa: E402
+    load_safetensors,
+    load_safetensors_with_metadata,
+    read_json,
+    write_json_atomic,
+)
 from rayflow.errors import RayflowError, require  # noqa: E402
 
 PARTS = ("fm", "sd", "pairs", "resume")
@@ -212,8 +217,11 @@ class Worker:
         # ProReflow splits the steps over its stages: its last stage must still reach warm-up + measure
         steps = (warmup + measure) * (3 if method_name == "proreflow" else 1)
         out = self.fresh_dir(self.scratch / "fm" / name)
-        # the pools are cached once per method, shared by both world sizes (shards do not depend on it)
-        cache = Path(self.args.scratch) / "fm-cache" / method_name
+        # teacher pools are cached per method (the RayFlow rows share theirs); ProReflow's later stages pool pairs
+        # of the student just trained, which differs from run to run, so its cache starts empty every time
+        cache = self.scratch / "fm-cache" / method_name
+        if method_name == "proreflow":
+            self.fresh_dir(cache)
         timer = training_speed.StepTimer(warmup, measure)
         Trainer.callbacks.append(timer)
         self.reset_peak()
@@ -462,7 +470,7 @@ class Driver:
             names = sorted(p.relative_to(mine) for p in mine.rglob("shard-*.safetensors"))
             other = sorted(p.relative_to(theirs) for p in theirs.rglob("shard-*.safetensors"))
             r["shards_identical_to_1_process"] = bool(names) and names == other and all(
-                (mine / x).read_bytes() == (theirs / x).read_bytes() for x in names)
+                same_shard(mine / x, theirs / x) for x in names)
 
     # -------------------------------------------------------------- (d) kill and resume
     def run_resume(self) -> None:
@@ -481,6 +489,8 @@ class Driver:
                      str(steps), *self.common(seed=False)]
             if kill:
                 extra += ["--kill-at-step", str(kill_at), "--kill-rank", "1"]
+                print("scaling: this launch kills its rank 1 on purpose: the launcher's failure report is expected",
+                      flush=True)
             return self.launch(n, extra, a.timeout)
 
         try:
@@ -522,6 +532,15 @@ class Driver:
         failed = [r for r in self.entry["rows"] if "error" in r] + (
             [1] if self.entry.get("resume") and "error" in self.entry["resume"] else [])
         return 1 if failed else 0
+
+
+def same_shard(a: Path, b: Path) -> bool:
+    """Two cache shards hold the same tensors, bit for bit, and the same metadata (the files' bytes may differ in
+    the order their headers list them)."""
+    ta, ma = load_safetensors_with_metadata(a)
+    tb, mb = load_safetensors_with_metadata(b)
+    return ma == mb and ta.keys() == tb.keys() and all(
+        ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def samples(model_dir: Path, n: int) -> torch.Tensor:

@@ -23,12 +23,20 @@ out, steps = Path(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)
 
 class Toy:
+    """A toy objective with rank-local state (like RayFlow's Time Sampler): a running sum of its own draws."""
     calls = 0
+    def __init__(self):
+        self.seen = torch.zeros(2, dtype=torch.float64)
     def __call__(self, model, step, generator):
         Toy.calls += 1
         x = torch.randn(8, 2, generator=generator, device=generator.device)
         t = torch.randint(0, 100, (8,), generator=generator, device=generator.device).float()
+        self.seen += x.double().sum(0)
         return LossOutput((model(x, t) - torch.sin(3 * x)).square().mean())
+    def state_dict(self):
+        return {"seen": self.seen.clone()}
+    def load_state_dict(self, state):
+        self.seen = state["seen"].clone()
 
 acc = launch_accelerator()
 assert acc is not None, "a 2-process launch must give an accelerator"
@@ -39,7 +47,7 @@ trainer = Trainer(build_model(cfg), Toy(), TrainConfig(max_steps=steps, batch_si
                   accelerator=acc)
 trainer.train()
 with open(out / f"rank{acc.process_index}.json", "w") as f:
-    json.dump({"world": acc.num_processes, "calls": Toy.calls}, f)
+    json.dump({"world": acc.num_processes, "calls": Toy.calls, "seen": trainer.objective.seen.tolist()}, f)
 '''
 
 
@@ -67,7 +75,13 @@ def test_two_gloo_processes_train_and_resume(tmp_path):
     _launch(tmp_path, tmp_path / "resumed", 6)
     for rank in (0, 1):
         info = json.loads((tmp_path / "resumed" / f"rank{rank}.json").read_text())
-        assert info == {"world": 2, "calls": 4}  # two steps left after the resume, two micro-batches each
+        straight_info = json.loads((tmp_path / "straight" / f"rank{rank}.json").read_text())
+        assert info["world"] == 2 and info["calls"] == 4  # two steps left after the resume, two micro-batches each
+        # each rank resumed its own objective state, not rank 0's
+        assert info["seen"] == straight_info["seen"]
+    ranks = [json.loads((tmp_path / "straight" / f"rank{r}.json").read_text())["seen"] for r in (0, 1)]
+    assert ranks[0] != ranks[1]
+    assert (tmp_path / "resumed" / "checkpoints" / "step-0000004" / "objective-rank1.safetensors").is_file()
     straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]

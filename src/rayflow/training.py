@@ -34,7 +34,8 @@ On-disk layout of ``out_dir``::
         ema.safetensors                 EMA weights (metadata: ema_step, ema_decay); absent when EMA is off
         optimizer.safetensors           AdamW state tensors (exp_avg, exp_avg_sq, step) + LR scheduler tensors
         optimizer.json                  the rest: param groups, hyperparameters, LambdaLR counters
-        objective.safetensors/.json     the objective's state_dict(), when it has one
+        objective.safetensors/.json     the objective's state_dict(), when it has one (rank 0's)
+        objective-rank1.safetensors/... every other process's own, when several processes trained
         state.json                      {"step", "config": run_config + "train", "rayflow_version", "loss_history"}
 
 A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXX`` and renamed into place only when complete;
@@ -561,6 +562,11 @@ class TrainingStopped(RayflowError):
     written for the bad interval, so the newest checkpoint is a good one."""
 
 
+def _objective_stem(rank: int) -> str:
+    """The file stem of process ``rank``'s objective state in a checkpoint (rank 0 keeps the one-process name)."""
+    return "objective" if rank == 0 else f"objective-rank{rank}"
+
+
 def _to_float(value: Any) -> float:
     return float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
 
@@ -702,14 +708,22 @@ class Trainer:
     def _save_checkpoint(self, steps_done: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        name = f"step-{steps_done:07d}"
+        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
         if acc.is_main_process:
-            model_state = saved_state_dict(self.raw_model)  # a LoRA student: the adapter only
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            name = f"step-{steps_done:07d}"
-            final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+        if acc.num_processes > 1 and hasattr(self.objective, "state_dict"):
+            # an objective's state may be rank-local (RayFlow's Time Sampler learns from each rank's own losses):
+            # every rank writes its own into the checkpoint being assembled, before rank 0 renames it into place
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                self._save_objective_state(tmp, acc.process_index)
+            acc.wait_for_everyone()
+        if acc.is_main_process:
+            model_state = saved_state_dict(self.raw_model)  # a LoRA student: the adapter only
             save_safetensors_atomic(model_state, tmp / "model.safetensors", {"format": "pt"})
             if self.ema is not None:
                 save_safetensors_atomic(saved_state_dict(self.ema.module), tmp / "ema.safetensors", {
@@ -717,10 +731,7 @@ class Trainer:
             save_state({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()},
                        tmp / "optimizer.safetensors", tmp / "optimizer.json")
             if hasattr(self.objective, "state_dict"):
-                try:
-                    save_state(self.objective.state_dict(), tmp / "objective.safetensors", tmp / "objective.json")
-                except TypeError as exc:
-                    raise RayflowError(f"the objective's state_dict cannot be saved: {exc}") from exc
+                self._save_objective_state(tmp, 0)
             from rayflow import __version__
 
             write_json_atomic({"step": steps_done, "config": self.full_config, "rayflow_version": __version__,
@@ -739,6 +750,14 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
             self._rotate(keep_name=name)
         acc.wait_for_everyone()
+
+    def _save_objective_state(self, directory: Path, rank: int) -> None:
+        """``objective.safetensors/.json`` (rank 0) or ``objective-rank{r}.safetensors/.json`` (rank ``r``)."""
+        stem = _objective_stem(rank)
+        try:
+            save_state(self.objective.state_dict(), directory / f"{stem}.safetensors", directory / f"{stem}.json")
+        except TypeError as exc:
+            raise RayflowError(f"the objective's state_dict cannot be saved: {exc}") from exc
 
     def _rotate(self, keep_name: str) -> None:
         found = [p for _, p in self._list_checkpoints()]
@@ -789,9 +808,13 @@ class Trainer:
         history = state.get("loss_history")
         self.loss_history = [float(v) for v in history] if isinstance(history, list) else []
         if hasattr(self.objective, "load_state_dict"):
-            obj_t = path / "objective.safetensors"
+            # this rank's own state; rank 0's when the checkpoint has none for it (written by fewer processes)
+            stem = _objective_stem(self.accelerator.process_index)
+            if not (path / f"{stem}.safetensors").is_file():
+                stem = _objective_stem(0)
+            obj_t = path / f"{stem}.safetensors"
             if obj_t.is_file():
-                self.objective.load_state_dict(load_state(obj_t, path / "objective.json"))
+                self.objective.load_state_dict(load_state(obj_t, path / f"{stem}.json"))
         return step
 
     def _apply_lr_config(self) -> None:

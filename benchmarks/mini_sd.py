@@ -113,6 +113,8 @@ class MiniSDConfig:
     # teacher scoring
     cfg_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
     cfg_eval_num: int = 2000
+    ddim_reference_steps: int = 50  # the teacher's reference rows: DDIM-50 ...
+    dpm_reference_steps: int = 25  # ... and DPM-Solver++-25, which also chooses the CFG scale
     # distillation (one budget for every method)
     distill_steps: int = 1500
     distill_batch: int = 128
@@ -131,8 +133,9 @@ class MiniSDConfig:
     def dry_run(cls) -> MiniSDConfig:
         return cls(caption_images=40, vae_channels=(8, 16, 16), vae_steps=4, vae_batch=16, text_hidden=32,
                    text_layers=1, unet_channels=(32, 32, 32), unet_layers=1, unet_steps=4, unet_batch=16,
-                   cfg_scales=(1.0, 2.0), cfg_eval_num=20, distill_steps=2, distill_batch=4, pool_size=8,
-                   lora_rank=4, nfes=(1, 2), diversity_prompts=2, diversity_samples=3, data_limit=40, tiny=True)
+                   cfg_scales=(1.0, 2.0), cfg_eval_num=20, ddim_reference_steps=4, dpm_reference_steps=3,
+                   distill_steps=2, distill_batch=4, pool_size=8, lora_rank=4, nfes=(1, 2), diversity_prompts=2,
+                   diversity_samples=3, data_limit=40, tiny=True)
 
 
 def data_spec(path: str, cfg: MiniSDConfig) -> str:
@@ -533,15 +536,15 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
     rows = []
     grids = {}
     for w in cfg.cfg_scales:
-        images = generate(pipe, prompts, latents, 25, w)
+        images = generate(pipe, prompts, latents, cfg.dpm_reference_steps, w)
         gray = to_gray(images)
         acc, per = class_accuracy(net, gray, labels)
         m = evaluate_images(gray, test, net, kid_subset_size=min(1000, len(prompts), test.x.shape[0]))
-        rows.append({"guidance": w, "steps": 25, "sampler": "dpm++", "prompt_accuracy": acc,
+        rows.append({"guidance": w, "steps": cfg.dpm_reference_steps, "sampler": "dpm++", "prompt_accuracy": acc,
                      "per_class_accuracy": dict(zip(CLASSES, per)), "fd": m["fd"], "kid": m["kid"],
                      "num": len(prompts)})
         grids[f"cfg {w}"] = images[:20]
-        log(f"  teacher dpm++25 cfg {w}: prompt accuracy {acc:.3f}, fd {m['fd']:.3f}")
+        log(f"  teacher dpm++{cfg.dpm_reference_steps} cfg {w}: prompt accuracy {acc:.3f}, fd {m['fd']:.3f}")
     save_grid_by_method(grids, run / "grids" / "teacher_cfg.png")
     # choice: the lowest FD among the scales whose prompt accuracy is within 2 points of the best
     best_acc = max(r["prompt_accuracy"] for r in rows)
@@ -549,7 +552,7 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
     chosen = min(ok, key=lambda r: r["fd"])["guidance"]
     write_json_atomic(rows, rows_path(run, "teacher_cfg"))
     write_json_atomic({"guidance": chosen, "rule": "lowest FD among CFG scales with prompt accuracy within 2 "
-                       "points of the best, DPM-Solver++ 25 steps"}, rows_path(run, "cfg"))
+                       f"points of the best, DPM-Solver++ {cfg.dpm_reference_steps} steps"}, rows_path(run, "cfg"))
     log(f"  chosen CFG scale: {chosen}")
     # everything a later run needs to adopt this folder (--teacher), inside it: diffusers ignores the file
     write_json_atomic({"config": teacher_config(cfg), "teacher_train": read_json(rows_path(run, "teacher_train")),
@@ -557,9 +560,10 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
 
 
 #: the configuration fields the teacher part depends on (an adopted teacher must match them)
-TEACHER_FIELDS = ("caption_images", "vae_channels", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "text_hidden",
-                  "text_layers", "max_tokens", "unet_channels", "unet_layers", "unet_steps", "unet_batch", "unet_lr",
-                  "unet_ema", "caption_dropout", "cfg_scales", "cfg_eval_num", "seed", "data_limit", "tiny")
+TEACHER_FIELDS = ("ddim_reference_steps", "dpm_reference_steps", "vae_channels", "vae_steps", "vae_batch", "vae_lr",
+                  "vae_kl_weight", "text_hidden", "text_layers", "max_tokens", "unet_channels", "unet_layers",
+                  "unet_steps", "unet_batch", "unet_lr", "unet_ema", "caption_dropout", "cfg_scales", "cfg_eval_num",
+                  "seed", "data_limit", "tiny")
 
 
 def teacher_config(cfg: MiniSDConfig) -> dict:
@@ -571,8 +575,10 @@ def adopt_teacher(src: Path, run: Path, cfg: MiniSDConfig) -> None:
     import shutil
 
     info = read_json(src / "mini_sd.json")
-    require(info.get("config") == teacher_config(cfg),
-            f"--teacher {src}: made with another teacher configuration than this run's")
+    want, have = teacher_config(cfg), info.get("config", {})
+    differ = sorted(k for k in want if k in have and have[k] != want[k])
+    require(have and not differ, f"--teacher {src}: made with another teacher configuration than this run's "
+                                 f"({', '.join(differ) or 'none recorded'})")
     tmp = run / "teacher.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -723,11 +729,16 @@ class Row:
         return f"{self.method}@{self.nfe}".replace(" ", "_")
 
 
+def dpm_reference(cfg: MiniSDConfig) -> str:
+    """The row every target is measured against: the teacher with DPM-Solver++ at the chosen CFG scale."""
+    return f"teacher dpm++-{cfg.dpm_reference_steps}"
+
+
 def judge_rows(run: Path, cfg: MiniSDConfig, methods: list[str]) -> list[Row]:
     w = guidance_of(run)
     teacher = run / "teacher"
-    rows = [Row("teacher ddim-50", 50, teacher, "ddim", w, False),
-            Row("teacher dpm++-25", 25, teacher, "dpm++", w, False)]
+    rows = [Row(f"teacher ddim-{cfg.ddim_reference_steps}", cfg.ddim_reference_steps, teacher, "ddim", w, False),
+            Row(dpm_reference(cfg), cfg.dpm_reference_steps, teacher, "dpm++", w, False)]
     for n in cfg.nfes:
         rows += [Row("teacher ddim", n, teacher, "ddim", w, False),
                  Row("teacher dpm++", n, teacher, "dpm++", w, False)]
@@ -786,8 +797,8 @@ def diversity(net, images: np.ndarray, per_prompt: int) -> float:
 
 
 def part_judge(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_net_dir: str, methods: list[str],
-               num: int, jobs: int = 1, worker: tuple[int, int] | None = None, worker_argv: list[str] | None = None
-               ) -> None:
+               num: int, jobs: int = 1, worker: tuple[int, int] | None = None, worker_argv: list[str] | None = None,
+               threads: int = 2) -> None:
     """Every row of :func:`judge_rows` through ``StableDiffusionPipeline.from_pretrained``, in two passes.
 
     Quality (``RUN/rows/judge/KEY.nNUM.json``; ``jobs`` worker processes share the rows, as the small UNet leaves
@@ -808,13 +819,13 @@ def part_judge(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_net
     if jobs > 1 and len(pending) > 1:
         log(f"  {len(pending)} rows over {jobs} worker processes")
         procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker_argv,
-                                   "--worker", f"{i}/{jobs}"], env=_env(2)) for i in range(jobs)]
+                                   "--worker", f"{i}/{jobs}"], env=_env(threads)) for i in range(jobs)]
         codes = [p.wait() for p in procs]
         require(all(c == 0 for c in codes), f"judge workers failed (exit codes {codes}); rerun to resume")
     for row in pending:  # serial, or what a worker left (none when they all succeeded)
         if not (run / "rows" / "judge" / f"{row.key}.n{num}.json").exists():
             judge_quality(run, spec, cfg, device, feature_net_dir, row, num)
-    repeats = 2 if cfg.tiny else 10
+    repeats = 2 if cfg.tiny else 8
     for row in rows:
         path = run / "rows" / "speed" / f"{row.key}.json"
         if path.exists():
@@ -858,7 +869,7 @@ def judge_quality(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_
               "per_class_accuracy": dict(zip(CLASSES, per_class)), "fd_classifier": m["fd_classifier"],
               "kid_std": m["kid_std"], "feature_net": m["feature_net"], "pipe_dir": str(row.pipe_dir),
               "seconds": round(time.time() - t0, 1)}
-    if row.nfe in (1, 2, 4) or row.method == "teacher dpm++-25":  # the report's grids
+    if row.nfe in (1, 2, 4) or row.method == dpm_reference(cfg):  # the report's grids
         (run / "grids").mkdir(parents=True, exist_ok=True)
         np.save(run / "grids" / f"{row.key}.n{num}.npy", images[list(GRID_PROMPTS)])
     write_json_atomic(result, run / "rows" / "judge" / f"{row.key}.n{num}.json")
@@ -890,10 +901,11 @@ def versions() -> dict:
     return out
 
 
-def check_targets(rows: list[dict], methods: list[str]) -> dict:
-    """The issue's targets, each a boolean with the numbers it was decided on (None where a row is missing)."""
+def check_targets(rows: list[dict], methods: list[str], reference: str = "teacher dpm++-25") -> dict:
+    """The issue's targets, each a boolean with the numbers it was decided on (left out where a row is missing).
+    ``reference`` names the teacher row the 2-NFE target is measured against."""
     by = {(r["method"], r["nfe"]): r for r in rows}
-    ref = by.get(("teacher dpm++-25", 25))
+    ref = next((r for r in rows if r["method"] == reference), None)
     students = [m for m in methods if (m, 2) in by]
     out: dict = {}
     if ref and students:
@@ -950,10 +962,10 @@ def part_report(run: Path, cfg: MiniSDConfig, results: Path, methods: list[str],
         r["images_per_s_batch1"] = speed.get("images_per_s_batch1", float("nan"))
         r["images_per_s"] = r["images_per_s_batch64"] = speed.get("images_per_s_batch64", float("nan"))
         full.append(r)
-    order = {name: i for i, name in enumerate(["teacher ddim-50", "teacher dpm++-25", "teacher ddim", "teacher dpm++",
-                                               *METHODS])}
+    ref_names = (f"teacher ddim-{cfg.ddim_reference_steps}", dpm_reference(cfg))
+    order = {name: i for i, name in enumerate([*ref_names, "teacher ddim", "teacher dpm++", *METHODS])}
     full.sort(key=lambda r: (order.get(r["method"], 99), r["nfe"]))
-    ref = next((r for r in full if r["method"] == "teacher dpm++-25"), None)
+    ref = next((r for r in full if r["method"] == dpm_reference(cfg)), None)
     for r in full:
         r["diversity_ratio"] = r["diversity"] / ref["diversity"] if ref and ref["diversity"] > 0 else None
     results.mkdir(parents=True, exist_ok=True)
@@ -964,23 +976,24 @@ def part_report(run: Path, cfg: MiniSDConfig, results: Path, methods: list[str],
             meta[name] = read_json(rows_path(run, name))
     if "timing" in meta and "hardware" in meta["timing"]:  # the report may be drawn on another machine
         meta["hardware"] = meta["timing"]["hardware"]
-    targets = check_targets(full, methods)
+    targets = check_targets(full, methods, dpm_reference(cfg))
     write_json_atomic({"rows": [{k: r[k] for k in ROW_KEYS} for r in full], "rows_full": full, "targets": targets,
                        **meta}, results / "mini_sd.json")
-    curve = [r for r in full if r["nfe"] <= 8]
+    curve = [r for r in full if r["method"] not in ref_names]
     for metric, log_y in (("fd", True), ("prompt_accuracy", False)):
         plot_metric_vs_nfe(curve, metric, results / f"mini_sd_{metric}.png",
                            title=f"mini-SD (Fashion-MNIST captions): {metric} against NFE",
-                           reference=("teacher, DPM-Solver++ 25 steps", ref[metric]) if ref else None, log_y=log_y)
+                           reference=(f"teacher, DPM-Solver++ {cfg.dpm_reference_steps} steps, CFG", ref[metric])
+                           if ref else None, log_y=log_y)
     for m in methods:
         grid = {}
         for n in (1, 2, 4):
             f = run / "grids" / f"{m}@{n}.n{num}.npy"
             if f.exists():
                 grid[f"{m} {n} NFE"] = np.load(f)
-        t = run / "grids" / f"teacher_dpm++-25@25.n{num}.npy"
+        t = run / "grids" / f"{dpm_reference(cfg).replace(' ', '_')}@{cfg.dpm_reference_steps}.n{num}.npy"
         if grid and t.exists():
-            grid["teacher DPM++ 25"] = np.load(t)
+            grid[f"teacher DPM++ {cfg.dpm_reference_steps}"] = np.load(t)
         if grid:
             save_grid_by_method(grid, results / f"mini_sd_grid_{m}.png")
     table = markdown_table(full, ref["diversity"] if ref else None)
@@ -1092,7 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
                 worker_argv = ["--part", "judge", "--data", args.data, "--out", str(run), "--feature-net",
                                args.feature_net, "--methods", ",".join(methods), "--num", str(num),
                                *(["--tiny"] if args.tiny else []), *(["--allow-cpu"] if args.allow_cpu else [])]
-                part_judge(run, spec, cfg, device, args.feature_net, methods, num, jobs, worker, worker_argv)
+                part_judge(run, spec, cfg, device, args.feature_net, methods, num, jobs, worker, worker_argv,
+                           threads)
             elif part == "report":
                 given = list(argv if argv is not None else sys.argv[1:])
                 part_report(run, cfg, Path(args.results), methods, num, given)

@@ -161,7 +161,7 @@ def test_dry_run_of_every_part_through_diffusers(bench, fm_dir, tmp_path):
         m: (0, 0) for m in bench.METHODS}
     report = json.loads((results / "mini_sd.json").read_text())
     methods = {r["method"] for r in report["rows"]}
-    assert methods == {*bench.METHODS, "teacher ddim-50", "teacher dpm++-25", "teacher ddim", "teacher dpm++"}
+    assert methods == {*bench.METHODS, "teacher ddim-4", "teacher dpm++-3", "teacher ddim", "teacher dpm++"}
     for r in report["rows"]:
         assert set(r) == set(bench.ROW_KEYS)
         assert r["fd"] > 0 and 0 <= r["prompt_accuracy"] <= 1 and r["diversity"] >= 0 and r["images_per_s"] > 0

@@ -295,7 +295,8 @@ def build_unet(cfg: MiniSDConfig):
                                 norm_num_groups=min(32, min(cfg.unet_channels)))
 
 
-def train_vae(vae, x_train: torch.Tensor, x_test: torch.Tensor, cfg: MiniSDConfig, device: str, work: Path) -> dict:
+def train_vae(vae, x_train: torch.Tensor, x_test: torch.Tensor, cfg: MiniSDConfig, device: str, work: Path,
+              score=None) -> dict:
     """MSE reconstruction + a small KL to the unit Gaussian (SD's VAE uses a tiny KL weight too; its GAN and
     LPIPS terms are left out: at 32 px the MSE decoder is sharp enough for the classifier to read)."""
     path = work / "vae.safetensors"
@@ -322,20 +323,24 @@ def train_vae(vae, x_train: torch.Tensor, x_test: torch.Tensor, cfg: MiniSDConfi
         if step % max(1, cfg.vae_steps // 10) == 0 or step == cfg.vae_steps - 1:
             log(f"  vae step {step + 1}/{cfg.vae_steps} mse {loss_rec.item():.5f} ({time.time() - t0:.0f} s)")
     vae.eval()
-    mse = []
+    mse, recs = [], []
     with torch.no_grad():
         for s in range(0, x_test.shape[0], 1000):
             x = x_test[s:s + 1000].to(device).repeat(1, 3, 1, 1)
             rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
             mse.append(((rec - x) ** 2).mean(dim=(1, 2, 3)).cpu())
+            recs.append(rec.mean(dim=1, keepdim=True).cpu())
     mse_t = torch.cat(mse)
     # PSNR on the [0, 1] scale: the [-1, 1] MSE is 4x the [0, 1] one
     psnr = float((10 * torch.log10(1.0 / (mse_t / 4).clamp_min(1e-12))).mean())
     stats = {"test_mse_minus1_1": float(mse_t.mean()), "test_psnr_db": psnr, "steps": cfg.vae_steps,
              "seconds": round(time.time() - t0, 1), "test_images": int(x_test.shape[0])}
+    if score is not None:  # the floor under every sample's FD: the autoencoder's own reconstructions
+        stats["test_reconstruction_fd"] = score(torch.cat(recs))
     save_safetensors_atomic(vae.state_dict(), path)
     write_json_atomic(stats, work / "vae.json")
-    log(f"  vae test reconstruction: mse {stats['test_mse_minus1_1']:.5f} psnr {psnr:.2f} dB")
+    log(f"  vae test reconstruction: mse {stats['test_mse_minus1_1']:.5f} psnr {psnr:.2f} dB "
+        f"fd {stats.get('test_reconstruction_fd', float('nan')):.3f}")
     return stats
 
 
@@ -440,6 +445,10 @@ def load_pipe(path: Path, device: str, scheduler: str | None = None):
     """``StableDiffusionPipeline.from_pretrained`` (diffusers' own class), fp16 on CUDA, fp32 on CPU."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    # a student's exported scheduler is rayflow's own class, named in model_index.json as rayflow.schedulers;
+    # diffusers 0.42 loads it only when that module is already imported (it refuses to import it itself)
+    import rayflow.schedulers  # noqa: F401
+
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
@@ -500,7 +509,9 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
         n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in
                     (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
         log(f"  parameters: {n_params}")
-        vae_stats = train_vae(vae, train.x, test.x, cfg, device, work)
+        net = load_feature_net_for(feature_net_dir, device)
+        vae_stats = train_vae(vae, train.x, test.x, cfg, device, work, score=lambda rec: evaluate_images(
+            rec, test, net, kid_subset_size=min(1000, test.x.shape[0]))["fd"])
         vae.to(device).eval()
         raw = encode_latents(vae, train.x, device, cfg.seed + 30)
         # SD's scaling_factor: latents times 1/std have unit variance, as the noise schedule assumes

@@ -117,8 +117,8 @@ class MiniSDConfig:
     dpm_reference_steps: int = 25  # ... and DPM-Solver++-25, which also chooses the CFG scale
     # distillation (one budget for every method)
     distill_steps: int = 1500
-    distill_batch: int = 128
-    distill_lr: float = 1e-4
+    distill_batch: int = 256  # rayflow distill's default batch and learning rate
+    distill_lr: float = 5e-4
     pool_size: int = 8192
     lora_rank: int = 32
     # judging
@@ -984,7 +984,7 @@ def part_report(run: Path, cfg: MiniSDConfig, results: Path, methods: list[str],
                   "versions": versions(), "config": dataclasses.asdict(cfg), "num_prompts": num}
     for name in ("teacher_train", "teacher_cfg", "cfg", "distill", "timing"):
         if done(run, name):
-            meta[name] = read_json(rows_path(run, name))
+            meta[name] = json.loads(rows_path(run, name).read_text())  # teacher_cfg is a list
     if "timing" in meta and "hardware" in meta["timing"]:  # the report may be drawn on another machine
         meta["hardware"] = meta["timing"]["hardware"]
     targets = check_targets(full, methods, dpm_reference(cfg))

@@ -1073,7 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
             worker = (int(i), int(j))
         threads = args.threads if args.threads is not None else (1 if args.tiny else 2)
         require(threads >= 1, f"--threads must be >= 1, got {threads}")
-        require(args.teacher is None or (Path(args.teacher) / "mini_sd.json").exists(),
+        require(args.teacher is None or (Path(args.out) / "teacher" / "model_index.json").exists()
+                or (Path(args.teacher) / "mini_sd.json").exists(),
                 f"--teacher {args.teacher}: not a mini-SD teacher folder (no mini_sd.json)")
         num = args.num if args.num is not None else (20 if args.tiny else 10000)
         require(num >= 10, f"--num must be >= 10 (one prompt per class at least), got {num}")

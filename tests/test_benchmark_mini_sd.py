@@ -42,12 +42,16 @@ def test_refuses_to_start_without_a_gpu(bench, fm_dir, tmp_path, capsys, monkeyp
     assert not (tmp_path / "run").exists()
 
 
-def test_refuses_unknown_parts_and_a_bad_num(bench, fm_dir, tmp_path, capsys):
+def test_refuses_unknown_parts_methods_teachers_and_a_bad_num(bench, fm_dir, tmp_path, capsys):
     common = ["--data", str(fm_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu"]
     assert bench.main([*common, "--part", "teacher,lunch"]) == 2
     assert "unknown part(s) ['lunch']" in capsys.readouterr().err
     assert bench.main([*common, "--num", "3"]) == 2
     assert "--num must be >= 10" in capsys.readouterr().err
+    assert bench.main([*common, "--methods", "rayflow,lcm"]) == 2
+    assert "unknown method(s) ['lcm']" in capsys.readouterr().err
+    assert bench.main([*common, "--teacher", str(tmp_path)]) == 2
+    assert "not a mini-SD teacher folder (no mini_sd.json)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

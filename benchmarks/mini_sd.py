@@ -113,10 +113,12 @@ class MiniSDConfig:
     # teacher scoring
     cfg_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
     cfg_eval_num: int = 2000
+    ddim_reference_steps: int = 50  # the teacher's reference rows: DDIM-50 ...
+    dpm_reference_steps: int = 25  # ... and DPM-Solver++-25, which also chooses the CFG scale
     # distillation (one budget for every method)
     distill_steps: int = 1500
-    distill_batch: int = 128
-    distill_lr: float = 1e-4
+    distill_batch: int = 256  # rayflow distill's default batch and learning rate
+    distill_lr: float = 5e-4
     pool_size: int = 8192
     lora_rank: int = 32
     # judging
@@ -131,8 +133,9 @@ class MiniSDConfig:
     def dry_run(cls) -> MiniSDConfig:
         return cls(caption_images=40, vae_channels=(8, 16, 16), vae_steps=4, vae_batch=16, text_hidden=32,
                    text_layers=1, unet_channels=(32, 32, 32), unet_layers=1, unet_steps=4, unet_batch=16,
-                   cfg_scales=(1.0, 2.0), cfg_eval_num=20, distill_steps=2, distill_batch=4, pool_size=8,
-                   lora_rank=4, nfes=(1, 2), diversity_prompts=2, diversity_samples=3, data_limit=40, tiny=True)
+                   cfg_scales=(1.0, 2.0), cfg_eval_num=20, ddim_reference_steps=4, dpm_reference_steps=3,
+                   distill_steps=2, distill_batch=4, pool_size=8, lora_rank=4, nfes=(1, 2), diversity_prompts=2,
+                   diversity_samples=3, data_limit=40, tiny=True)
 
 
 def data_spec(path: str, cfg: MiniSDConfig) -> str:
@@ -292,7 +295,8 @@ def build_unet(cfg: MiniSDConfig):
                                 norm_num_groups=min(32, min(cfg.unet_channels)))
 
 
-def train_vae(vae, x_train: torch.Tensor, x_test: torch.Tensor, cfg: MiniSDConfig, device: str, work: Path) -> dict:
+def train_vae(vae, x_train: torch.Tensor, x_test: torch.Tensor, cfg: MiniSDConfig, device: str, work: Path,
+              score=None) -> dict:
     """MSE reconstruction + a small KL to the unit Gaussian (SD's VAE uses a tiny KL weight too; its GAN and
     LPIPS terms are left out: at 32 px the MSE decoder is sharp enough for the classifier to read)."""
     path = work / "vae.safetensors"
@@ -319,20 +323,24 @@ def train_vae(vae, x_train: torch.Tensor, x_test: torch.Tensor, cfg: MiniSDConfi
         if step % max(1, cfg.vae_steps // 10) == 0 or step == cfg.vae_steps - 1:
             log(f"  vae step {step + 1}/{cfg.vae_steps} mse {loss_rec.item():.5f} ({time.time() - t0:.0f} s)")
     vae.eval()
-    mse = []
+    mse, recs = [], []
     with torch.no_grad():
         for s in range(0, x_test.shape[0], 1000):
             x = x_test[s:s + 1000].to(device).repeat(1, 3, 1, 1)
             rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
             mse.append(((rec - x) ** 2).mean(dim=(1, 2, 3)).cpu())
+            recs.append(rec.mean(dim=1, keepdim=True).cpu())
     mse_t = torch.cat(mse)
     # PSNR on the [0, 1] scale: the [-1, 1] MSE is 4x the [0, 1] one
     psnr = float((10 * torch.log10(1.0 / (mse_t / 4).clamp_min(1e-12))).mean())
     stats = {"test_mse_minus1_1": float(mse_t.mean()), "test_psnr_db": psnr, "steps": cfg.vae_steps,
              "seconds": round(time.time() - t0, 1), "test_images": int(x_test.shape[0])}
+    if score is not None:  # the floor under every sample's FD: the autoencoder's own reconstructions
+        stats["test_reconstruction_fd"] = score(torch.cat(recs))
     save_safetensors_atomic(vae.state_dict(), path)
     write_json_atomic(stats, work / "vae.json")
-    log(f"  vae test reconstruction: mse {stats['test_mse_minus1_1']:.5f} psnr {psnr:.2f} dB")
+    log(f"  vae test reconstruction: mse {stats['test_mse_minus1_1']:.5f} psnr {psnr:.2f} dB "
+        f"fd {stats.get('test_reconstruction_fd', float('nan')):.3f}")
     return stats
 
 
@@ -437,6 +445,10 @@ def load_pipe(path: Path, device: str, scheduler: str | None = None):
     """``StableDiffusionPipeline.from_pretrained`` (diffusers' own class), fp16 on CUDA, fp32 on CPU."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    # a student's exported scheduler is rayflow's own class, named in model_index.json as rayflow.schedulers;
+    # diffusers 0.42 loads it only when that module is already imported (it refuses to import it itself)
+    import rayflow.schedulers  # noqa: F401
+
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
@@ -466,7 +478,10 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidan
         lat = latents[s:s + batch].to(device=device, dtype=pipe.unet.dtype)
         img = pipe(prompts[s:s + batch], num_inference_steps=steps, guidance_scale=guidance, latents=lat,
                    output_type="np").images
-        out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+        bad = int((~np.isfinite(img)).any(axis=(1, 2, 3)).sum())
+        if bad:  # an fp16 overflow would otherwise pass silently as black pixels
+            log(f"  warning: {bad} of {img.shape[0]} images have non-finite pixels (scored as 0)")
+        out.append((np.clip(np.nan_to_num(img, nan=0.0), 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
 
@@ -476,12 +491,12 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
     from rayflow.evaluation import evaluate_images, save_grid_by_method
 
     work = run / "teacher-work"
-    work.mkdir(parents=True, exist_ok=True)
     train = load_dataset(spec, split="train")
     test = load_dataset(spec, split="test")
     write_caption_folder(run, train.x, train.labels, cfg)
     pipe_dir = run / "teacher"
     if not (pipe_dir / "model_index.json").exists():
+        work.mkdir(parents=True, exist_ok=True)
         tokenizer, text_encoder = build_text_side(work, cfg)
         vae = build_vae(cfg)
         unet = build_unet(cfg)
@@ -494,7 +509,9 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
         n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in
                     (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
         log(f"  parameters: {n_params}")
-        vae_stats = train_vae(vae, train.x, test.x, cfg, device, work)
+        net = load_feature_net_for(feature_net_dir, device)
+        vae_stats = train_vae(vae, train.x, test.x, cfg, device, work, score=lambda rec: evaluate_images(
+            rec, test, net, kid_subset_size=min(1000, test.x.shape[0]))["fd"])
         vae.to(device).eval()
         raw = encode_latents(vae, train.x, device, cfg.seed + 30)
         # SD's scaling_factor: latents times 1/std have unit variance, as the noise schedule assumes
@@ -530,15 +547,15 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
     rows = []
     grids = {}
     for w in cfg.cfg_scales:
-        images = generate(pipe, prompts, latents, 25, w)
+        images = generate(pipe, prompts, latents, cfg.dpm_reference_steps, w)
         gray = to_gray(images)
         acc, per = class_accuracy(net, gray, labels)
         m = evaluate_images(gray, test, net, kid_subset_size=min(1000, len(prompts), test.x.shape[0]))
-        rows.append({"guidance": w, "steps": 25, "sampler": "dpm++", "prompt_accuracy": acc,
+        rows.append({"guidance": w, "steps": cfg.dpm_reference_steps, "sampler": "dpm++", "prompt_accuracy": acc,
                      "per_class_accuracy": dict(zip(CLASSES, per)), "fd": m["fd"], "kid": m["kid"],
                      "num": len(prompts)})
         grids[f"cfg {w}"] = images[:20]
-        log(f"  teacher dpm++25 cfg {w}: prompt accuracy {acc:.3f}, fd {m['fd']:.3f}")
+        log(f"  teacher dpm++{cfg.dpm_reference_steps} cfg {w}: prompt accuracy {acc:.3f}, fd {m['fd']:.3f}")
     save_grid_by_method(grids, run / "grids" / "teacher_cfg.png")
     # choice: the lowest FD among the scales whose prompt accuracy is within 2 points of the best
     best_acc = max(r["prompt_accuracy"] for r in rows)
@@ -546,8 +563,457 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
     chosen = min(ok, key=lambda r: r["fd"])["guidance"]
     write_json_atomic(rows, rows_path(run, "teacher_cfg"))
     write_json_atomic({"guidance": chosen, "rule": "lowest FD among CFG scales with prompt accuracy within 2 "
-                       "points of the best, DPM-Solver++ 25 steps"}, rows_path(run, "cfg"))
+                       f"points of the best, DPM-Solver++ {cfg.dpm_reference_steps} steps"}, rows_path(run, "cfg"))
     log(f"  chosen CFG scale: {chosen}")
+    # everything a later run needs to adopt this folder (--teacher), inside it: diffusers ignores the file
+    write_json_atomic({"config": teacher_config(cfg), "teacher_train": read_json(rows_path(run, "teacher_train")),
+                       "teacher_cfg": rows, "cfg": read_json(rows_path(run, "cfg"))}, pipe_dir / "mini_sd.json")
+
+
+#: the configuration fields the teacher part depends on (an adopted teacher must match them)
+TEACHER_FIELDS = ("ddim_reference_steps", "dpm_reference_steps", "vae_channels", "vae_steps", "vae_batch", "vae_lr",
+                  "vae_kl_weight", "text_hidden", "text_layers", "max_tokens", "unet_channels", "unet_layers",
+                  "unet_steps", "unet_batch", "unet_lr", "unet_ema", "caption_dropout", "cfg_scales", "cfg_eval_num",
+                  "seed", "data_limit", "tiny")
+
+
+def teacher_config(cfg: MiniSDConfig) -> dict:
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in TEACHER_FIELDS}))
+
+
+def adopt_teacher(src: Path, run: Path, cfg: MiniSDConfig) -> None:
+    """Copy a finished teacher folder (with its ``mini_sd.json``) into ``RUN/teacher`` and its rows."""
+    import shutil
+
+    info = read_json(src / "mini_sd.json")
+    want, have = teacher_config(cfg), info.get("config", {})
+    differ = sorted(k for k in want if k in have and have[k] != want[k])
+    require(have and not differ, f"--teacher {src}: made with another teacher configuration than this run's "
+                                 f"({', '.join(differ) or 'none recorded'})")
+    tmp = run / "teacher.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    tmp.rename(run / "teacher")
+    for name in ("teacher_train", "teacher_cfg", "cfg"):
+        write_json_atomic(info[name], rows_path(run, name))
+    log(f"  adopted the teacher {src}")
+
+
+# ---------------------------------------------------------------------- part distill
+#: each method as the benchmark runs it: its ``--option``s (ProReflow's preset II is the 8 -> 4 -> 2 schedule)
+METHOD_OPTIONS: dict[str, list[str]] = {"rayflow": [], "proreflow": ["preset=II"], "perflow": [], "reflow": [],
+                                        "rectified-diffusion": []}
+#: --tiny: the solvers shortened so a CPU dry run takes seconds (the real run keeps every method's defaults)
+TINY_METHOD_OPTIONS: dict[str, list[str]] = {
+    "rayflow": ["teacher_steps=2", "k_timesteps=2"], "proreflow": ["preset=II", "solver_steps=1"],
+    "perflow": ["solver_steps=1"], "reflow": ["pair_steps=2"], "rectified-diffusion": ["pair_steps=2"]}
+
+
+def guidance_of(run: Path) -> float:
+    require(done(run, "cfg"), f"{run}: no teacher yet (rows/cfg.json); run --part teacher first")
+    return float(read_json(rows_path(run, "cfg"))["guidance"])
+
+
+def distill_command(run: Path, method: str, cfg: MiniSDConfig) -> list[str]:
+    """``rayflow distill`` exactly as a user types it: the teacher pipeline folder, the caption folder, the CFG
+    chosen on the teacher, a LoRA student; one budget for all five methods."""
+    options = (TINY_METHOD_OPTIONS if cfg.tiny else METHOD_OPTIONS)[method]
+    cmd = [sys.executable, "-m", "rayflow", "distill", "--method", method, "--teacher", str(run / "teacher"),
+           "--data", f"captions:path={run / 'data'}", "--guidance", f"{guidance_of(run):g}",
+           "--lora-rank", str(cfg.lora_rank), "--pool-size", str(cfg.pool_size), "--max-steps", str(cfg.distill_steps),
+           "--batch-size", str(cfg.distill_batch), "--lr", f"{cfg.distill_lr:g}", "--seed", str(cfg.seed),
+           # compiling the tiny UNet costs more than it saves over 1 500 steps; progress bars would flood the logs
+           "--compile", "no", "--no-progress", "--checkpoint-every", "250" if not cfg.tiny else "1",
+           "--cache", str(run / "cache" / method), "--out", str(run / "students" / method)]
+    for opt in options:
+        cmd += ["--option", opt]
+    return cmd
+
+
+def _env(threads: int) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    src = str(REPO / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def part_distill(run: Path, spec: str, cfg: MiniSDConfig, methods: list[str], threads: int) -> None:
+    """The five methods as parallel ``rayflow distill`` subprocesses (few CPU threads each: the GPU is shared,
+    the host's cores are not the bottleneck), then ``rayflow export`` for each. A failing method is recorded with
+    its error line and the rest go on; rerunning resumes it (rayflow distill resumes from its checkpoints)."""
+    import subprocess
+
+    logs = run / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ensure_caption_folder(run, spec, cfg)
+    todo = [m for m in methods if not (run / "exports" / m / "rayflow_export.json").exists()]
+    procs: dict[str, tuple[subprocess.Popen, float]] = {}
+    for m in todo:
+        if (run / "students" / m / "sd.json").exists():
+            continue  # trained; only the export is missing
+        cmd = distill_command(run, m, cfg)
+        log(f"  {m}: {' '.join(cmd[1:])}")
+        with open(logs / f"{m}.distill.log", "a") as fh:
+            procs[m] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(threads)), time.time())
+    status = read_json(rows_path(run, "distill")) if done(run, "distill") else {}
+    while procs:
+        for m, (proc, t0) in list(procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del procs[m]
+            entry = {"seconds": round(time.time() - t0, 1), "returncode": code,
+                     "command": " ".join(["rayflow", *distill_command(run, m, cfg)[3:]])}
+            if code != 0:
+                entry["error"] = _last_line(logs / f"{m}.distill.log")
+                log(f"  {m}: distill FAILED ({entry['error']})")
+            else:
+                log(f"  {m}: distilled in {entry['seconds']:.0f} s")
+            status[m] = {**status.get(m, {}), **entry}
+            write_json_atomic(status, rows_path(run, "distill"))
+        time.sleep(1.0)
+    for m in todo:
+        if not (run / "students" / m / "sd.json").exists():
+            continue
+        cmd = [sys.executable, "-m", "rayflow", "export", "--model", str(run / "students" / m),
+               "--out", str(run / "exports" / m)]
+        t0 = time.time()
+        with open(logs / f"{m}.export.log", "a") as fh:
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(threads)).returncode
+        entry = {"export_seconds": round(time.time() - t0, 1), "export_returncode": code}
+        if code != 0:
+            entry["export_error"] = _last_line(logs / f"{m}.export.log")
+            log(f"  {m}: export FAILED ({entry['export_error']})")
+        else:
+            log(f"  {m}: exported to {run / 'exports' / m}")
+        status[m] = {**status.get(m, {}), **entry, **_train_stats(run / "students" / m)}
+        write_json_atomic(status, rows_path(run, "distill"))
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][:400] if lines else "(no output)"
+
+
+def _train_stats(student: Path) -> dict:
+    """Seconds of student updates (every stage's last logged time) and the teacher NFEs the method spent."""
+    total = 0.0
+    for log_path in student.rglob("train_log.jsonl"):
+        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        total += float(rows[-1].get("time", 0.0)) if rows else 0.0
+    cfg_path = student / "config.json"
+    nfe = read_json(cfg_path).get("teacher_nfe") if cfg_path.exists() else None
+    return {"train_seconds": round(total, 1), "teacher_nfe": nfe}
+
+
+def ensure_caption_folder(run: Path, spec: str, cfg: MiniSDConfig) -> Path:
+    """The caption folder is rebuilt from the data (deterministically) when the run directory lacks it, e.g.
+    when the teacher was adopted with ``--teacher``."""
+    if not (run / "data" / "metadata.jsonl").exists():
+        train = load_dataset(spec, split="train")
+        write_caption_folder(run, train.x, train.labels, cfg)
+    return run / "data"
+
+
+# ---------------------------------------------------------------------- part judge
+#: the four prompts of the grids: top, dress, sneaker, bag (indices into the judged prompts)
+GRID_PROMPTS = (0, 3, 7, 8)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One judged configuration: a pipeline folder, a scheduler, a step count and a CFG scale."""
+
+    method: str
+    nfe: int  # sampling steps; a teacher with CFG > 1 evaluates its UNet twice per step (batched)
+    pipe_dir: Path
+    scheduler: str | None  # None: the folder's own (a student's exported scheduler)
+    guidance: float
+    lora: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}@{self.nfe}".replace(" ", "_")
+
+
+def dpm_reference(cfg: MiniSDConfig) -> str:
+    """The row every target is measured against: the teacher with DPM-Solver++ at the chosen CFG scale."""
+    return f"teacher dpm++-{cfg.dpm_reference_steps}"
+
+
+def judge_rows(run: Path, cfg: MiniSDConfig, methods: list[str]) -> list[Row]:
+    w = guidance_of(run)
+    teacher = run / "teacher"
+    rows = [Row(f"teacher ddim-{cfg.ddim_reference_steps}", cfg.ddim_reference_steps, teacher, "ddim", w, False),
+            Row(dpm_reference(cfg), cfg.dpm_reference_steps, teacher, "dpm++", w, False)]
+    for n in cfg.nfes:
+        rows += [Row("teacher ddim", n, teacher, "ddim", w, False),
+                 Row("teacher dpm++", n, teacher, "dpm++", w, False)]
+    for m in methods:
+        export = run / "exports" / m
+        if (export / "rayflow_export.json").exists():
+            lora = (export / "pytorch_lora_weights.safetensors").exists()
+            rows += [Row(m, n, export, None, 1.0, lora) for n in cfg.nfes]
+    return rows
+
+
+def open_row_pipe(row: Row, device: str):
+    pipe = load_pipe(row.pipe_dir, device, row.scheduler)
+    if row.lora:
+        # the user's two lines (docs/export.md); fused so the timed UNet is the teacher's architecture
+        pipe.load_lora_weights(str(row.pipe_dir))
+        pipe.fuse_lora()
+    return pipe
+
+
+@torch.no_grad()
+def images_per_s(pipe, row: Row, batch: int, device: str, repeats: int) -> float:
+    """Warm images/s of the pipeline's denoising loop plus VAE decode at ``batch`` (text embeddings precomputed,
+    as a server caches them; CUDA-synchronised)."""
+    embeds, negative = pipe.encode_prompt(["a photo of a sneaker"] * batch, pipe.device, 1, row.guidance > 1.0, None)
+    latents = fixed_latents(batch, 12345).to(device=pipe.device, dtype=pipe.unet.dtype)
+
+    def once():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents,
+                    num_inference_steps=row.nfe, guidance_scale=row.guidance, output_type="pt").images
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        once()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    sync()
+    return batch * repeats / (time.perf_counter() - t0)
+
+
+def diversity(net, images: np.ndarray, per_prompt: int) -> float:
+    """Mean pairwise distance of the classifier's pooled features among the ``per_prompt`` samples of each
+    prompt, ``mean_{i<j} ||f_i - f_j|| / sqrt(d)``, averaged over prompts (``images`` grouped by prompt)."""
+    from rayflow.metrics import extract_features
+
+    feats = extract_features(net, to_gray(images), space="pooled")
+    groups = feats.reshape(-1, per_prompt, feats.shape[1])
+    d = torch.cdist(groups, groups) / math.sqrt(feats.shape[1])
+    iu = torch.triu_indices(per_prompt, per_prompt, offset=1)
+    return float(d[:, iu[0], iu[1]].mean())
+
+
+def part_judge(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_net_dir: str, methods: list[str],
+               num: int, jobs: int = 1, worker: tuple[int, int] | None = None, worker_argv: list[str] | None = None,
+               threads: int = 2) -> None:
+    """Every row of :func:`judge_rows` through ``StableDiffusionPipeline.from_pretrained``, in two passes.
+
+    Quality (``RUN/rows/judge/KEY.nNUM.json``; ``jobs`` worker processes share the rows, as the small UNet leaves
+    the GPU mostly idle in one process): ``num`` prompts (class ``i % 10``) from the latents
+    ``fixed_latents(num, seed)``: FD and KID of the classifier's multi-layer features against the test split,
+    prompt accuracy (the classifier's class = the caption's), ``diversity`` (:func:`diversity` over
+    ``diversity_prompts`` prompts x ``diversity_samples`` latents).
+    Speed (``RUN/rows/speed/KEY.json``), afterwards, one row at a time so that nothing else runs on the GPU:
+    images/s at batch 1 and 64. A rerun skips every file already written."""
+    import subprocess
+
+    rows = judge_rows(run, cfg, methods)
+    pending = [r for r in rows if not (run / "rows" / "judge" / f"{r.key}.n{num}.json").exists()]
+    if worker is not None:
+        for row in pending[worker[0]::worker[1]]:
+            judge_quality(run, spec, cfg, device, feature_net_dir, row, num)
+        return
+    if jobs > 1 and len(pending) > 1:
+        log(f"  {len(pending)} rows over {jobs} worker processes")
+        procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker_argv,
+                                   "--worker", f"{i}/{jobs}"], env=_env(threads)) for i in range(jobs)]
+        codes = [p.wait() for p in procs]
+        require(all(c == 0 for c in codes), f"judge workers failed (exit codes {codes}); rerun to resume")
+    for row in pending:  # serial, or what a worker left (none when they all succeeded)
+        if not (run / "rows" / "judge" / f"{row.key}.n{num}.json").exists():
+            judge_quality(run, spec, cfg, device, feature_net_dir, row, num)
+    repeats = 2 if cfg.tiny else 8
+    for row in rows:
+        path = run / "rows" / "speed" / f"{row.key}.json"
+        if path.exists():
+            continue
+        pipe = open_row_pipe(row, device)
+        speed = {f"images_per_s_batch{b}": images_per_s(pipe, row, b, device, repeats) for b in (1, 64)}
+        write_json_atomic(speed, path)
+        log(f"  {row.method} {row.nfe}: {speed['images_per_s_batch1']:.0f} img/s at batch 1, "
+            f"{speed['images_per_s_batch64']:.0f} at batch 64")
+        del pipe
+
+
+_JUDGE_STATE: dict = {}
+
+
+def judge_quality(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_net_dir: str, row: Row,
+                  num: int) -> None:
+    from rayflow.evaluation import evaluate_images
+
+    if _JUDGE_STATE.get("key") != (spec, feature_net_dir, num, device):  # loaded once per process
+        prompts, labels = prompts_for(num)
+        div_prompts = [p for p in prompts_for(cfg.diversity_prompts)[0] for _ in range(cfg.diversity_samples)]
+        _JUDGE_STATE.update(key=(spec, feature_net_dir, num, device), test=load_dataset(spec, split="test"),
+                            net=load_feature_net_for(feature_net_dir, device), prompts=prompts, labels=labels,
+                            latents=fixed_latents(num, cfg.seed), div_prompts=div_prompts,
+                            div_latents=fixed_latents(len(div_prompts), cfg.seed + 1))
+    st = _JUDGE_STATE
+    t0 = time.time()
+    pipe = open_row_pipe(row, device)
+    images = generate(pipe, st["prompts"], st["latents"], row.nfe, row.guidance)
+    gray = to_gray(images)
+    m = evaluate_images(gray, st["test"], st["net"], labels=st["labels"],
+                        kid_subset_size=min(1000, num, st["test"].x.shape[0]))
+    _, per_class = class_accuracy(st["net"], gray, st["labels"])
+    div = diversity(st["net"], generate(pipe, st["div_prompts"], st["div_latents"], row.nfe, row.guidance),
+                    cfg.diversity_samples)
+    result = {"method": row.method, "nfe": row.nfe, "fd": m["fd"], "kid": m["kid"], "prompt_accuracy": m["accuracy"],
+              "diversity": div, "guidance": row.guidance,
+              "unet_evals_per_image": row.nfe * (2 if row.guidance > 1 else 1),
+              "scheduler": row.scheduler or type(pipe.scheduler).__name__, "num": num,
+              "per_class_accuracy": dict(zip(CLASSES, per_class)), "fd_classifier": m["fd_classifier"],
+              "kid_std": m["kid_std"], "feature_net": m["feature_net"], "pipe_dir": str(row.pipe_dir),
+              "seconds": round(time.time() - t0, 1)}
+    if row.nfe in (1, 2, 4) or row.method == dpm_reference(cfg):  # the report's grids
+        (run / "grids").mkdir(parents=True, exist_ok=True)
+        np.save(run / "grids" / f"{row.key}.n{num}.npy", images[list(GRID_PROMPTS)])
+    write_json_atomic(result, run / "rows" / "judge" / f"{row.key}.n{num}.json")
+    log(f"  {row.method} {row.nfe}: fd {m['fd']:.3f} kid {m['kid']:.4f} prompt acc {m['accuracy']:.3f} "
+        f"diversity {div:.4f} ({time.time() - t0:.0f} s)")
+    del pipe
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- part report
+ROW_KEYS = ("method", "nfe", "fd", "kid", "prompt_accuracy", "diversity", "images_per_s")
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    import rayflow
+
+    out = {"rayflow": rayflow.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        import peft
+
+        out["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover - peft is a dependency of the SD path
+        pass
+    return out
+
+
+def check_targets(rows: list[dict], methods: list[str], reference: str = "teacher dpm++-25") -> dict:
+    """The issue's targets, each a boolean with the numbers it was decided on (left out where a row is missing).
+    ``reference`` names the teacher row the 2-NFE target is measured against."""
+    by = {(r["method"], r["nfe"]): r for r in rows}
+    ref = next((r for r in rows if r["method"] == reference), None)
+    students = [m for m in methods if (m, 2) in by]
+    out: dict = {}
+    if ref and students:
+        best = min(students, key=lambda m: by[(m, 2)]["fd"])
+        b = by[(best, 2)]
+        ratio = b["diversity"] / ref["diversity"] if ref["diversity"] > 0 else float("nan")
+        out["best_student_at_2_nfe"] = {
+            "method": best, "fd": b["fd"], "teacher_fd": ref["fd"],
+            "fd_within_1.5x": bool(b["fd"] <= 1.5 * ref["fd"]),
+            "prompt_accuracy": b["prompt_accuracy"], "teacher_prompt_accuracy": ref["prompt_accuracy"],
+            "prompt_accuracy_within_2_points": bool(b["prompt_accuracy"] >= ref["prompt_accuracy"] - 0.02),
+            "diversity_ratio": ratio, "diversity_at_least_80_percent": bool(ratio >= 0.8)}
+        out["best_student_at_2_nfe"]["met"] = all(
+            out["best_student_at_2_nfe"][k] for k in ("fd_within_1.5x", "prompt_accuracy_within_2_points",
+                                                      "diversity_at_least_80_percent"))
+    dpm4 = by.get(("teacher dpm++", 4))
+    one = [m for m in methods if (m, 1) in by]
+    if dpm4 and one:
+        per = {m: bool(by[(m, 1)]["fd"] < dpm4["fd"]) for m in one}
+        out["every_student_at_1_nfe_beats_teacher_dpm++_4"] = {
+            "met": all(per.values()), "per_method": per, "teacher_dpm++_4_fd": dpm4["fd"],
+            "student_fd_at_1": {m: by[(m, 1)]["fd"] for m in one}}
+    if "rayflow" in methods:
+        ranks = {}
+        for n in sorted({r["nfe"] for r in rows if r["method"] in methods}):
+            order = sorted((m for m in methods if (m, n) in by), key=lambda m: by[(m, n)]["fd"])
+            if "rayflow" in order:
+                ranks[str(n)] = {"rank_by_fd": order.index("rayflow") + 1, "of": len(order), "order": order}
+        out["rayflow_standing"] = ranks
+    return out
+
+
+def markdown_table(rows: list[dict], teacher_div: float | None) -> str:
+    lines = ["| method | NFE | FD | KID | prompt acc. | diversity (× teacher) | img/s @1 | img/s @64 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f" ({r['diversity'] / teacher_div:.2f}×)" if teacher_div else ""
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['fd']:.3f} | {r['kid']:.4f} "
+                     f"| {100 * r['prompt_accuracy']:.1f} % | {r['diversity']:.4f}{ratio} "
+                     f"| {r['images_per_s_batch1']:.0f} | {r['images_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def part_report(run: Path, cfg: MiniSDConfig, results: Path, methods: list[str], num: int, argv: list[str]) -> None:
+    from rayflow.evaluation import plot_metric_vs_nfe, save_grid_by_method
+
+    files = sorted((run / "rows" / "judge").glob(f"*.n{num}.json")) if (run / "rows" / "judge").is_dir() else []
+    require(files, f"{run}/rows/judge: nothing judged with --num {num} yet; run --part judge first")
+    full = []
+    for f in files:
+        r = json.loads(f.read_text())
+        speed_path = run / "rows" / "speed" / f"{f.name.rsplit('.n', 1)[0]}.json"
+        speed = read_json(speed_path) if speed_path.exists() else {}
+        r["images_per_s_batch1"] = speed.get("images_per_s_batch1", float("nan"))
+        r["images_per_s"] = r["images_per_s_batch64"] = speed.get("images_per_s_batch64", float("nan"))
+        full.append(r)
+    ref_names = (f"teacher ddim-{cfg.ddim_reference_steps}", dpm_reference(cfg))
+    order = {name: i for i, name in enumerate([*ref_names, "teacher ddim", "teacher dpm++", *METHODS])}
+    full.sort(key=lambda r: (order.get(r["method"], 99), r["nfe"]))
+    ref = next((r for r in full if r["method"] == dpm_reference(cfg)), None)
+    for r in full:
+        r["diversity_ratio"] = r["diversity"] / ref["diversity"] if ref and ref["diversity"] > 0 else None
+    results.mkdir(parents=True, exist_ok=True)
+    meta: dict = {"command": "python benchmarks/mini_sd.py " + " ".join(argv), "hardware": hardware(),
+                  "versions": versions(), "config": dataclasses.asdict(cfg), "num_prompts": num}
+    for name in ("teacher_train", "teacher_cfg", "cfg", "distill", "timing"):
+        if done(run, name):
+            meta[name] = json.loads(rows_path(run, name).read_text())  # teacher_cfg is a list
+    if "timing" in meta and "hardware" in meta["timing"]:  # the report may be drawn on another machine
+        meta["hardware"] = meta["timing"]["hardware"]
+    targets = check_targets(full, methods, dpm_reference(cfg))
+    write_json_atomic({"rows": [{k: r[k] for k in ROW_KEYS} for r in full], "rows_full": full, "targets": targets,
+                       **meta}, results / "mini_sd.json")
+    curve = [r for r in full if r["method"] not in ref_names]
+    for metric, log_y in (("fd", True), ("prompt_accuracy", False)):
+        plot_metric_vs_nfe(curve, metric, results / f"mini_sd_{metric}.png",
+                           title=f"mini-SD (Fashion-MNIST captions): {metric} against NFE",
+                           reference=(f"teacher, DPM-Solver++ {cfg.dpm_reference_steps} steps, CFG", ref[metric])
+                           if ref else None, log_y=log_y)
+    for m in methods:
+        grid = {}
+        for n in (1, 2, 4):
+            f = run / "grids" / f"{m}@{n}.n{num}.npy"
+            if f.exists():
+                grid[f"{m} {n} NFE"] = np.load(f)
+        t = run / "grids" / f"{dpm_reference(cfg).replace(' ', '_')}@{cfg.dpm_reference_steps}.n{num}.npy"
+        if grid and t.exists():
+            grid[f"teacher DPM++ {cfg.dpm_reference_steps}"] = np.load(t)
+        if grid:
+            save_grid_by_method(grid, results / f"mini_sd_grid_{m}.png")
+    table = markdown_table(full, ref["diversity"] if ref else None)
+    lines = [f"mini-SD benchmark, {num} prompts ({num // 10} per class), CFG {meta.get('cfg', {}).get('guidance')} "
+             f"for the teacher rows (students sample with guidance 1); {meta['hardware'].get('gpu')}.", "", table]
+    lines += ["Targets:", "```json", json.dumps(targets, indent=1), "```"]
+    write_text_atomic("\n".join(lines) + "\n", results / "mini_sd.md")
+    log(table)
+    log("targets: " + json.dumps({k: v.get("met") if isinstance(v, dict) else v for k, v in targets.items()}))
 
 
 # ---------------------------------------------------------------------- entry point
@@ -578,6 +1044,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="the classifier whose features FD/KID/prompt accuracy use")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--num", type=int, default=None, help="judged prompts (default 10000 = 1000 per class)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {', '.join(METHODS)} (default all)")
+    p.add_argument("--teacher", default=None,
+                   help="adopt this mini-SD pipeline folder (e.g. benchmarks/checkpoints/mini-sd, with its "
+                        "mini_sd.json) instead of training the teacher")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per distillation subprocess (default 2; 1 with --tiny: spinning thread pools "
+                        "of parallel processes on a small CPU cost far more than they give)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="judge worker processes sharing the quality rows (default 4 on a GPU, 1 with --tiny)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # I/J: one judge worker (internal)
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
     args = p.parse_args(argv)
@@ -586,6 +1062,20 @@ def main(argv: list[str] | None = None) -> int:
         parts = PARTS if args.part == "all" else tuple(x.strip() for x in args.part.split(","))
         unknown = sorted(set(parts) - set(PARTS))
         require(not unknown, f"--part: unknown part(s) {unknown}; expected {', '.join(PARTS)} or all")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = sorted(set(methods) - set(METHODS))
+        require(methods and not bad, f"--methods: unknown method(s) {bad}; expected {', '.join(METHODS)}")
+        jobs = args.jobs if args.jobs is not None else (1 if args.tiny else 4)
+        require(jobs >= 1, f"--jobs must be >= 1, got {jobs}")
+        worker = None
+        if args.worker is not None:
+            i, _, j = args.worker.partition("/")
+            worker = (int(i), int(j))
+        threads = args.threads if args.threads is not None else (1 if args.tiny else 2)
+        require(threads >= 1, f"--threads must be >= 1, got {threads}")
+        require(args.teacher is None or (Path(args.out) / "teacher" / "model_index.json").exists()
+                or (Path(args.teacher) / "mini_sd.json").exists(),
+                f"--teacher {args.teacher}: not a mini-SD teacher folder (no mini_sd.json)")
         num = args.num if args.num is not None else (20 if args.tiny else 10000)
         require(num >= 10, f"--num must be >= 10 (one prompt per class at least), got {num}")
         require(Path(args.data).is_dir(), f"--data {args.data}: no such directory (the Fashion-MNIST IDX files)")
@@ -616,11 +1106,26 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             log(f"== {part}")
             if part == "teacher":
+                if args.teacher and not (run / "teacher" / "model_index.json").exists():
+                    adopt_teacher(Path(args.teacher), run, cfg)
                 part_teacher(run, spec, cfg, device, args.feature_net)
-            else:
-                raise RayflowError(f"--part {part}: not written yet")
+            elif part == "distill":
+                if args.teacher and not (run / "teacher" / "model_index.json").exists():
+                    adopt_teacher(Path(args.teacher), run, cfg)
+                part_distill(run, spec, cfg, methods, threads)
+            elif part == "judge":
+                worker_argv = ["--part", "judge", "--data", args.data, "--out", str(run), "--feature-net",
+                               args.feature_net, "--methods", ",".join(methods), "--num", str(num),
+                               *(["--tiny"] if args.tiny else []), *(["--allow-cpu"] if args.allow_cpu else [])]
+                part_judge(run, spec, cfg, device, args.feature_net, methods, num, jobs, worker, worker_argv,
+                           threads)
+            elif part == "report":
+                given = list(argv if argv is not None else sys.argv[1:])
+                part_report(run, cfg, Path(args.results), methods, num, given)
             seconds = time.time() - t0
             log(f"== {part} done in {seconds:.0f} s")
+            if worker is not None:
+                continue  # the parent process keeps the time
             timing_path = run / "rows" / "timing.json"
             timing = read_json(timing_path) if timing_path.exists() else {}
             timing[part] = round(timing.get(part, 0.0) + seconds, 1)

@@ -161,10 +161,12 @@ def adopt(source: str, target: Path, files: tuple[str, ...]) -> None:
 def _scorer(run: Path, spec: str, cfg: BenchConfig, device: str) -> Scorer:
     scorer = Scorer.for_data(spec, run / "feature-net", feature_steps=cfg.feature_steps, seed=cfg.seed,
                              device=device)
-    if (run / "feature-net-2" / "feature_net.safetensors").exists():  # --feature-net-2: rows also get fd_net2
-        from rayflow.metrics import load_feature_net
+    # Every row also gets fd_net2, the fd under an independently trained network (--feature-net-2, or trained here
+    # once with another width, head and seed), and the report the Kendall tau between the two (issue 11's target).
+    from rayflow.comparison import ensure_second_feature_net
 
-        scorer.second_net = load_feature_net(run / "feature-net-2").to(device)
+    scorer.second_net = ensure_second_feature_net(load_dataset(spec, split="train"), run / "feature-net-2",
+                                                  steps=cfg.feature_steps, seed=cfg.seed + 1, device=device)
     return scorer
 
 

@@ -203,8 +203,7 @@ def test_metric_validation_corruptions_grow_with_strength():
     data = two_class(200, 0, size=16)  # 20 of each of 10 "classes": enough to keep 20 after dropping 8
     pool = SimpleNamespace(x=data.x, labels=torch.arange(200) % 10)
     for name, strengths in mv.STRENGTHS.items():
-        outs = [mv.corrupt(name, s, data.x[:20], pool.labels[:20], pool.x, pool.labels, data.x, g)
-                for s in strengths]
+        outs = [mv.corrupt(name, s, data.x[:20], pool.x, pool.labels, g) for s in strengths]
         assert all(o.shape == (20, 1, 16, 16) and float(o.abs().max()) <= 1 for o in outs), name
         if name in ("blur", "noise", "contrast", "erode", "dilate", "jpeg"):
             dist = [float((o - data.x[:20]).abs().mean()) for o in outs]
@@ -217,21 +216,38 @@ def test_metric_validation_checks_and_table():
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
     mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
-    rows = [{"group": "floor", "name": "train vs test", "strength": 0, "n": 10, "good": 1.0, "bad": 1.0,
-             "fd_net2": 1.0},
-            {"group": "floor", "name": "test, ddim n", "strength": 0, "n": 5, "good": 2.0, "bad": 2.0, "fd_net2": 2.0}]
+    # "fd" rises with strength from 2x the floor; "kid" is flat for blur and rises with DDIM steps; "fd_net2"
+    # ranks like "fd"; the floor is 1.0 +- 0.1 over two resamples (0.9, 1.1)
+    rows = [{"group": "floor", "name": "train vs test", "strength": k, "n": 10, "fd": v, "kid": v, "fd_net2": v}
+            for k, v in enumerate((0.9, 1.1))]
+    rows.append({"group": "floor", "name": "test, ddim n", "strength": 0, "n": 5, "fd": 2.0, "kid": 2.0,
+                 "fd_net2": 2.0})
     for c, strengths in mv.STRENGTHS.items():
         for i, s in enumerate(strengths):
-            # "good" rises with strength from 2x the floor; "bad" is flat for blur
-            rows.append({"group": "corruption", "name": c, "strength": s, "n": 10, "good": 2.0 + i,
-                         "bad": 1.2 if c == "blur" else 2.0 + i, "fd_net2": 2.0 + i})
+            rows.append({"group": "corruption", "name": c, "strength": s, "n": 10, "fd": 2.0 + i,
+                         "kid": 1.2 if c == "blur" else 2.0 + i, "fd_net2": 2.0 + i})
     for i, steps in enumerate((1, 2, 4, 8)):
-        rows.append({"group": "ddim", "name": "ddim", "strength": steps, "n": 5, "good": 10.0 - i, "bad": 5.0 + i,
+        rows.append({"group": "ddim", "name": "ddim", "strength": steps, "n": 5, "fd": 10.0 - i, "kid": 5.0 + i,
                      "fd_net2": 10.0 - i})
-    checks = mv.checks(rows, ["good", "bad", "fd_net2"])
-    assert checks["good"]["pass"] and checks["good"]["ddim_monotone"]
-    assert not checks["bad"]["pass"] and not checks["bad"]["monotone"]["blur"] and not checks["bad"]["ddim_monotone"]
-    assert checks["bad"]["floor"]["blur_ratio"] == pytest.approx(1.2)
-    assert checks["good"]["kendall_tau_vs_fd_net2"] == pytest.approx(1.0)
+    checks = mv.checks(rows, ["fd", "kid", "fd_net2"])
+    assert checks["fd"]["pass"] and checks["fd"]["ddim_monotone"]
+    assert not checks["kid"]["pass"] and not checks["kid"]["monotone"]["blur"] and not checks["kid"]["ddim_monotone"]
+    floor = checks["kid"]["floor"]
+    assert floor["floor"] == pytest.approx(1.0) and floor["floor_std"] == pytest.approx(2 ** 0.5 / 10)
+    assert floor["blur_ratio"] == pytest.approx(1.2) and floor["blur_z"] == pytest.approx(0.2 / floor["floor_std"])
+    assert not floor["pass"]  # 1.2x the floor and 1.4 standard deviations above it: not clearly above
+    assert checks["fd"]["kendall_tau_partner"] == "fd_net2" and checks["fd"]["kendall_tau"] == pytest.approx(1.0)
+    assert checks["kid"]["kendall_tau"] < 1.0 and "kendall_tau" not in checks["fd_net2"]
     table = mv.markdown({"rows": rows, "checks": checks})
-    assert "7/8 (not: blur)" in table and "| passes | True | False |" in table
+    assert "7/8 (not: blur)" in table and "| passes | True | False | True |" in table
+
+
+def test_metric_validation_partner_columns():
+    import importlib.machinery
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
+    mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
+    assert mv._partner("fd") == "fd_net2" and mv._partner("fd_zscored_a") == "fd_zscored_b"
+    assert mv._partner("kid_c") == "kid_d" and mv._partner("fd_net2") is None and mv._partner("fd_b") is None
+    assert mv._partner("inception_fid") is None

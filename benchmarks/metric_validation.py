@@ -286,27 +286,24 @@ def markdown(result: dict) -> str:
         cells = [f"{r[m]:.4g} ({r[m] / base[m]:.2g}×)" if r["group"] != "floor" and base[m] > 0 else f"{r[m]:.4g}"
                  for m in shown]
         lines.append(f"| {r['name']} | {r['strength']:g} | {r['n']} | " + " | ".join(cells) + " |")
-    lines += ["", "| check | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-
-    def monotone(m: str) -> str:
-        bad = [c for c, ok in checks_[m]["monotone"].items() if not ok]
-        return f"{len(STRENGTHS) - len(bad)}/{len(STRENGTHS)}" + (f" (not: {', '.join(bad)})" if bad else "")
-
-    def floor_cell(m: str) -> str:
-        f = checks_[m]["floor"]
-        ratio = (f"{f['blur_ratio']:.2f}×, {f['noise_ratio']:.2f}×" if f["floor"] > 0 else "floor ≤ 0")
-        return f"{ratio}; z {f['blur_z']:.1f}, {f['noise_z']:.1f}"
-
-    lines.append("| rises with strength | " + " | ".join(monotone(m) for m in metrics) + " |")
-    lines.append("| floor ± std (resamples) | " + " | ".join(
-        f"{checks_[m]['floor']['floor']:.4g} ± {checks_[m]['floor']['floor_std']:.2g}" for m in metrics) + " |")
-    lines.append(f"| mildest blur, noise: ≥ {FLOOR_FACTOR}× floor and z ≥ {FLOOR_Z:g} | "
-                 + " | ".join(floor_cell(m) for m in metrics) + " |")
-    lines.append("| DDIM falls with steps | " + " | ".join(str(checks_[m]["ddim_monotone"]) for m in metrics) + " |")
-    lines.append("| Kendall τ vs the pair's other network | " + " | ".join(
-        f"{checks_[m]['kendall_tau']:.3f}" if "kendall_tau" in checks_[m] else "–" for m in metrics) + " |")
-    lines.append("| passes | " + " | ".join(str(checks_[m]["pass"]) for m in metrics) + " |")
+    lines += ["", f"| metric | rises with strength | floor ± std ({_resamples(checks_)} resamples) | mildest blur, "
+                  f"noise: ≥ {FLOOR_FACTOR}× floor and z ≥ {FLOOR_Z:g} | DDIM falls with steps | Kendall τ vs the "
+                  f"pair's other network | passes |", "|---|---|---|---|---|---|---|"]
+    for m in metrics:
+        c = checks_[m]
+        bad = [k for k, ok in c["monotone"].items() if not ok]
+        f = c["floor"]
+        ratio = f"{f['blur_ratio']:.2f}×, {f['noise_ratio']:.2f}×" if f["floor"] > 0 else "floor ≤ 0"
+        tau = f"{c['kendall_tau']:.3f} (vs {c['kendall_tau_partner']})" if "kendall_tau" in c else "–"
+        rises = f"{len(STRENGTHS) - len(bad)}/{len(STRENGTHS)}" + (f" (not: {', '.join(bad)})" if bad else "")
+        z = f"z {f['blur_z']:.1f}, {f['noise_z']:.1f}"
+        lines.append(f"| {m} | {rises} | {f['floor']:.4g} ± {f['floor_std']:.2g} | {ratio}; {z} "
+                     f"| {c['ddim_monotone']} | {tau} | {c['pass']} |")
     return "\n".join(lines) + "\n"
+
+
+def _resamples(checks_: dict) -> int:
+    return next(iter(checks_.values()))["floor"]["resamples"]
 
 
 def plot(rows: list[dict], metrics: list[str], path: Path) -> None:
@@ -359,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where DDIM samples and finished rows are cached (a re-run resumes)")
     p.add_argument("--results", default=str(REPO / "benchmarks/results"))
     p.add_argument("--inception", action="store_true", help="also Inception FID (the [fid] extra; slow on a CPU)")
-    p.add_argument("--tiny", action="store_true", help="a seconds-long dry run (small sets, untrained second net)")
+    p.add_argument("--tiny", action="store_true",
+                   help="a dry run of the plumbing (small sets, narrow networks trained a few steps)")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -369,19 +367,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_nets(args: argparse.Namespace, train) -> dict[str, FeatureNet]:
-    """The committed pair (the second trained and saved when missing) and, with --train-steps, a fresh pair."""
+    """The committed pair (the second trained and saved when missing) and, with --train-steps, two fresh pairs.
+
+    A --tiny run replaces every network by a narrow one (width 4) trained a few steps: it checks the plumbing, and
+    the eigen-decompositions of the full networks' 1216-d statistics would dominate it on a CPU.
+    """
+    if args.tiny:
+        hps = {"": {"seed": 0}, "_net2": {"seed": 1}, **({t: {"seed": int(hp["seed"]), "recon_weight": hp.get(
+            "recon_weight", 0.0)} for t, hp in TRAINED_NETS.items()} if args.train_steps > 0 else {})}
+        with torch.random.fork_rng(devices=[]):
+            nets = {tag: train_feature_net(train, steps=5, batch_size=16, width=4, feature_dim=8, progress=False,
+                                           device=args.device, **hp) for tag, hp in hps.items()}
+        return {tag: net.eval() for tag, net in nets.items()}
     nets = {"": load_feature_net(args.feature_net)}
     if Path(args.net2, "feature_net.safetensors").exists():
         nets["_net2"] = load_feature_net(args.net2)
     else:
         t0 = time.perf_counter()
-        steps = 20 if args.tiny else args.net2_steps
         with torch.random.fork_rng(devices=[]):
-            nets["_net2"] = train_feature_net(train, steps=steps, batch_size=64, seed=1, width=24, feature_dim=64,
-                                              progress=False, device=args.device)
-        if not args.tiny:
-            save_feature_net(nets["_net2"], args.net2)
-        print(f"second feature net: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+            nets["_net2"] = train_feature_net(train, steps=args.net2_steps, batch_size=64, seed=1, width=24,
+                                              feature_dim=64, progress=False, device=args.device)
+        save_feature_net(nets["_net2"], args.net2)
+        print(f"second feature net: {args.net2_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.train_steps > 0:
         for tag, hp in TRAINED_NETS.items():
             t0 = time.perf_counter()
@@ -395,6 +402,19 @@ def _load_nets(args: argparse.Namespace, train) -> dict[str, FeatureNet]:
     return {tag: net.to(args.device).eval() for tag, net in nets.items()}
 
 
+def _fingerprint(nets: dict[str, FeatureNet]) -> str:
+    """A short hash of the networks' tags and weights and of :data:`METRIC_VIEWS` (the row cache's key)."""
+    import hashlib
+
+    h = hashlib.sha1(json.dumps(METRIC_VIEWS, sort_keys=True).encode())
+    for tag, net in sorted(nets.items()):
+        h.update(tag.encode())
+        for k, v in net.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     require(args.floor_resamples >= 2, f"--floor-resamples must be >= 2, got {args.floor_resamples}")
@@ -404,7 +424,6 @@ def run(args: argparse.Namespace) -> int:
     test, train = load_dataset(spec, split="test"), load_dataset(spec, split="train")
     if args.tiny:
         args.num, args.ref_num, args.ddim_num = 60, 200, min(args.ddim_num, 4)
-        args.train_steps = min(args.train_steps, 20)
     require(args.ref_num + args.num <= test.x.shape[0], f"--ref-num + --num must be <= {test.x.shape[0]}")
     require(args.floor_resamples * args.num <= train.x.shape[0], "--floor-resamples x --num exceeds the training set")
     results = Path(args.results)
@@ -425,8 +444,8 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     cache = Path(args.cache)
     stem = "metric_validation" + ("_tiny" if args.tiny else "")
-    cache_key = f"rows-n{args.num}-ref{args.ref_num}-" + "-".join(sorted(t.strip("_") or "net1" for t in nets)) + \
-        (f"-t{args.train_steps}" if args.train_steps else "") + ("-tiny" if args.tiny else "")
+    # finished rows are reused only for the same sizes, the same networks (their weights) and the same metrics
+    cache_key = f"rows-n{args.num}-ref{args.ref_num}-{_fingerprint(nets)}" + ("-tiny" if args.tiny else "")
     done_path = cache / f"{cache_key}.json"
     done = {(r["group"], r["name"], r["strength"], r["n"]): r for r in
             (json.loads(done_path.read_text()) if done_path.exists() else [])}

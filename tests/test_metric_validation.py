@@ -4,6 +4,8 @@ Inception FID (a tiny stand-in network for the plumbing; the real one is slow) a
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -237,9 +239,11 @@ def test_metric_validation_checks_and_table():
     assert floor["blur_ratio"] == pytest.approx(1.2) and floor["blur_z"] == pytest.approx(0.2 / floor["floor_std"])
     assert not floor["pass"]  # 1.2x the floor and 1.4 standard deviations above it: not clearly above
     assert checks["fd"]["kendall_tau_partner"] == "fd_net2" and checks["fd"]["kendall_tau"] == pytest.approx(1.0)
-    assert checks["kid"]["kendall_tau"] < 1.0 and "kendall_tau" not in checks["fd_net2"]
+    assert "kendall_tau" not in checks["kid"] and "kendall_tau" not in checks["fd_net2"]  # kid_net2: no column
     table = mv.markdown({"rows": rows, "checks": checks})
-    assert "7/8 (not: blur)" in table and "| passes | True | False | True |" in table
+    assert re.search(r"\| kid \| 7/8 \(not: blur\) \| 1 ± 0.14 \| 1.20×, 2.00×; z 1.4, 7.1 \| False \| "
+                     r"– \| False \|", table), table
+    assert "| fd | 8/8 | 1 ± 0.14 | 2.00×, 2.00×; z 7.1, 7.1 | True | 1.000 (vs fd_net2) | True |" in table
 
 
 def test_metric_validation_partner_columns():
@@ -251,3 +255,60 @@ def test_metric_validation_partner_columns():
     assert mv._partner("fd") == "fd_net2" and mv._partner("fd_zscored_a") == "fd_zscored_b"
     assert mv._partner("kid_c") == "kid_d" and mv._partner("fd_net2") is None and mv._partner("fd_b") is None
     assert mv._partner("inception_fid") is None
+
+
+def test_second_feature_net_is_trained_once_then_loaded(tmp_path):
+    from rayflow.comparison import SECOND_NET_FEATURE_DIM, SECOND_NET_WIDTH, ensure_second_feature_net
+
+    train = two_class(32, 1)
+    net = ensure_second_feature_net(train, tmp_path / "net2", steps=3, seed=5, progress=False)
+    assert (net.width, net.feature_dim) == (SECOND_NET_WIDTH, SECOND_NET_FEATURE_DIM)
+    again = ensure_second_feature_net(two_class(32, 2), tmp_path / "net2", steps=50, progress=False)  # loaded
+    for (k, v), w in zip(net.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_frechet_stats_equals_frechet_distance():
+    from rayflow.metrics import FrechetStats
+
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    stats = FrechetStats(ref)
+    for scale in (1.0, 1.5):
+        a = torch.randn(150, 12, generator=g, dtype=torch.float64) * scale + 0.2
+        assert stats.distance(a) == pytest.approx(frechet_distance(a, ref), rel=1e-9, abs=1e-12)
+    assert math.isnan(stats.distance(torch.full((5, 12), float("nan"), dtype=torch.float64)))
+    with pytest.raises(RayflowError, match=r"need \[N >= 2, 12\]"):
+        stats.distance(torch.zeros(5, 11, dtype=torch.float64))
+
+
+def test_autoencoder_term_trains_a_loadable_feature_net(tmp_path):
+    from rayflow.metrics import load_feature_net, save_feature_net
+
+    train = two_class(32, 0, size=16)
+    net = train_feature_net(train, steps=3, batch_size=8, progress=False, recon_weight=1.0)
+    plain = train_feature_net(train, steps=3, batch_size=8, progress=False)
+    assert set(net.state_dict()) == set(plain.state_dict())  # the decoder is not part of the network
+    assert not torch.equal(net.head.weight, plain.head.weight)  # the reconstruction term changed the training
+    loaded = load_feature_net(save_feature_net(net, tmp_path / "ae"))
+    assert torch.equal(loaded.features(train.x[:4]), net.features(train.x[:4]))
+
+
+@pytest.mark.parametrize("kind", ["28 vs 32 pixels", "uint8 values as floats"])
+def test_eval_cli_refuses_samples_of_another_shape_or_range(kind, tmp_path, capsys):
+    """``rayflow eval`` end to end: one line, exit 2, and nothing written (the issue's bad-input clause)."""
+    from rayflow import cli
+    from rayflow.data import load_dataset
+    from rayflow.evaluation import save_samples_npz
+    from rayflow.metrics import save_feature_net
+
+    digits = load_dataset("digits", split="train")
+    save_feature_net(train_feature_net(digits, steps=2, batch_size=8, progress=False), tmp_path / "net")
+    x = torch.zeros(4, 1, 7, 7) if kind == "28 vs 32 pixels" else (digits.x[:4] + 1) * 127.5
+    save_samples_npz(tmp_path / "s.npz", x, nfe=1)
+    rc = cli.main(["eval", "--samples", str(tmp_path / "s.npz"), "--data", "digits", "--feature-net",
+                   str(tmp_path / "net"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("rayflow: error: "), err
+    assert ("expected images" in err[0]) if kind == "28 vs 32 pixels" else ("0..255" in err[0]), err
+    assert not (tmp_path / "out").exists()

@@ -312,3 +312,36 @@ def test_eval_cli_refuses_samples_of_another_shape_or_range(kind, tmp_path, caps
     assert rc == 2 and len(err) == 1 and err[0].startswith("rayflow: error: "), err
     assert ("expected images" in err[0]) if kind == "28 vs 32 pixels" else ("0..255" in err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # ~15 s of CPU: 29 rows under six narrow networks, JPEG and the plot
+def test_metric_validation_tiny_dry_run_writes_every_metric_and_check(tmp_path, capsys):
+    """The script end to end on random 28-pixel "Fashion-MNIST" (narrow networks, no teacher rows): every metric
+    under every network of the two pairs it was asked for, the checks, and the partial rows file."""
+    import importlib.machinery
+    import json
+    from pathlib import Path
+
+    from test_data import make_mnist_dir
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
+    mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
+    (tmp_path / "fm").mkdir()
+    make_mnist_dir(tmp_path / "fm", gz=True, n_train=600, n_test=300)
+    out = tmp_path / "results"
+    assert mv.main(["--tiny", "--data", str(tmp_path / "fm"), "--device", "cpu", "--ddim-num", "0",
+                    "--train-steps", "5", "--results", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    result = json.loads((out / "metric_validation_tiny.json").read_text())
+    columns = {m + tag for m in mv.METRIC_VIEWS for pair in mv.NET_PAIRS for tag in pair}
+    assert set(result["checks"]) == columns
+    assert len([r for r in result["rows"] if r["name"] == "train vs test"]) == 4
+    assert len(json.loads((out / "metric_validation_tiny_rows.json").read_text())) == len(result["rows"])
+    assert result["checks"]["fd_early_c"]["kendall_tau_partner"] == "fd_early_d"
+    assert (out / "metric_validation_tiny.md").read_text().count("\n| fd") >= 5
+    assert (out / "metric_validation_tiny.png").is_file()
+    # --tiny never writes networks over the committed ones
+    assert not (out / "feature-nets").exists()
+    capsys.readouterr()
+    assert mv.main(["--tiny", "--data", str(tmp_path / "fm"), "--device", "cpu", "--floor-resamples", "1",
+                    "--results", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "rayflow: error: --floor-resamples must be >= 2, got 1"

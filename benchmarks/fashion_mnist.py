@@ -450,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of training one")
     p.add_argument("--feature-net", default=None, help="reuse this feature-classifier directory")
     p.add_argument("--feature-net-2", default=None,
-                   help="an independently trained second feature net (e.g. benchmarks/checkpoints/"
-                        "fashion-mnist-feature-net-2): rows also get fd_net2 and the report the Kendall tau "
-                        "between fd and fd_net2")
+                   help="reuse this second, independently trained feature net (default: train one in the run, "
+                        "width 24, 64-d, seed+1): rows get fd_net2 and the report the Kendall tau between fd and "
+                        "fd_net2")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
     args = p.parse_args(argv)

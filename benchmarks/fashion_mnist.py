@@ -165,10 +165,12 @@ def adopt(source: str, target: Path, files: tuple[str, ...]) -> None:
 def _scorer(run: Path, spec: str, cfg: BenchConfig, device: str) -> Scorer:
     scorer = Scorer.for_data(spec, run / "feature-net", feature_steps=cfg.feature_steps, seed=cfg.seed,
                              device=device)
-    if (run / "feature-net-2" / "feature_net.safetensors").exists():  # --feature-net-2: rows also get fd_net2
-        from rayflow.metrics import load_feature_net
+    # Every row also gets fd_net2, the fd under an independently trained network (--feature-net-2, or trained here
+    # once with another width, head and seed), and the report the Kendall tau between the two (issue 11's target).
+    from rayflow.comparison import ensure_second_feature_net
 
-        scorer.second_net = load_feature_net(run / "feature-net-2").to(device)
+    scorer.second_net = ensure_second_feature_net(load_dataset(spec, split="train"), run / "feature-net-2",
+                                                  steps=cfg.feature_steps, seed=cfg.seed + 1, device=device)
     return scorer
 
 
@@ -456,9 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of training one")
     p.add_argument("--feature-net", default=None, help="reuse this feature-classifier directory")
     p.add_argument("--feature-net-2", default=None,
-                   help="an independently trained second feature net (e.g. benchmarks/checkpoints/"
-                        "fashion-mnist-feature-net-2): rows also get fd_net2 and the report the Kendall tau "
-                        "between fd and fd_net2")
+                   help="reuse this second, independently trained feature net (default: train one in the run, "
+                        "width 24, 64-d, seed+1): rows get fd_net2 and the report the Kendall tau between fd and "
+                        "fd_net2")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
     args = p.parse_args(argv)

@@ -4,6 +4,8 @@ Inception FID (a tiny stand-in network for the plumbing; the real one is slow) a
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -203,8 +205,7 @@ def test_metric_validation_corruptions_grow_with_strength():
     data = two_class(200, 0, size=16)  # 20 of each of 10 "classes": enough to keep 20 after dropping 8
     pool = SimpleNamespace(x=data.x, labels=torch.arange(200) % 10)
     for name, strengths in mv.STRENGTHS.items():
-        outs = [mv.corrupt(name, s, data.x[:20], pool.labels[:20], pool.x, pool.labels, data.x, g)
-                for s in strengths]
+        outs = [mv.corrupt(name, s, data.x[:20], pool.x, pool.labels, g) for s in strengths]
         assert all(o.shape == (20, 1, 16, 16) and float(o.abs().max()) <= 1 for o in outs), name
         if name in ("blur", "noise", "contrast", "erode", "dilate", "jpeg"):
             dist = [float((o - data.x[:20]).abs().mean()) for o in outs]
@@ -217,21 +218,130 @@ def test_metric_validation_checks_and_table():
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
     mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
-    rows = [{"group": "floor", "name": "train vs test", "strength": 0, "n": 10, "good": 1.0, "bad": 1.0,
-             "fd_net2": 1.0},
-            {"group": "floor", "name": "test, ddim n", "strength": 0, "n": 5, "good": 2.0, "bad": 2.0, "fd_net2": 2.0}]
+    # "fd" rises with strength from 2x the floor; "kid" is flat for blur and rises with DDIM steps; "fd_net2"
+    # ranks like "fd"; the floor is 1.0 +- 0.1 over two resamples (0.9, 1.1)
+    rows = [{"group": "floor", "name": "train vs test", "strength": k, "n": 10, "fd": v, "kid": v, "fd_net2": v}
+            for k, v in enumerate((0.9, 1.1))]
+    rows.append({"group": "floor", "name": "test, ddim n", "strength": 0, "n": 5, "fd": 2.0, "kid": 2.0,
+                 "fd_net2": 2.0})
     for c, strengths in mv.STRENGTHS.items():
         for i, s in enumerate(strengths):
-            # "good" rises with strength from 2x the floor; "bad" is flat for blur
-            rows.append({"group": "corruption", "name": c, "strength": s, "n": 10, "good": 2.0 + i,
-                         "bad": 1.2 if c == "blur" else 2.0 + i, "fd_net2": 2.0 + i})
+            rows.append({"group": "corruption", "name": c, "strength": s, "n": 10, "fd": 2.0 + i,
+                         "kid": 1.2 if c == "blur" else 2.0 + i, "fd_net2": 2.0 + i})
     for i, steps in enumerate((1, 2, 4, 8)):
-        rows.append({"group": "ddim", "name": "ddim", "strength": steps, "n": 5, "good": 10.0 - i, "bad": 5.0 + i,
+        rows.append({"group": "ddim", "name": "ddim", "strength": steps, "n": 5, "fd": 10.0 - i, "kid": 5.0 + i,
                      "fd_net2": 10.0 - i})
-    checks = mv.checks(rows, ["good", "bad", "fd_net2"])
-    assert checks["good"]["pass"] and checks["good"]["ddim_monotone"]
-    assert not checks["bad"]["pass"] and not checks["bad"]["monotone"]["blur"] and not checks["bad"]["ddim_monotone"]
-    assert checks["bad"]["floor"]["blur_ratio"] == pytest.approx(1.2)
-    assert checks["good"]["kendall_tau_vs_fd_net2"] == pytest.approx(1.0)
+    checks = mv.checks(rows, ["fd", "kid", "fd_net2"])
+    assert checks["fd"]["pass"] and checks["fd"]["ddim_monotone"]
+    assert not checks["kid"]["pass"] and not checks["kid"]["monotone"]["blur"] and not checks["kid"]["ddim_monotone"]
+    floor = checks["kid"]["floor"]
+    assert floor["floor"] == pytest.approx(1.0) and floor["floor_std"] == pytest.approx(2 ** 0.5 / 10)
+    assert floor["blur_ratio"] == pytest.approx(1.2) and floor["blur_z"] == pytest.approx(0.2 / floor["floor_std"])
+    assert not floor["pass"]  # 1.2x the floor and 1.4 standard deviations above it: not clearly above
+    assert checks["fd"]["kendall_tau_partner"] == "fd_net2" and checks["fd"]["kendall_tau"] == pytest.approx(1.0)
+    assert "kendall_tau" not in checks["kid"] and "kendall_tau" not in checks["fd_net2"]  # kid_net2: no column
     table = mv.markdown({"rows": rows, "checks": checks})
-    assert "7/8 (not: blur)" in table and "| passes | True | False |" in table
+    assert re.search(r"\| kid \| 7/8 \(not: blur\) \| 1 ± 0.14 \| 1.20×, 2.00×; z 1.4, 7.1 \| False \| "
+                     r"– \| False \|", table), table
+    assert "| fd | 8/8 | 1 ± 0.14 | 2.00×, 2.00×; z 7.1, 7.1 | True | 1.000 (vs fd_net2) | True |" in table
+
+
+def test_metric_validation_partner_columns():
+    import importlib.machinery
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
+    mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
+    assert mv._partner("fd") == "fd_net2" and mv._partner("fd_zscored_a") == "fd_zscored_b"
+    assert mv._partner("kid_c") == "kid_d" and mv._partner("fd_net2") is None and mv._partner("fd_b") is None
+    assert mv._partner("inception_fid") is None
+
+
+def test_second_feature_net_is_trained_once_then_loaded(tmp_path):
+    from rayflow.comparison import SECOND_NET_FEATURE_DIM, SECOND_NET_WIDTH, ensure_second_feature_net
+
+    train = two_class(32, 1)
+    net = ensure_second_feature_net(train, tmp_path / "net2", steps=3, seed=5, progress=False)
+    assert (net.width, net.feature_dim) == (SECOND_NET_WIDTH, SECOND_NET_FEATURE_DIM)
+    again = ensure_second_feature_net(two_class(32, 2), tmp_path / "net2", steps=50, progress=False)  # loaded
+    for (k, v), w in zip(net.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_frechet_stats_equals_frechet_distance():
+    from rayflow.metrics import FrechetStats
+
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    stats = FrechetStats(ref)
+    for scale in (1.0, 1.5):
+        a = torch.randn(150, 12, generator=g, dtype=torch.float64) * scale + 0.2
+        assert stats.distance(a) == pytest.approx(frechet_distance(a, ref), rel=1e-9, abs=1e-12)
+    assert math.isnan(stats.distance(torch.full((5, 12), float("nan"), dtype=torch.float64)))
+    with pytest.raises(RayflowError, match=r"need \[N >= 2, 12\]"):
+        stats.distance(torch.zeros(5, 11, dtype=torch.float64))
+
+
+def test_autoencoder_term_trains_a_loadable_feature_net(tmp_path):
+    from rayflow.metrics import load_feature_net, save_feature_net
+
+    train = two_class(32, 0, size=16)
+    net = train_feature_net(train, steps=3, batch_size=8, progress=False, recon_weight=1.0)
+    plain = train_feature_net(train, steps=3, batch_size=8, progress=False)
+    assert set(net.state_dict()) == set(plain.state_dict())  # the decoder is not part of the network
+    assert not torch.equal(net.head.weight, plain.head.weight)  # the reconstruction term changed the training
+    loaded = load_feature_net(save_feature_net(net, tmp_path / "ae"))
+    assert torch.equal(loaded.features(train.x[:4]), net.features(train.x[:4]))
+
+
+@pytest.mark.parametrize("kind", ["28 vs 32 pixels", "uint8 values as floats"])
+def test_eval_cli_refuses_samples_of_another_shape_or_range(kind, tmp_path, capsys):
+    """``rayflow eval`` end to end: one line, exit 2, and nothing written (the issue's bad-input clause)."""
+    from rayflow import cli
+    from rayflow.data import load_dataset
+    from rayflow.evaluation import save_samples_npz
+    from rayflow.metrics import save_feature_net
+
+    digits = load_dataset("digits", split="train")
+    save_feature_net(train_feature_net(digits, steps=2, batch_size=8, progress=False), tmp_path / "net")
+    x = torch.zeros(4, 1, 7, 7) if kind == "28 vs 32 pixels" else (digits.x[:4] + 1) * 127.5
+    save_samples_npz(tmp_path / "s.npz", x, nfe=1)
+    rc = cli.main(["eval", "--samples", str(tmp_path / "s.npz"), "--data", "digits", "--feature-net",
+                   str(tmp_path / "net"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("rayflow: error: "), err
+    assert ("expected images" in err[0]) if kind == "28 vs 32 pixels" else ("0..255" in err[0]), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # ~15 s of CPU: 29 rows under six narrow networks, JPEG and the plot
+def test_metric_validation_tiny_dry_run_writes_every_metric_and_check(tmp_path, capsys):
+    """The script end to end on random 28-pixel "Fashion-MNIST" (narrow networks, no teacher rows): every metric
+    under every network of the two pairs it was asked for, the checks, and the partial rows file."""
+    import importlib.machinery
+    import json
+    from pathlib import Path
+
+    from test_data import make_mnist_dir
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metric_validation.py"
+    mv = importlib.machinery.SourceFileLoader("metric_validation", str(path)).load_module()
+    (tmp_path / "fm").mkdir()
+    make_mnist_dir(tmp_path / "fm", gz=True, n_train=600, n_test=300)
+    out = tmp_path / "results"
+    assert mv.main(["--tiny", "--data", str(tmp_path / "fm"), "--device", "cpu", "--ddim-num", "0",
+                    "--train-steps", "5", "--results", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    result = json.loads((out / "metric_validation_tiny.json").read_text())
+    columns = {m + tag for m in mv.METRIC_VIEWS for pair in mv.NET_PAIRS for tag in pair}
+    assert set(result["checks"]) == columns
+    assert len([r for r in result["rows"] if r["name"] == "train vs test"]) == 4
+    assert len(json.loads((out / "metric_validation_tiny_rows.json").read_text())) == len(result["rows"])
+    assert result["checks"]["fd_early_c"]["kendall_tau_partner"] == "fd_early_d"
+    assert (out / "metric_validation_tiny.md").read_text().count("\n| fd") >= 5
+    assert (out / "metric_validation_tiny.png").is_file()
+    # --tiny never writes networks over the committed ones
+    assert not (out / "feature-nets").exists()
+    capsys.readouterr()
+    assert mv.main(["--tiny", "--data", str(tmp_path / "fm"), "--device", "cpu", "--floor-resamples", "1",
+                    "--results", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "rayflow: error: --floor-resamples must be >= 2, got 1"

@@ -32,6 +32,25 @@ def ensure_feature_net(train_data: Dataset, directory: str | Path | None, steps:
     return net
 
 
+#: the second feature network's architecture: another width and head size than :func:`ensure_feature_net`'s
+SECOND_NET_WIDTH, SECOND_NET_FEATURE_DIM = 24, 64
+
+
+def ensure_second_feature_net(train_data: Dataset, directory: str | Path, steps: int = 600, seed: int = 1,
+                              progress: bool = True, device: str | torch.device = "cpu") -> FeatureNet:
+    """Load the second, independently trained feature network from ``directory``, or train it and save it there.
+
+    It differs from :func:`ensure_feature_net`'s in width (24), head (64-d) and seed, so the ``fd_net2`` it gives
+    checks that a ranking of methods does not hinge on one network (Kendall tau between ``fd`` and ``fd_net2``).
+    """
+    if (Path(directory) / "feature_net.safetensors").exists():
+        return load_feature_net(directory).to(device)
+    net = train_feature_net(train_data, steps=steps, seed=seed, progress=progress, device=device,
+                            width=SECOND_NET_WIDTH, feature_dim=SECOND_NET_FEATURE_DIM)
+    save_feature_net(net, directory)
+    return net
+
+
 @dataclass
 class Scorer:
     """Scores samples of one data set against a fixed reference."""

@@ -1034,6 +1034,22 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def override(cfg: MiniSDConfig, assignments: list[str]) -> MiniSDConfig:
+    """``cfg`` with ``FIELD=VALUE`` numbers replaced (a budget to fit a device's time); anything else refused."""
+    numeric = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if type(getattr(cfg, f.name)) in (int, float)}
+    changes: dict[str, int | float] = {}
+    for kv in assignments:
+        key, _, value = kv.partition("=")
+        require(key in numeric, f"--set {kv}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(numeric))}")
+        try:
+            changes[key] = numeric[key](value)
+        except ValueError:
+            raise RayflowError(f"--set {kv}: {value!r} is not a {numeric[key].__name__}") from None
+        require(changes[key] > 0 or key in ("seed", "data_limit"), f"--set {kv}: must be > 0")
+    return dataclasses.replace(cfg, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", default="all", help=f"one of {', '.join(PARTS)}, a comma-separated list, or all")
@@ -1054,11 +1070,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=None,
                    help="judge worker processes sharing the quality rows (default 4 on a GPU, 1 with --tiny)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # I/J: one judge worker (internal)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one number of the configuration (MiniSDConfig), e.g. --set distill_steps=1000; "
+                        "a run directory remembers its configuration, so use the same --set on every part")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
     args = p.parse_args(argv)
     try:
-        cfg = MiniSDConfig.dry_run() if args.tiny else MiniSDConfig()
+        cfg = override(MiniSDConfig.dry_run() if args.tiny else MiniSDConfig(), args.set)
         parts = PARTS if args.part == "all" else tuple(x.strip() for x in args.part.split(","))
         unknown = sorted(set(parts) - set(PARTS))
         require(not unknown, f"--part: unknown part(s) {unknown}; expected {', '.join(PARTS)} or all")
@@ -1116,7 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "judge":
                 worker_argv = ["--part", "judge", "--data", args.data, "--out", str(run), "--feature-net",
                                args.feature_net, "--methods", ",".join(methods), "--num", str(num),
-                               *(["--tiny"] if args.tiny else []), *(["--allow-cpu"] if args.allow_cpu else [])]
+                               *(["--tiny"] if args.tiny else []), *(["--allow-cpu"] if args.allow_cpu else []),
+                               *(x for kv in args.set for x in ("--set", kv))]
                 part_judge(run, spec, cfg, device, args.feature_net, methods, num, jobs, worker, worker_argv,
                            threads)
             elif part == "report":

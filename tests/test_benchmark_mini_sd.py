@@ -184,3 +184,12 @@ def test_dry_run_of_every_part_through_diffusers(bench, fm_dir, tmp_path):
     stamps = [p.stat().st_mtime_ns for p in judged]
     assert bench.main(args) == 0  # everything resumed, nothing measured again
     assert [p.stat().st_mtime_ns for p in sorted((run / "rows" / "judge").iterdir())] == stamps
+
+
+def test_set_overrides_numbers_and_refuses_anything_else(bench):
+    cfg = bench.override(bench.MiniSDConfig(), ["distill_steps=1000", "distill_lr=2e-4", "pool_size=4096"])
+    assert (cfg.distill_steps, cfg.distill_lr, cfg.pool_size) == (1000, 2e-4, 4096)
+    assert cfg.unet_steps == bench.MiniSDConfig().unet_steps  # the teacher's configuration is untouched
+    for bad in ("distill_steps=many", "no_such_field=1", "tiny=1", "distill_steps=0", "distill_steps"):
+        with pytest.raises(bench.RayflowError):
+            bench.override(bench.MiniSDConfig(), [bad])

@@ -529,6 +529,10 @@ def part_teacher(run: Path, spec: str, cfg: MiniSDConfig, device: str, feature_n
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.to("cpu", torch.float16)
+        # the text encoder stays fp32 (+1.7 MB): transformers 5 loads a model in its saved dtype while diffusers
+        # loads UNet and VAE in fp32, so a plain from_pretrained(DIR) of an all-fp16 folder feeds fp16 prompt
+        # embeddings to an fp32 UNet and fails; with fp32 text weights it runs, and dtype=fp16 still casts all
+        text_encoder.to(torch.float32)
         tmp = run / "teacher.tmp"
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         tmp.rename(pipe_dir)

@@ -105,6 +105,9 @@ def test_teacher_dry_run_saves_a_diffusers_pipeline_and_resumes(bench, fm_dir, t
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     image = pipe("a photo of a sneaker", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+    # the user's plain line, no dtype: diffusers' fp32 UNet must meet fp32 prompt embeddings
+    plain = StableDiffusionPipeline.from_pretrained(str(run / "teacher"))
+    assert plain("a bag", num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 3)
     stamp = saved.stat().st_mtime_ns
     assert bench.main(args) == 0  # resumed: nothing trained again
     assert saved.stat().st_mtime_ns == stamp
@@ -175,7 +178,10 @@ def test_dry_run_of_every_part_through_diffusers(bench, fm_dir, tmp_path):
     for name in ("mini_sd_fd.png", "mini_sd_prompt_accuracy.png", "mini_sd.md",
                  *[f"mini_sd_grid_{m}.png" for m in bench.METHODS]):
         assert (results / name).stat().st_size > 0, name
-    # the exported folders are plain diffusers pipelines: a LoRA file beside the teacher's components
+    # the exported folders are plain diffusers pipelines: a LoRA file beside the teacher's components (and
+    # rayflow's scheduler class, which diffusers resolves once rayflow.schedulers is imported)
+    import rayflow.schedulers  # noqa: F401
+
     pipe = StableDiffusionPipeline.from_pretrained(str(run / "exports" / "rayflow"))
     pipe.load_lora_weights(str(run / "exports" / "rayflow"))
     assert pipe("a photo of a bag", num_inference_steps=1, guidance_scale=1, output_type="np").images.shape == (

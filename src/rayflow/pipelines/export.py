@@ -30,7 +30,8 @@ stock diffusers scheduler is written where one does that exactly (e.g. ``DDIMSch
 ``timestep_spacing="trailing"`` on the student's schedule for a Rectified Diffusion student); otherwise
 rayflow's own :class:`diffusers.SchedulerMixin` class. diffusers records a class that is not its own as
 ``[module, class]`` in ``model_index.json`` (``["rayflow.schedulers", "RayFlowScheduler"]``) and
-``from_pretrained`` imports that module, so the export loads wherever rayflow is installed.
+``from_pretrained`` resolves it, so the export loads wherever rayflow is installed - once
+``rayflow.schedulers`` has been imported: diffusers 0.42 refuses to import a module named in a folder itself.
 
 LoRA format. ``get_peft_model_state_dict`` -> the pipeline class's ``save_lora_weights`` (keys
 ``unet.<module>.lora_A.weight`` / ``lora_B``, peft's own names) with the adapter's ``LoraConfig`` as metadata

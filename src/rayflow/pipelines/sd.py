@@ -243,6 +243,9 @@ def preprocess_captions(sd: SDPipeline, data: CaptionData, resolution: int, *, c
             f"--resolution must be a multiple of the VAE's factor {sd.vae_scale_factor}, got {resolution}")
     device = torch.device(device)
     vae = sd.vae.to(device)
+    for name in ("text_encoder", "text_encoder_2"):  # encode_prompt puts the token ids on ``device``
+        if getattr(sd.pipe, name, None) is not None:
+            getattr(sd.pipe, name).to(device)
     sf = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 

@@ -81,13 +81,16 @@ SWEEP = [
 #: issue #14's readings of eps_mu (methods/rayflow/readings.py), screened against 2-RF at the same budget;
 #: a third element names another method (its defaults), else the row is RayFlow with those options
 READINGS: list[tuple[str, dict[str, str]] | tuple[str, dict[str, str], str]] = [
-    ("average (K=8, default)", {}),
+    ("average (K=8)", {"eps_mu_reading": "average"}),  # the default before issue #14
     ("trajectory", {"eps_mu_reading": "trajectory"}),
-    ("start-consistent", {"eps_mu_reading": "start"}),
+    ("start-consistent (default)", {"eps_mu_reading": "start"}),
     ("trajectory + consistency", {"eps_mu_reading": "trajectory", "consistency_weight": "1"}),
     ("start + consistency", {"eps_mu_reading": "start", "consistency_weight": "1"}),
     ("start, uniform t", {"eps_mu_reading": "start", "time_sampler": "uniform"}),
     ("start, sigma=0.05", {"eps_mu_reading": "start", "sigma": "0.05"}),
+    ("start, sigma=0.2", {"eps_mu_reading": "start", "sigma": "0.2"}),  # the paper's Fig. 3 sensitivity range
+    ("start, no p/q reweighting", {"eps_mu_reading": "start", "reweight": "false"}),
+    ("start, instance-conditioned T", {"eps_mu_reading": "start", "time_sampler_features": "true"}),
     ("2-RF (reflow)", {}, "reflow"),
 ]
 
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="options every sweep row starts from, e.g. x0_source=mixed,time_sampler=learned "
                         "(default: the current defaults)")
     p.add_argument("--no-digits", action="store_true", help="skip the digits part of the ablation")
+    p.add_argument("--only", default="", help="only these rows of the table, by name, separated by ';'")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks that everything runs")
     a = p.parse_args(argv)
     if a.quick:
@@ -373,8 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     print(f"# command: python benchmarks/rayflow_ablation.py {' '.join(sys.argv[1:] if argv is None else argv)}")
 
+    only = {v.strip() for v in a.only.split(";") if v.strip()}
+
     def table(variants) -> list[dict]:
         """Baselines plus every (variant, seed) on the chosen settings (and digits); rows in a stable order."""
+        unknown = sorted(only - {v for v, *_ in variants})
+        if unknown:
+            p.error(f"--only: unknown row(s) {unknown}; expected some of {'; '.join(v for v, *_ in variants)}")
         chosen = [s for s in a.settings.split(",") if s]
         for s in chosen:
             if s not in settings:
@@ -387,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec, sched in runs:
             tasks.append(("job_baselines", {"args": args, "setting": name, "spec": spec, "schedule": sched}))
             for variant, opts, *method in variants:
+                if only and variant not in only:
+                    continue
                 for seed in range(a.seeds):
                     tasks.append(("job_distill", {"args": args, "setting": name, "spec": spec, "schedule": sched,
                                                   "variant": variant, "opts": opts, "seed": seed,

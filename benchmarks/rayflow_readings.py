@@ -1,30 +1,36 @@
 #!/usr/bin/env python
 """Issue #14: RayFlow's readings of eps_mu against 2-RF, Rectified Diffusion and PeRFlow on two Fashion-MNIST teachers.
 
-    python benchmarks/rayflow_readings.py --data FASHION_MNIST_DIR --out runs/readings            # every part
-    python benchmarks/rayflow_readings.py ... --parts teacher-sd                                  # one part
-    python benchmarks/rayflow_readings.py ... --parts students --readings start,reflow --seeds 0,1,2 --steps 2000
-    python benchmarks/rayflow_readings.py ... --parts report
+    python benchmarks/rayflow_readings.py --data FASHION_MNIST_DIR --out runs/readings --results DIR \
+        --rows linear:reflow:1,linear:start:1,sd:start:0 --jobs 4 --budget-s 440 --pack $OUT    # one GPU call
+    python benchmarks/rayflow_readings.py ... --readings start,reflow --seeds 0,1,2               # a cross product
+    python benchmarks/rayflow_readings.py ... --parts report --merge benchmarks/results/rayflow_readings.json
     python benchmarks/rayflow_readings.py --tiny --allow-cpu --data DIR --out /tmp/r              # CPU dry run
 
 Teachers (``--teachers``): ``linear`` = the committed ``benchmarks/checkpoints/fashion-mnist-teacher`` (DDPM's
-linear schedule, ``a_T = 0.0064``); ``sd`` = the same network trained here on Stable Diffusion's scaled-linear
-schedule (``a_T = 0.068``). Both are scored by the committed feature net with the benchmark's own scoring path
-(:class:`rayflow.comparison.Scorer`, so the project's default metric), against the 10 000 test images.
+linear schedule, ``a_T = 0.0064``); ``sd`` = the same network on Stable Diffusion's scaled-linear schedule
+(``a_T = 0.068``), fine-tuned here from the linear teacher for 2000 updates (``--sd-init linear``, the default:
+a quarter of a from-scratch teacher's cost, so it fits beside the students) or trained from scratch for 8000
+(``--sd-init scratch``); ``--sd-teacher DIR`` reuses one from an earlier call. Both are scored by the committed
+feature net with the benchmark's own scoring path (:class:`rayflow.comparison.Scorer`, the project's default
+metric), against the 10 000 test images.
 
-Parts (each resumes; what is done is skipped; each is sized for at most 10 minutes on one H200):
+One command runs every part as a graph of worker processes on the GPU(s) (``--jobs`` long ones at a time, over
+``--gpus``): the sd teacher (part ``teacher-sd``), each teacher's 50-step DDIM and 25-step DPM-Solver++ rows
+(``reference``; the targets' denominators), each RayFlow reading's eps_mu pool (built once, shared by its seeds
+and by the rows that differ only in training, while other students run), and every student (``students``: one
+row ``TEACHER:READING:SEED`` of ``--rows``, in that priority order, at one budget of ``--steps`` updates of batch
+256 shared by every reading and peer, scored at 1, 2, 4, 8 NFE). A student waits for its teacher's reference
+only to score. ``--budget-s`` bounds the call: a long job starts only while its estimate (``--student-s``,
+``--teacher-s``) fits, and what still runs at the budget is stopped; every finished student has written its rows.
+Run again to resume (finished jobs are skipped); ``OUT/jobs.json`` says what each job came to.
 
-* ``teacher-sd``  trains the scaled-linear teacher with ``benchmarks/fashion_mnist.py``'s recipe (8000 steps).
-* ``reference``   each teacher's 50-step DDIM and 25-step DPM-Solver++ rows (the targets' denominators).
-* ``students``    every (teacher, reading, seed) student at one budget (``--steps`` updates of batch 256, the
-  same for every reading and peer), then scored at 1, 2, 4, 8 NFE. ``--jobs`` students run as parallel
-  processes on the one GPU with ``--threads`` CPU threads each (the trainer is CPU-bound); the first seed of
-  each reading runs before its other seeds, which then reuse its eps_mu / pair pool (the pools do not depend
-  on the student seed). Interrupted: run it again; finished students are kept.
-* ``report``      ``benchmarks/results/rayflow_readings.json`` (rows ``reading, teacher, seed, nfe, fd, kid,
-  accuracy, teacher_nfe`` and the scorer's other columns), ``rayflow_readings.md`` (mean ± std over seeds, the
-  ratio to the teacher's 50-step DDIM FD, the paired seed difference of the Time Sampler), FD-against-NFE
-  plots per teacher and per reading, and the learned Time Sampler's density per teacher.
+The ``report`` part writes ``rayflow_readings.json`` (rows ``reading, teacher, seed, nfe, fd, kid, accuracy,
+teacher_nfe`` and the scorer's other columns; with ``--merge``, an earlier call's rows that this run does not
+measure again are kept, so seeds of several calls are summarised together), ``rayflow_readings.md`` (mean ± std
+over seeds, the ratio to the teacher's 50-step DDIM FD, the paired seed difference of the Time Sampler),
+FD-against-NFE plots per teacher and per reading, and the learned Time Sampler's density per teacher. ``--pack
+DIR`` then writes ``readings.tar.gz`` (results, rows, logs) and ``sd-teacher.tar.gz`` there (each < 16 MiB).
 """
 
 from __future__ import annotations

@@ -40,20 +40,52 @@ def test_refuses_without_a_gpu_and_bad_arguments(bench, fm_dir, tmp_path, capsys
 
 
 def test_tiny_dry_run_trains_the_scaled_linear_teacher_and_resumes(bench, fm_dir, tmp_path, capsys):
-    """The dry run's teacher-sd part (the students' part is the slow end-to-end test below)."""
+    """The dry run's teacher-sd part from scratch (the students' part is the slow end-to-end test below)."""
     run = tmp_path / "run"
     args = ["--data", str(fm_dir), "--out", str(run), "--results", str(tmp_path / "res"), "--tiny", "--allow-cpu",
-            "--teachers", "sd", "--parts", "teacher-sd", "--teacher-steps", "2"]
+            "--teachers", "sd", "--parts", "teacher-sd", "--jobs", "1", "--sd-init", "scratch", "--teacher-steps", "2"]
     assert bench.main(args) == 0
     cfg = json.loads((run / "sd" / "teacher" / "config.json").read_text())
     assert cfg["schedule"]["kind"] == "scaled_linear" and cfg["model"]["kind"] == "unet"
+    assert "init_from" not in cfg
     assert not (run / "linear").exists()  # only the teachers asked for
     stamp = (run / "sd" / "teacher" / "model.safetensors").stat().st_mtime_ns
     assert bench.main(args) == 0
     assert (run / "sd" / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert "teacher-sd" in json.loads((run / "timing.json").read_text())
+    assert "jobs" in json.loads((run / "timing.json").read_text())
     assert bench.main([*args[:-1], "3"]) == 2
     assert "made with another configuration" in capsys.readouterr().err
+
+
+def test_scaled_linear_teacher_fine_tuned_from_the_linear_one(bench, fm_dir, tmp_path):
+    """--sd-init linear (the default): the sd teacher starts from the linear teacher's weights, on its own
+    schedule, and is packed for a later call (--pack), which adopts it with --sd-teacher."""
+    from safetensors.torch import load_file
+
+    run, packed = tmp_path / "run", tmp_path / "packed"
+    args = ["--data", str(fm_dir), "--out", str(run), "--results", str(tmp_path / "res"), "--tiny", "--allow-cpu",
+            "--teachers", "sd", "--parts", "teacher-sd", "--jobs", "1", "--teacher-steps", "1"]
+    assert bench.main([*args, "--pack", str(packed)]) == 0
+    cfg = json.loads((run / "sd" / "teacher" / "config.json").read_text())
+    assert cfg["schedule"]["kind"] == "scaled_linear"
+    assert cfg["init_from"] == str(run / "linear" / "teacher")
+    assert cfg["model"] == json.loads((run / "linear" / "teacher" / "config.json").read_text())["model"]
+    linear = load_file(str(run / "linear" / "teacher" / "model.safetensors"))
+    sd = load_file(str(run / "sd" / "teacher" / "model.safetensors"))
+    assert linear.keys() == sd.keys()
+    # one update (EMA included) moves the weights a little, not back to a fresh initialisation
+    diff = max(float((linear[k].float() - sd[k].float()).abs().max()) for k in linear)
+    assert 0 < diff < 0.05
+    import tarfile
+
+    assert sorted(p.name for p in packed.iterdir()) == ["readings.tar.gz", "sd-teacher.tar.gz"]
+    with tarfile.open(packed / "sd-teacher.tar.gz") as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    again = tmp_path / "run2"
+    args2 = [a if a != str(run) else str(again) for a in args]
+    assert bench.main([*args2, "--sd-teacher", str(tmp_path / "back" / "sd-teacher")]) == 0
+    assert load_file(str(again / "sd" / "teacher" / "model.safetensors")).keys() == sd.keys()
+    assert json.loads((again / "sd" / "rows" / "teacher_train.json").read_text())["reused"].endswith("sd-teacher")
 
 
 def _fm_rows(name, fds, teacher_nfe):
@@ -148,7 +180,8 @@ def _stand_in(durations, fail=()):
 
     def command(args, job):
         code = 1 if job.name in fail else 0
-        return [sys.executable, "-c", f"import time, sys; time.sleep({durations.get(job.name, 0.05)}); sys.exit({code})"]
+        sleep = durations.get(job.name, 0.05)
+        return [sys.executable, "-c", f"import time, sys; time.sleep({sleep}); sys.exit({code})"]
     return command
 
 

@@ -55,6 +55,7 @@ class RayFlowObjective:
         self.snapshot_every = max(1, int(snapshot_every))
         self.snapshots: list[dict[str, Any]] = []
         self._pending: tuple | None = None
+        self._queued: list[tuple] = []  # GPU runs: steps whose losses are on their way to the host
 
     @property
     def conditioned(self) -> bool:
@@ -86,23 +87,52 @@ class RayFlowObjective:
             per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * self.loss_weight[t].to(dev)
         weights = w.to(dev) if self.cfg.time.reweight else torch.ones_like(per)  # importance weights p/q
         loss = (per * weights).mean()
-        logs = {"loss_unweighted": float(per.detach().mean())}
+        # logs stay device tensors: the trainer reads them once per log interval, not every step
+        logs = {"loss_unweighted": per.detach().mean()}
         if traj is not None and self.cfg.targets.consistency_weight > 0:
             # issue #14 reading 3, expected-noise consistency (readings.py): the student's noise at a point of the
             # teacher's trajectory regresses eps_mu; not importance-weighted (its timestep is not drawn from q)
             cons = consistency_residual(self.ray, model, traj[0], traj[1], eps_mu, cond, self.schedule).mean()
             loss = loss + self.cfg.targets.consistency_weight * cons
-            logs["loss_consistency"] = float(cons.detach())
-        self._pending = (t.cpu(), per.detach().cpu(), feats)
+            logs["loss_consistency"] = cons.detach()
+        self._stash(t, per.detach(), feats)
         return LossOutput(loss, logs)
 
-    def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, float]:
-        logs: dict[str, float] = {}
+    def _stash(self, t: torch.Tensor, per: torch.Tensor, feats: torch.Tensor | None) -> None:
+        """Keep this step's ``(t, per-instance loss, features)`` for the Time Sampler's update.
+
+        On a CPU it is read right away. On a GPU the losses are copied to pinned host memory without waiting
+        (an event marks when they are there) and the update of step ``n`` runs after step ``n + 1`` has been
+        queued, so the CPU never stalls on the device: the Time Sampler then learns one step late (step
+        ``n + 2`` draws from a density fitted to the losses of steps ``<= n``).
+        """
+        t = t.cpu()
+        if per.device.type == "cuda":
+            host = torch.empty(per.shape, dtype=per.dtype, pin_memory=True).copy_(per, non_blocking=True)
+            if feats is not None:
+                feats = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True).copy_(feats.detach(),
+                                                                                           non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._queued.append((t, host, feats, event))
+        else:
+            self._pending = (t, per, feats)
+
+    def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, Any]:
+        logs: dict[str, Any] = {}
+        if len(self._queued) > 1:  # the GPU path: the previous step's losses
+            t, per, feats, event = self._queued.pop(0)
+            event.synchronize()  # long done unless the GPU is more than a step behind
+            self._pending = (t, per, feats)
         if self._pending is not None:
             t, per, feats = self._pending
+            self._pending = None
             logs = self.time_sampler.update(t, per, feats, generator)
             if (step + 1) % self.snapshot_every == 0 or step == 0:
                 self.snapshots.append(self.snapshot(step + 1, feats))
+        elif step == 0 and self._queued:  # GPU: the first update comes a step later; record the start anyway
+            self._queued[0][3].synchronize()
+            self.snapshots.append(self.snapshot(1, self._queued[0][2]))
         return logs
 
     def snapshot(self, step: int, feats: torch.Tensor | None) -> dict[str, Any]:
@@ -116,11 +146,28 @@ class RayFlowObjective:
         return snap
 
     def state_dict(self) -> dict[str, Any]:
-        return {"time_sampler": self.time_sampler.state_dict(), "snapshots": self.snapshots}
+        state: dict[str, Any] = {"time_sampler": self.time_sampler.state_dict(), "snapshots": self.snapshots}
+        if self._queued:  # a GPU run's update still to come: saved, so a resumed run makes it at the same step
+            t, per, feats, event = self._queued[-1]
+            event.synchronize()
+            state["queued"] = {"t": t.clone(), "per": per.clone(),
+                               **({} if feats is None else {"feats": feats.clone()})}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.time_sampler.load_state_dict(state["time_sampler"])
         self.snapshots = list(state.get("snapshots", []))
+        queued = state.get("queued")
+        self._queued = []
+        if queued is not None:
+            self._queued.append((queued["t"], queued["per"], queued.get("feats"), _Done()))
+
+
+class _Done:
+    """A stand-in for a CUDA event that has already completed."""
+
+    def synchronize(self) -> None:
+        pass
 
 
 

@@ -78,7 +78,7 @@ from rayflow.checkpoint import (
 )
 from rayflow.errors import RayflowError, require
 from rayflow.models.base import Denoiser
-from rayflow.models.speed import resolve_channels_last, to_channels_last
+from rayflow.models.speed import allow_recompiles, resolve_channels_last, to_channels_last
 from rayflow.schedules import VPSchedule, convert_prediction, expand_like
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
@@ -661,6 +661,7 @@ class Trainer:
         #: the step is replayed from CUDA graphs: each step must tell torch that a new iteration begins
         self.cuda_graphs = self.compiled and mode in _CUDA_GRAPH_MODES
         if self.compiled:
+            allow_recompiles()  # a new Trainer of an already compiled network class must not find torch's limit spent
             self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
         self.mixed_precision = str(accelerator.mixed_precision)
         self.loss_history: list[float] = []  # interval mean losses, for the divergence check

@@ -90,6 +90,22 @@ class FrozenTeacher(Denoiser):
         return self.model.null_condition(batch_size, device)
 
 
+#: compiled graphs allowed per code object: torch's default (8) is spent by one process that compiles the same
+#: network class several times (a teacher per batch shape, a student per ProReflow stage, a benchmark's bare loop),
+#: after which torch silently runs that code eagerly again
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise torch.compile's per-code-object recompile limit to at least ``limit`` (never lowers it)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the new name, and the old one on older torch
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), limit))
+            break
+
+
 def _resolve_switch(value: bool | str, cuda: bool, name: str) -> bool:
     """``True``/``"yes"``, ``False``/``"no"``, or ``"auto"`` (= on CUDA)."""
     require(value in (True, False, "yes", "no", "auto"), f"{name} must be yes, no or auto, got {value!r}")
@@ -141,9 +157,10 @@ def prepare_frozen_teacher(
         model.to(dtype)
     fn: nn.Module | None = None
     if compile or cuda_graphs:
+        allow_recompiles()
         fn = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     return FrozenTeacher(model, dtype or torch.float32, fn, cuda_graphs=cuda_graphs)
 
 
-__all__ = ["FrozenTeacher", "has_convolutions", "prepare_frozen_teacher", "resolve_channels_last",
+__all__ = ["FrozenTeacher", "allow_recompiles", "has_convolutions", "prepare_frozen_teacher", "resolve_channels_last",
            "to_channels_last"]

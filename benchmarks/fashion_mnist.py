@@ -254,15 +254,22 @@ def cache_key(base: str, seed: int, cfg: BenchConfig) -> str:
     return cache if method_name == "rayflow" else seeded_name(cache, seed, cfg)
 
 
-def job_groups(units: list[tuple[str, int]], cfg: BenchConfig) -> list[list[tuple[str, int]]]:
-    """Units that share a cache run in one job, in order (the first builds it, the others read it); the rest one
-    job each. Longest first (RayFlow's eps_mu pool is the biggest teacher-side job)."""
-    groups: dict[str, list[tuple[str, int]]] = {}
+def job_plan(units: list[tuple[str, int]], cfg: BenchConfig) -> list[tuple[tuple[str, int], tuple[str, int] | None]]:
+    """One job per unit, with the unit it waits for: units that share a cache wait until its first unit (which
+    builds it) has started training, so the cache is built once and the students still train side by side.
+    Builders first, RayFlow's (the biggest teacher-side job) before the rest."""
+    builders: dict[str, tuple[str, int]] = {}
+    plan = []
     for base, seed in units:
-        groups.setdefault(cache_key(base, seed, cfg), []).append((base, seed))
-    for members in groups.values():  # the unit that builds a shared cache goes first
-        members.sort(key=lambda u: (u[0] != cache_key(u[0], u[1], cfg), u[1]))
-    return sorted(groups.values(), key=lambda g: (-len(g), not g[0][0].startswith("rayflow")))
+        key = cache_key(base, seed, cfg)
+        builder = builders.setdefault(key, (base, seed))
+        plan.append(((base, seed), None if builder == (base, seed) else builder))
+    return sorted(plan, key=lambda p: (p[1] is not None, not p[0][0].startswith("rayflow")))
+
+
+def _training_started(run: Path, unit: tuple[str, int], cfg: BenchConfig) -> bool:
+    """Whether ``unit``'s student has begun training (its pool is then complete): its first log line exists."""
+    return any((run / "students" / seeded_name(unit[0], unit[1], cfg)).rglob("train_log.jsonl"))
 
 
 def run_parallel(run: Path, cfg: BenchConfig, units: list[tuple[str, int]], jobs: int, worker_argv: list[str],
@@ -270,47 +277,53 @@ def run_parallel(run: Path, cfg: BenchConfig, units: list[tuple[str, int]], jobs
     """Run ``units`` as worker processes of this script, ``jobs`` at a time, each with ``threads`` CPU threads.
 
     Training a student of this size is bound by the host (Python, kernel launches), not by the GPU, so several
-    students share one GPU well. Each job's output goes to ``run/logs/methods-<job>.log``; its wall seconds to
+    students share one GPU well. A unit whose cache another unit builds starts once that one trains (see
+    :func:`job_plan`). Each job's output goes to ``run/logs/methods-<unit>.log``; its wall seconds to
     ``rows/timing_methods.json``. A failed job is reported (the tail of its log) and the others go on; the part
     then fails, keeping every finished row.
     """
     import subprocess
 
-    groups = job_groups(units, cfg)
+    plan = job_plan(units, cfg)
     logs = run / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
-    pending, running, failed = list(groups), [], []
+    pending, running, failed, finished = list(plan), [], [], set()
     timing_path = run / "rows" / "timing_methods.json"
     timing = read_json(timing_path) if timing_path.exists() else {}
-    timing.update(parallel_jobs=min(jobs, len(groups)), threads_per_job=threads)
-    timing.update(parallel_jobs=min(jobs, len(groups)), threads_per_job=threads)
-    print(f"  {len(units)} variant(s) as {len(groups)} job(s), {min(jobs, len(groups))} at a time, "
-          f"{threads} CPU threads each", flush=True)
+    timing.update(parallel_jobs=min(jobs, len(plan)), threads_per_job=threads)
+    print(f"  {len(plan)} variant(s) as worker processes, {min(jobs, len(plan))} at a time, {threads} CPU threads "
+          "each", flush=True)
+    t_part = time.time()
     while pending or running:
-        while pending and len(running) < jobs:
-            group = pending.pop(0)
-            name = "+".join(seeded_name(b, s, cfg) for b, s in group)
-            unit_arg = ",".join(f"{b}:{s}" for b, s in group)
+        for item in list(pending):
+            unit, after = item
+            if len(running) >= jobs:
+                break
+            if after is not None and after not in finished and not _training_started(run, after, cfg):
+                continue
+            pending.remove(item)
+            name = seeded_name(*unit, cfg)
             log = open(logs / f"methods-{name.replace('@', '_')}.log", "w")
             cmd = [sys.executable, str(Path(__file__).resolve()), *worker_argv, "--parts", "methods",
-                   "--units", unit_arg, "--worker"]
+                   "--units", f"{unit[0]}:{unit[1]}", "--worker"]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, name, log, time.time()))
-            print(f"  started {name}", flush=True)
+            running.append((proc, unit, name, log, time.time()))
+            print(f"  [{time.time() - t_part:5.0f} s] started {name}", flush=True)
         time.sleep(0.5)
         for item in list(running):
-            proc, name, log, t0 = item
+            proc, unit, name, log, t0 = item
             if proc.poll() is None:
                 continue
             running.remove(item)
+            finished.add(unit)
             log.close()
             seconds = round(time.time() - t0, 1)
             timing[name] = seconds
             write_json_atomic(timing, timing_path)
             if proc.returncode == 0:
-                print(f"  finished {name} in {seconds:.0f} s", flush=True)
+                print(f"  [{time.time() - t_part:5.0f} s] finished {name} in {seconds:.0f} s", flush=True)
             else:
                 failed.append(name)
                 tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-15:]
@@ -552,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1,
-                   help="run the methods part as this many worker processes at once (one H200: 6, one per "
-                        "variant, the two RayFlow rows that share a cache in one)")
+                   help="run the methods part as this many worker processes at once, one per variant (one "
+                        "H200: 7 for the seven)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of each methods worker (with --jobs > 1)")
     p.add_argument("--units", default="", help=argparse.SUPPRESS)  # a worker's variants: NAME:SEED,...
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -259,10 +259,12 @@ def job_plan(units: list[tuple[str, int]], cfg: BenchConfig) -> list[tuple[tuple
     builds it) has started training, so the cache is built once and the students still train side by side.
     Builders first, RayFlow's (the biggest teacher-side job) before the rest."""
     builders: dict[str, tuple[str, int]] = {}
+    # the builder of a cache: the variant it is named after when that one runs (e.g. rayflow), else the first
+    for base, seed in sorted(units, key=lambda u: (u[0] != cache_key(u[0], u[1], cfg), u[1])):
+        builders.setdefault(cache_key(base, seed, cfg), (base, seed))
     plan = []
     for base, seed in units:
-        key = cache_key(base, seed, cfg)
-        builder = builders.setdefault(key, (base, seed))
+        builder = builders[cache_key(base, seed, cfg)]
         plan.append(((base, seed), None if builder == (base, seed) else builder))
     return sorted(plan, key=lambda p: (p[1] is not None, not p[0][0].startswith("rayflow")))
 
@@ -273,14 +275,14 @@ def _training_started(run: Path, unit: tuple[str, int], cfg: BenchConfig) -> boo
 
 
 def run_parallel(run: Path, cfg: BenchConfig, units: list[tuple[str, int]], jobs: int, worker_argv: list[str],
-                 threads: int) -> None:
+                 threads: int, script: Path | None = None) -> None:
     """Run ``units`` as worker processes of this script, ``jobs`` at a time, each with ``threads`` CPU threads.
 
     Training a student of this size is bound by the host (Python, kernel launches), not by the GPU, so several
     students share one GPU well. A unit whose cache another unit builds starts once that one trains (see
     :func:`job_plan`). Each job's output goes to ``run/logs/methods-<unit>.log``; its wall seconds to
     ``rows/timing_methods.json``. A failed job is reported (the tail of its log) and the others go on; the part
-    then fails, keeping every finished row.
+    then fails, keeping every finished row. ``script``: the worker program (this file; tests pass a stand-in).
     """
     import subprocess
 
@@ -306,7 +308,7 @@ def run_parallel(run: Path, cfg: BenchConfig, units: list[tuple[str, int]], jobs
             pending.remove(item)
             name = seeded_name(*unit, cfg)
             log = open(logs / f"methods-{name.replace('@', '_')}.log", "w")
-            cmd = [sys.executable, str(Path(__file__).resolve()), *worker_argv, "--parts", "methods",
+            cmd = [sys.executable, str(script or Path(__file__).resolve()), *worker_argv, "--parts", "methods",
                    "--units", f"{unit[0]}:{unit[1]}", "--worker"]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             running.append((proc, unit, name, log, time.time()))

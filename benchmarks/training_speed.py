@@ -63,11 +63,11 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "proreflow-ii": ("proreflow", {"preset": "II", "pool_size": "4096"}),
 }
 TINY_OPTIONS: dict[str, dict[str, str]] = {
-    "rayflow": {"cache_size": "16", "teacher_steps": "2"},
-    "reflow": {"num_pairs": "16", "distill_num_pairs": "16"},
-    "rectified-diffusion": {"num_pairs": "16"},
-    "perflow": {"num_pairs": "16"},
-    "proreflow": {"num_pairs": "16"},
+    "rayflow": {"pool_size": "16", "teacher_steps": "2"},
+    "reflow": {"pool_size": "16", "distill_num_pairs": "16"},
+    "rectified-diffusion": {"pool_size": "16"},
+    "perflow": {"pool_size": "16"},
+    "proreflow": {"pool_size": "16"},
 }
 ROWS = ("inference", "teacher", "teacher-graphs", *METHODS, "profile")
 
@@ -367,7 +367,7 @@ class Bench:
     def row_method(self, name: str) -> dict[str, Any]:
         method_name, options = METHODS[name]
         if self.tiny:
-            options = {k: v for k, v in options.items() if k not in ("cache_size", "num_pairs")}
+            options = {k: v for k, v in options.items() if k != "pool_size"}
             options.update(TINY_OPTIONS.get(method_name, {}))
         method = get_method(method_name).from_options(options)
         # ProReflow splits the steps over its stages: give its last stage enough to be measured

@@ -419,7 +419,12 @@ class Bench:
                     "gpu_ms_per_step": round(gpu_us / 1000 / steps, 2) if self.device.type == "cuda" else None,
                     "kernel_launches_per_step": round(launches / steps, 1),
                     "dtype_copies_per_step": round(copies / steps, 1),
-                    "host_reads_per_step": round(reads / steps, 2), "device_waits_per_step": round(waits / steps, 2)}
+                    "host_reads_per_step": round(reads / steps, 2), "device_waits_per_step": round(waits / steps, 2),
+                    # where the GPU time goes: the next thing to speed up
+                    "top_gpu_ops_ms_per_step": {
+                        e.key[:80]: round((getattr(e, "self_device_time_total", 0) or 0) / 1000 / steps, 3)
+                        for e in sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:10]
+                        if (getattr(e, "self_device_time_total", 0) or 0) > 0}}
 
         def old_style() -> dict[str, Any]:
             """The step as it was: eager fp32 weights under autocast, foreach AdamW, EMA dicts rebuilt per step,

@@ -298,41 +298,45 @@ def run_parallel(run: Path, cfg: BenchConfig, units: list[tuple[str, int]], jobs
     print(f"  {len(plan)} variant(s) as worker processes, {min(jobs, len(plan))} at a time, {threads} CPU threads "
           "each", flush=True)
     t_part = time.time()
-    while pending or running:
-        for item in list(pending):
-            unit, after = item
-            if len(running) >= jobs:
-                break
-            if after is not None and after not in finished and not _training_started(run, after, cfg):
-                continue
-            pending.remove(item)
-            name = seeded_name(*unit, cfg)
-            log = open(logs / f"methods-{name.replace('@', '_')}.log", "w")
-            cmd = [sys.executable, str(script or Path(__file__).resolve()), *worker_argv, "--parts", "methods",
-                   "--units", f"{unit[0]}:{unit[1]}", "--worker"]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, unit, name, log, time.time()))
-            print(f"  [{time.time() - t_part:5.0f} s] started {name}", flush=True)
-        time.sleep(0.5)
-        for item in list(running):
-            proc, unit, name, log, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            finished.add(unit)
-            log.close()
-            seconds = round(time.time() - t0, 1)
-            timing[name] = seconds
-            write_json_atomic(timing, timing_path)
-            if proc.returncode == 0:
-                print(f"  [{time.time() - t_part:5.0f} s] finished {name} in {seconds:.0f} s", flush=True)
-            else:
-                failed.append(name)
-                tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-15:]
-                print(f"  FAILED {name} (exit {proc.returncode}) after {seconds:.0f} s; last lines of {log.name}:",
-                      flush=True)
-                for line in tail:
-                    print(f"    {line}", flush=True)
+    try:
+        while pending or running:
+            for item in list(pending):
+                unit, after = item
+                if len(running) >= jobs:
+                    break
+                if after is not None and after not in finished and not _training_started(run, after, cfg):
+                    continue
+                pending.remove(item)
+                name = seeded_name(*unit, cfg)
+                log = open(logs / f"methods-{name.replace('@', '_')}.log", "w")
+                cmd = [sys.executable, str(script or Path(__file__).resolve()), *worker_argv, "--parts", "methods",
+                       "--units", f"{unit[0]}:{unit[1]}", "--worker"]
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((proc, unit, name, log, time.time()))
+                print(f"  [{time.time() - t_part:5.0f} s] started {name}", flush=True)
+            time.sleep(0.5)
+            for item in list(running):
+                proc, unit, name, log, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                finished.add(unit)
+                log.close()
+                seconds = round(time.time() - t0, 1)
+                timing[name] = seconds
+                write_json_atomic(timing, timing_path)
+                if proc.returncode == 0:
+                    print(f"  [{time.time() - t_part:5.0f} s] finished {name} in {seconds:.0f} s", flush=True)
+                else:
+                    failed.append(name)
+                    tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-15:]
+                    print(f"  FAILED {name} (exit {proc.returncode}) after {seconds:.0f} s; last lines of {log.name}:",
+                          flush=True)
+                    for line in tail:
+                        print(f"    {line}", flush=True)
+    finally:  # interrupted (Ctrl-C, a timeout): the workers this part started stop with it
+        for proc, *_ in running:
+            proc.terminate()
     require(not failed, f"methods part: {len(failed)} job(s) failed ({', '.join(failed)}); their logs are in "
                         f"{logs}; finished rows are kept, run the part again to redo the rest")
 

@@ -118,9 +118,11 @@ def test_the_teacher_step_reads_nothing_from_the_device(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name,options", [
     ("rayflow", {"pool_size": "64", "teacher_steps": "2"}),
-    ("rayflow", {"pool_size": "64", "teacher_steps": "2", "time_sampler": "loss-history"}),
+    # slow: the same objectives as rows of the fast set (another Time Sampler; PeRFlow's window objective)
+    pytest.param("rayflow", {"pool_size": "64", "teacher_steps": "2", "time_sampler": "loss-history"},
+                 marks=pytest.mark.slow),
     ("perflow", {"pool_size": "64", "solver_steps": "2"}),
-    ("proreflow", {"pool_size": "64"}),
+    pytest.param("proreflow", {"pool_size": "64"}, marks=pytest.mark.slow),
     ("reflow", {"pool_size": "64"}),
     ("rectified-diffusion", {"pool_size": "64"}),
 ])

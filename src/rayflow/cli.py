@@ -53,6 +53,9 @@ def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr:
     g.add_argument("--checkpoint-every", type=int_in(0), default=500, help="steps between resumable checkpoints")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile (auto: on CUDA)")
+    g.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; reduce-overhead replays each step from CUDA graphs (GPU only)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -63,7 +66,7 @@ def _train_config(args: argparse.Namespace):
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision, compile=args.compile,
-        progress=not args.no_progress,
+        compile_mode=args.compile_mode, progress=not args.no_progress,
     )
 
 

@@ -240,3 +240,53 @@ def test_cuda_graph_compile_modes_fall_back_with_a_notice(tmp_path, capsys):
     assert not trainer.compiled and not trainer.cuda_graphs and capsys.readouterr().err == ""
     with pytest.raises(RayflowError, match="compile_mode must be one of"):
         TrainConfig(compile_mode="fast")
+
+
+# ---------------------------------------------------------------------- the Time Sampler a step late
+def test_a_time_sampler_a_step_late_resumes_exactly(tmp_path, monkeypatch):
+    """The GPU schedule of RayFlow's Time Sampler (its update of step n made after step n + 1 was queued), run on
+    a CPU: a run killed after a checkpoint resumes bit-identical to an uninterrupted one, because the pending
+    update is saved with the checkpoint; and it differs from the immediate schedule (the lag is real)."""
+    import json
+
+    from rayflow.methods.rayflow.objective import RayFlowObjective
+
+    real_init, real_call = RayFlowObjective.__init__, RayFlowObjective.__call__
+
+    def lagged_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.lagged = True
+
+    torch.set_num_threads(1)
+    student = ModelConfig(kind="mlp", sample_shape=(4,), num_classes=3, hidden=32, depth=2)
+    opts = {"time_sampler": "learned", "time_sampler_warmup": "2", "x0_source": "data", "pool_size": "128"}
+    train = TrainConfig(max_steps=12, batch_size=32, lr=2e-3, ema_decay=0.9, checkpoint_every=5, log_every=0,
+                        progress=False)
+
+    def run(out):
+        return distill(get_method("rayflow").from_options(opts), "exact", MOG, out, train, student_model=student,
+                       cache_dir=tmp_path / "cache", progress=False)
+
+    now = run(tmp_path / "now")
+    monkeypatch.setattr(RayFlowObjective, "__init__", lagged_init)
+    straight = run(tmp_path / "a")
+
+    def dying(self, model, step, generator):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_call(self, model, step, generator)
+
+    monkeypatch.setattr(RayFlowObjective, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000005" / "objective.json").read_text())
+    assert "queued" in json.dumps(state)  # the update still to come is in the checkpoint
+    monkeypatch.setattr(RayFlowObjective, "__call__", real_call)
+    resumed = run(tmp_path / "b")
+    for (k, v), (_, w) in zip(straight.student.network.state_dict().items(),
+                              resumed.student.network.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert (json.loads((tmp_path / "a" / "time_sampler.json").read_text())
+            == json.loads((tmp_path / "b" / "time_sampler.json").read_text()))
+    assert any(not torch.equal(v, w) for v, w in zip(now.student.network.state_dict().values(),
+                                                     straight.student.network.state_dict().values()))

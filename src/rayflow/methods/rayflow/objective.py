@@ -56,6 +56,8 @@ class RayFlowObjective:
         self.snapshots: list[dict[str, Any]] = []
         self._pending: tuple | None = None
         self._queued: list[tuple] = []  # GPU runs: steps whose losses are on their way to the host
+        #: the Time Sampler learns a step late (always on a GPU; settable on a CPU to test that schedule)
+        self.lagged = False
 
     @property
     def conditioned(self) -> bool:
@@ -115,6 +117,8 @@ class RayFlowObjective:
             event = torch.cuda.Event()
             event.record()
             self._queued.append((t, host, feats, event))
+        elif self.lagged:  # the GPU's schedule on a CPU (tests)
+            self._queued.append((t, per.clone(), None if feats is None else feats.clone(), _Done()))
         else:
             self._pending = (t, per, feats)
 

@@ -4,6 +4,7 @@
     python benchmarks/fashion_mnist.py --data ../shared/data/fashion-mnist --out runs/bench-fm
     python benchmarks/fashion_mnist.py ... --parts teacher,reference,samplers,speed      # in resumable parts
     python benchmarks/fashion_mnist.py ... --parts methods --methods rayflow,perflow
+    python benchmarks/fashion_mnist.py ... --jobs 7 --threads 2      # the variants side by side on one GPU
     python benchmarks/fashion_mnist.py ... --teacher benchmarks/checkpoints/fashion-mnist-teacher \
         --feature-net benchmarks/checkpoints/fashion-mnist-feature-net                  # reuse, skip training them
     python benchmarks/fashion_mnist.py ... --parts report                                # tables + plots

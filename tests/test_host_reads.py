@@ -21,7 +21,9 @@ from rayflow.models import ModelConfig
 from rayflow.training import EpsilonObjective, TrainConfig, Trainer
 
 MOG = "mog:dim=4,modes=3,conditional=true,n=512,seed=1"
-READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy")
+#: value reads, and ``.cpu()``: a device-to-host copy waits for the device as well (on this CPU-only machine every
+#: tensor is a host tensor, so the code under test calls ``.cpu()`` only where a GPU run would copy)
+READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "cpu")
 SRC = str(Path(__file__).resolve().parents[1] / "src" / "rayflow")
 #: the Time Samplers keep their state on the host by design; on a GPU their input is the step's timesteps (drawn
 #: on the host) and pinned copies of its losses, read a step later (see the module doc)

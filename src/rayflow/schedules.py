@@ -39,7 +39,9 @@ def expand_like(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample coefficient ``[B]`` (or a scalar) so it broadcasts against ``x`` ``[B, ...]``."""
     if not torch.is_tensor(coef):
         return torch.as_tensor(coef, dtype=x.dtype, device=x.device)
-    coef = coef.to(device=x.device, dtype=x.dtype)
+    # non_blocking: a host-to-device copy that does not wait for the device's queued work (a blocking one does,
+    # and coefficients are copied every training step); the source is staged at once, so it may be freed
+    coef = coef.to(device=x.device, dtype=x.dtype, non_blocking=True)
     if coef.ndim == 0:
         return coef
     return coef.reshape(coef.shape[0], *([1] * (x.ndim - 1)))

@@ -72,22 +72,25 @@ class RayFlowObjective:
         feats = instance_features(x0, eps_mu) if self.conditioned else None
         t, w = self.time_sampler.sample(b, generator, feats)  # t ~ q(t), w = p(t) / q(t)
         z = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev, x0.dtype)
-        a = expand_like(self.schedule.a(t.double()).to(x0.dtype), x0).to(dev)
-        s = expand_like(self.schedule.s(t.double()).to(x0.dtype), x0).to(dev)
+        a = expand_like(self.schedule.a(t.double()).to(x0.dtype), x0)  # expand_like moves it to x0's device
+        s = expand_like(self.schedule.s(t.double()).to(x0.dtype), x0)
         x_t = ray_point(x0, eps_mu, a, s, rc.sigma, z)  # the ray process at t
         if cond is not None and rc.label_dropout > 0 and self.num_classes > 0:
             drop = (torch.rand(b, generator=generator, device=generator.device) < rc.label_dropout).to(dev)
             cond = torch.where(drop, torch.full_like(cond, self.num_classes), cond)
         if self.num_classes == 0:
             cond = None
-        pred = self.ray(model, x_t, t.to(dev), cond).float()  # the network at the VP-matched point, read on the ray
+        # the network at the VP-matched point, read on the ray (host timesteps copied without waiting on the GPU)
+        pred = self.ray(model, x_t, t.to(dev, non_blocking=True), cond).float()
         if self.loss_weight is None:
             residual = pred - ray_target(x0, eps_mu, rc.parameterization).float()
             per = residual.square().flatten(1).mean(1)
         else:
             _, eps_hat = ray_x0_eps(pred, rc.parameterization, x_t.float(), a.float())
-            per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * self.loss_weight[t].to(dev)
-        weights = w.to(dev) if self.cfg.time.reweight else torch.ones_like(per)  # importance weights p/q
+            lam = self.loss_weight[t].to(dev, non_blocking=True)
+            per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * lam
+        # importance weights p/q
+        weights = w.to(dev, non_blocking=True) if self.cfg.time.reweight else torch.ones_like(per)
         loss = (per * weights).mean()
         # logs stay device tensors: the trainer reads them once per log interval, not every step
         logs = {"loss_unweighted": per.detach().mean()}
@@ -108,7 +111,7 @@ class RayFlowObjective:
         queued, so the CPU never stalls on the device: the Time Sampler then learns one step late (step
         ``n + 2`` draws from a density fitted to the losses of steps ``<= n``).
         """
-        t = t.cpu()
+        t = t if t.device.type == "cpu" else t.cpu()  # the Time Sampler draws on the host: normally no copy
         if per.device.type == "cuda":
             host = torch.empty(per.shape, dtype=per.dtype, pin_memory=True).copy_(per, non_blocking=True)
             if feats is not None:

@@ -4,6 +4,7 @@
     python benchmarks/fashion_mnist.py --data ../shared/data/fashion-mnist --out runs/bench-fm
     python benchmarks/fashion_mnist.py ... --parts teacher,reference,samplers,speed      # in resumable parts
     python benchmarks/fashion_mnist.py ... --parts methods --methods rayflow,perflow
+    python benchmarks/fashion_mnist.py ... --jobs 7 --threads 2      # the variants side by side on one GPU
     python benchmarks/fashion_mnist.py ... --teacher benchmarks/checkpoints/fashion-mnist-teacher \
         --feature-net benchmarks/checkpoints/fashion-mnist-feature-net                  # reuse, skip training them
     python benchmarks/fashion_mnist.py ... --parts report                                # tables + plots
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import sys
@@ -102,6 +104,7 @@ class BenchConfig:
     seed: int = 0
     data_limit: int = 0  # 0 = all 60 000 training images
     tiny: bool = False
+    student_compile: str = "auto"  # the students' TrainConfig.compile (the run of 2026-11-22: "no")
 
     @classmethod
     def dry_run(cls) -> BenchConfig:
@@ -226,14 +229,123 @@ def seeded_name(name: str, seed: int, cfg: BenchConfig) -> str:
 
 
 def part_methods(run: Path, spec: str, cfg: BenchConfig, device: str, names: list[str],
-                 seeds: tuple[int, ...] = ()) -> None:
-    """Distil and evaluate each variant, once per student seed (the evaluation noise is the same for all)."""
+                 seeds: tuple[int, ...] = (), jobs: int = 1, worker_argv: list[str] | None = None,
+                 threads: int = 2) -> None:
+    """Distil and evaluate each variant, once per student seed (the evaluation noise is the same for all).
+
+    With ``jobs > 1`` the variants run as that many worker processes of this script at once (see
+    :func:`run_parallel`); otherwise one after another in this process.
+    """
+    units = [(base, seed) for seed in (seeds or (cfg.seed,)) for base in names]
+    units = [u for u in units if not done(run, f"method-{seeded_name(u[0], u[1], cfg)}")] or units
+    if jobs > 1 and len(units) > 1:
+        _reference(run, cfg, device)  # once, before the workers, which all read it
+        run_parallel(run, cfg, units, jobs, worker_argv or [], threads)
+    else:
+        part_methods_units(run, spec, cfg, device, units)
+
+
+def part_methods_units(run: Path, spec: str, cfg: BenchConfig, device: str, units: list[tuple[str, int]]) -> None:
+    """A worker's share of the methods part: these (variant, seed) units, in order."""
     scorer = _scorer(run, spec, cfg, device)
     ref = _reference(run, cfg, device)
     dataset = load_dataset(spec)
-    for seed in seeds or (cfg.seed,):
-        for base in names:
-            _one_method(run, cfg, device, dataset, scorer, ref, base, seed)
+    for base, seed in units:
+        _one_method(run, cfg, device, dataset, scorer, ref, base, seed)
+
+
+def cache_key(base: str, seed: int, cfg: BenchConfig) -> str:
+    """The pair / eps_mu cache directory a unit trains from (see :func:`_one_method`)."""
+    method_name = {**VARIANTS, **variants()}[base][0]
+    cache = SHARED_CACHE.get(base, base)
+    return cache if method_name == "rayflow" else seeded_name(cache, seed, cfg)
+
+
+def job_plan(units: list[tuple[str, int]], cfg: BenchConfig) -> list[tuple[tuple[str, int], tuple[str, int] | None]]:
+    """One job per unit, with the unit it waits for: units that share a cache wait until its first unit (which
+    builds it) has started training, so the cache is built once and the students still train side by side.
+    Builders first, RayFlow's (the biggest teacher-side job) before the rest."""
+    builders: dict[str, tuple[str, int]] = {}
+    # the builder of a cache: the variant it is named after when that one runs (e.g. rayflow), else the first
+    for base, seed in sorted(units, key=lambda u: (u[0] != cache_key(u[0], u[1], cfg), u[1])):
+        builders.setdefault(cache_key(base, seed, cfg), (base, seed))
+    plan = []
+    for base, seed in units:
+        builder = builders[cache_key(base, seed, cfg)]
+        plan.append(((base, seed), None if builder == (base, seed) else builder))
+    return sorted(plan, key=lambda p: (p[1] is not None, not p[0][0].startswith("rayflow")))
+
+
+def _training_started(run: Path, unit: tuple[str, int], cfg: BenchConfig) -> bool:
+    """Whether ``unit``'s student has begun training (its pool is then complete): its first log line exists."""
+    return any((run / "students" / seeded_name(unit[0], unit[1], cfg)).rglob("train_log.jsonl"))
+
+
+def run_parallel(run: Path, cfg: BenchConfig, units: list[tuple[str, int]], jobs: int, worker_argv: list[str],
+                 threads: int, script: Path | None = None) -> None:
+    """Run ``units`` as worker processes of this script, ``jobs`` at a time, each with ``threads`` CPU threads.
+
+    Training a student of this size is bound by the host (Python, kernel launches), not by the GPU, so several
+    students share one GPU well. A unit whose cache another unit builds starts once that one trains (see
+    :func:`job_plan`). Each job's output goes to ``run/logs/methods-<unit>.log``; its wall seconds to
+    ``rows/timing_methods.json``. A failed job is reported (the tail of its log) and the others go on; the part
+    then fails, keeping every finished row. ``script``: the worker program (this file; tests pass a stand-in).
+    """
+    import subprocess
+
+    plan = job_plan(units, cfg)
+    logs = run / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
+    pending, running, failed, finished = list(plan), [], [], set()
+    timing_path = run / "rows" / "timing_methods.json"
+    timing = read_json(timing_path) if timing_path.exists() else {}
+    timing.update(parallel_jobs=min(jobs, len(plan)), threads_per_job=threads)
+    print(f"  {len(plan)} variant(s) as worker processes, {min(jobs, len(plan))} at a time, {threads} CPU threads "
+          "each", flush=True)
+    t_part = time.time()
+    try:
+        while pending or running:
+            for item in list(pending):
+                unit, after = item
+                if len(running) >= jobs:
+                    break
+                if after is not None and after not in finished and not _training_started(run, after, cfg):
+                    continue
+                pending.remove(item)
+                name = seeded_name(*unit, cfg)
+                log = open(logs / f"methods-{name.replace('@', '_')}.log", "w")
+                cmd = [sys.executable, str(script or Path(__file__).resolve()), *worker_argv, "--parts", "methods",
+                       "--units", f"{unit[0]}:{unit[1]}", "--worker"]
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((proc, unit, name, log, time.time()))
+                print(f"  [{time.time() - t_part:5.0f} s] started {name}", flush=True)
+            time.sleep(0.5)
+            for item in list(running):
+                proc, unit, name, log, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                finished.add(unit)
+                log.close()
+                seconds = round(time.time() - t0, 1)
+                timing[name] = seconds
+                write_json_atomic(timing, timing_path)
+                if proc.returncode == 0:
+                    print(f"  [{time.time() - t_part:5.0f} s] finished {name} in {seconds:.0f} s", flush=True)
+                else:
+                    failed.append(name)
+                    tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-15:]
+                    print(f"  FAILED {name} (exit {proc.returncode}) after {seconds:.0f} s; last lines of {log.name}:",
+                          flush=True)
+                    for line in tail:
+                        print(f"    {line}", flush=True)
+    finally:  # interrupted (Ctrl-C, a timeout): the workers this part started stop with it
+        for proc, *_ in running:
+            proc.terminate()
+    require(not failed, f"methods part: {len(failed)} job(s) failed ({', '.join(failed)}); their logs are in "
+                        f"{logs}; finished rows are kept, run the part again to redo the rest")
 
 
 def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Scorer | Callable[[], Scorer],
@@ -250,8 +362,11 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
         options = {**options, **tiny_options().get(method_name, {})}
     method = get_method(method_name).from_options(options)
     student_dir = run / "students" / name
+    # compile="auto": the student is compiled on a GPU (its graphs are the same for every method, so parallel
+    # workers share Inductor's on-disk cache), not on a CPU
     train = TrainConfig(max_steps=cfg.distill_steps, batch_size=cfg.distill_batch, lr=cfg.distill_lr,
-                        ema_decay=0.999, seed=seed, checkpoint_every=500, compile="no", mixed_precision="auto")
+                        ema_decay=0.999, seed=seed, checkpoint_every=500, compile=cfg.student_compile,
+                        mixed_precision="auto")
     t0 = time.time()
     # RayFlow's eps_mu pool has its own seed (pool_seed), so every student seed shares it; the reflow family
     # draws its pairs from the training seed, so each further seed needs its own pair cache
@@ -270,8 +385,11 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
     keep: dict = {}
     extra = {name: {"teacher_nfe": config.get("teacher_nfe"), "distill_wall_s": round(wall, 1),
                     "train_samples_per_s": round(cfg.distill_steps * cfg.distill_batch / train_seconds, 1)}}
+    t_eval = time.time()
     rows = compare({name: (gen, None)}, list(cfg.nfes), noise, scorer, labels, ref, batch_size=2000,
                    keep=keep, extra=extra)
+    for row in rows:
+        row["eval_wall_s"] = round(time.time() - t_eval, 1)  # the four NFEs' sampling and scoring together
     grid = {f"{name} {nfe} NFE": to_uint8_images(keep[(name, nfe)][:20]) for nfe in (1, 2, 4)
             if (name, nfe) in keep}
     save_grid_by_method(grid, run / "grids" / f"{name}.png")
@@ -398,7 +516,7 @@ def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     meta = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
-    for extra in ("speed", "teacher_train", "timing"):
+    for extra in ("speed", "teacher_train", "timing", "timing_methods"):
         p = run / "rows" / f"{extra}.json"
         if p.exists():
             meta[extra] = json.loads(p.read_text())
@@ -463,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
                         "fd_net2")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the methods part as this many worker processes at once, one per variant (one "
+                        "H200: 7 for the seven)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each methods worker (with --jobs > 1)")
+    p.add_argument("--units", default="", help=argparse.SUPPRESS)  # a worker's variants: NAME:SEED,...
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         cfg = BenchConfig.dry_run() if args.tiny else BenchConfig()
@@ -480,6 +604,11 @@ def main(argv: list[str] | None = None) -> int:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         bad = sorted(set(names) - set(variants()))
         require(not bad, f"--methods: unknown variant(s) {bad}; expected {', '.join(variants())}")
+        require(args.jobs >= 1 and args.threads >= 1, "--jobs and --threads must be >= 1")
+        units = [(u.split(":")[0], int(u.split(":")[1])) for u in args.units.split(",") if u.strip()]
+        require(all(b in variants() for b, _ in units), f"--units {args.units!r}: unknown variant")
+        if args.worker:
+            torch.set_num_threads(args.threads)
         require(Path(args.data).is_dir(), f"--data {args.data}: no such directory (the Fashion-MNIST IDX files)")
         gpu = torch.cuda.is_available()
         require(gpu or args.allow_cpu or parts == ("report",),
@@ -517,19 +646,29 @@ def main(argv: list[str] | None = None) -> int:
                 part_reference(run, spec, cfg, device)
             elif part == "samplers" and not done(run, "samplers"):
                 part_samplers(run, spec, cfg, device)
+            elif part == "methods" and units:  # a worker of run_parallel
+                part_methods_units(run, spec, cfg, device, units)
             elif part == "methods":
-                part_methods(run, spec, cfg, device, names, seeds)
+                worker_argv = ["--data", args.data, "--out", str(run), "--teacher-steps", str(cfg.teacher_steps),
+                               "--distill-steps", str(cfg.distill_steps), "--threads", str(args.threads),
+                               *(["--tiny"] if args.tiny else []), *(["--allow-cpu"] if args.allow_cpu else [])]
+                part_methods(run, spec, cfg, device, names, seeds, jobs=args.jobs, worker_argv=worker_argv,
+                             threads=args.threads)
             elif part == "speed" and gpu and not (run / "rows" / "speed.json").exists():
                 part_speed(run, cfg, device)
             elif part == "report":
                 part_report(run, cfg, Path(args.results))
             seconds = time.time() - t0
             print(f"== {part} done in {seconds:.0f} s", flush=True)
-            if part != "report":  # wall seconds per part, summed over resumed calls: the GPU time the run cost
+            if part != "report" and not args.worker:  # wall seconds per part, summed over resumed calls
                 timing_path = run / "rows" / "timing.json"
                 timing = read_json(timing_path) if timing_path.exists() else {}
                 timing[part] = round(timing.get(part, 0.0) + seconds, 1)
                 write_json_atomic(timing, timing_path)
+        if not args.worker and (run / "rows" / "timing.json").exists():
+            timing = read_json(run / "rows" / "timing.json")
+            print("== wall seconds per part (all calls): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())
+                  + f"; total {sum(timing.values()):.0f}", flush=True)
     except RayflowError as exc:
         print(f"fashion_mnist: error: {exc}", file=sys.stderr)
         return 2

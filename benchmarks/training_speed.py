@@ -63,13 +63,13 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "proreflow-ii": ("proreflow", {"preset": "II", "pool_size": "4096"}),
 }
 TINY_OPTIONS: dict[str, dict[str, str]] = {
-    "rayflow": {"cache_size": "16", "teacher_steps": "2"},
-    "reflow": {"num_pairs": "16", "distill_num_pairs": "16"},
-    "rectified-diffusion": {"num_pairs": "16"},
-    "perflow": {"num_pairs": "16"},
-    "proreflow": {"num_pairs": "16"},
+    "rayflow": {"pool_size": "16", "teacher_steps": "2"},
+    "reflow": {"pool_size": "16", "distill_num_pairs": "16"},
+    "rectified-diffusion": {"pool_size": "16"},
+    "perflow": {"pool_size": "16"},
+    "proreflow": {"pool_size": "16"},
 }
-ROWS = ("inference", "teacher", *METHODS, "profile")
+ROWS = ("inference", "teacher", "teacher-graphs", *METHODS, "profile")
 
 
 # ---------------------------------------------------------------------- measurement helpers
@@ -143,10 +143,10 @@ class StepTimer:
 
 
 def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device: torch.device, warmup: int,
-              measure: int, compile_model: bool, bf16: bool) -> float:
+              measure: int, compile_model: bool, bf16: bool, cuda_graphs: bool = False) -> float:
     """samples/s of the plainest loop doing the Trainer's work: the objective's loss, backward, clipping, fused
-    AdamW, a foreach EMA, the objective's ``after_step``; the same compile setting; one generator; no logging,
-    checks or checkpoints."""
+    AdamW, a foreach EMA, the objective's ``after_step``; the same compile setting (``cuda_graphs``: torch.compile's
+    ``reduce-overhead`` mode); one generator; no logging, checks or checkpoints."""
     model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
     if device.type == "cuda" and has_convolutions(model):
         to_channels_last(model)
@@ -154,10 +154,12 @@ def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
     ema = [p.detach().clone() for p in params]
-    net = torch.compile(model) if compile_model else model
+    net = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None) if compile_model else model
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step(k: int) -> None:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, bf16):
             loss = objective(net, k, gen).loss
         loss.backward()
@@ -273,10 +275,10 @@ class Bench:
         self.doc["matmul_flops_per_s"] = self.matmul
         self.write()
 
-    def train_config(self, steps: int, lr: float) -> TrainConfig:
+    def train_config(self, steps: int, lr: float, compile_mode: str = "default") -> TrainConfig:
         return TrainConfig(max_steps=steps, batch_size=self.batch, lr=lr, ema_decay=0.999, grad_clip=1.0,
                            checkpoint_every=0, log_every=max(1, steps // 2), progress=False,
-                           mixed_precision="bf16" if self.bf16 else "no", compile="auto")
+                           mixed_precision="bf16" if self.bf16 else "no", compile="auto", compile_mode=compile_mode)
 
     def roofline(self, samples_per_s: float | None, flops: float) -> float | None:
         if samples_per_s is None or not self.matmul:
@@ -331,7 +333,8 @@ class Bench:
         obj, model = trainer.objective, trainer.raw_model
         flops = train_flops_per_sample(model, obj, self.device, self.batch, self.bf16)
         reset_peak(self.device)
-        bare = bare_loop(model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16)
+        bare = bare_loop(model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
+                         cuda_graphs=trainer.cuda_graphs)
         rate = timer.rate
         return {"samples_per_s": None if rate is None else round(rate, 1), "bare_samples_per_s": round(bare, 1),
                 "trainer_over_bare": None if rate is None else round(rate / bare, 3),
@@ -341,7 +344,9 @@ class Bench:
                 "total_s": round(total, 1), "train_s": round(timer.train_seconds, 1),
                 "_timer": timer}
 
-    def row_teacher(self) -> dict[str, Any]:
+    def row_teacher(self, compile_mode: str = "default") -> dict[str, Any]:
+        """Teacher training; ``compile_mode="reduce-overhead"``: the step's forward and backward replayed from CUDA
+        graphs (TrainConfig.compile_mode; a notice and no graphs on a CPU)."""
         model_cfg = ModelConfig.from_dict(self.teacher_config["model"])
         schedule = VPSchedule.from_config(self.teacher_config["schedule"])
 
@@ -350,17 +355,19 @@ class Bench:
             torch.manual_seed(0)
             objective = EpsilonObjective(self.dataset.x, self.dataset.labels, schedule, self.batch,
                                          label_dropout=0.1, num_classes=model_cfg.num_classes)
-            Trainer(build_model(model_cfg), objective, self.train_config(self.warmup + self.measure, 3e-4),
+            Trainer(build_model(model_cfg), objective,
+                    self.train_config(self.warmup + self.measure, 3e-4, compile_mode),
                     self.out / "teacher-training", {"kind": "speed-teacher"}).train()
 
         row = self._train_row(run, 3e-4)
-        row.pop("_timer")
+        row["compile_mode"] = compile_mode
+        row["cuda_graphs"] = row.pop("_timer").trainer.cuda_graphs
         return row
 
     def row_method(self, name: str) -> dict[str, Any]:
         method_name, options = METHODS[name]
         if self.tiny:
-            options = {k: v for k, v in options.items() if k not in ("cache_size", "num_pairs")}
+            options = {k: v for k, v in options.items() if k != "pool_size"}
             options.update(TINY_OPTIONS.get(method_name, {}))
         method = get_method(method_name).from_options(options)
         # ProReflow splits the steps over its stages: give its last stage enough to be measured
@@ -404,10 +411,20 @@ class Bench:
             gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
             launches = sum(e.count for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
             copies = sum(e.count for e in events if e.key in ("aten::_to_copy",))
+            # host reads of device values (.item(), float(t), bool(t)) and explicit waits for the device
+            reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+            waits = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                             "cudaEventSynchronize"))
             return {"what": label, "cpu_ms_per_step": round(cpu_us / 1000 / steps, 2),
                     "gpu_ms_per_step": round(gpu_us / 1000 / steps, 2) if self.device.type == "cuda" else None,
                     "kernel_launches_per_step": round(launches / steps, 1),
-                    "dtype_copies_per_step": round(copies / steps, 1)}
+                    "dtype_copies_per_step": round(copies / steps, 1),
+                    "host_reads_per_step": round(reads / steps, 2), "device_waits_per_step": round(waits / steps, 2),
+                    # where the GPU time goes: the next thing to speed up
+                    "top_gpu_ops_ms_per_step": {
+                        e.key[:80]: round((getattr(e, "self_device_time_total", 0) or 0) / 1000 / steps, 3)
+                        for e in sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:10]
+                        if (getattr(e, "self_device_time_total", 0) or 0) > 0}}
 
         def old_style() -> dict[str, Any]:
             """The step as it was: eager fp32 weights under autocast, foreach AdamW, EMA dicts rebuilt per step,
@@ -477,6 +494,8 @@ class Bench:
             self.record("teacher inference, 1 NFE", self.row_inference)
         if "teacher" in rows:
             self.record("teacher training", self.row_teacher)
+        if "teacher-graphs" in rows:
+            self.record("teacher training, CUDA graphs", lambda: self.row_teacher("reduce-overhead"))
         for name in METHODS:
             if name in rows:
                 self.record(f"{name} student training", lambda name=name: self.row_method(name))

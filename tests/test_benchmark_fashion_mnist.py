@@ -99,3 +99,59 @@ def test_refuses_bad_seeds(bench, fm_dir, tmp_path, capsys):
     args = ["--data", str(fm_dir), "--out", str(tmp_path / "run"), "--tiny", "--allow-cpu", "--seeds", "0,one"]
     assert bench.main(args) == 2
     assert "--seeds '0,one': expected comma-separated integers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the methods part as parallel workers
+WORKER = '''
+import json, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+run = Path(args[args.index("--out") + 1])
+unit = args[args.index("--units") + 1]
+name = unit.split(":")[0]
+events = run / "events.txt"
+with open(events, "a") as f:
+    f.write(f"start {name} {time.time()}\\n")
+if name == "rayflow":  # the cache builder: its pool is done once its student logs
+    time.sleep(0.5)
+    (run / "students" / name).mkdir(parents=True, exist_ok=True)
+    (run / "students" / name / "train_log.jsonl").write_text("{}\\n")
+    time.sleep(1.0)
+if name == "reflow":
+    print("simulated failure in", name)
+    sys.exit(3)
+with open(events, "a") as f:
+    f.write(f"end {name} {time.time()}\\n")
+'''
+
+
+def test_job_plan_waits_only_for_a_shared_cache(bench):
+    cfg = bench.BenchConfig()
+    plan = bench.job_plan([("reflow", 0), ("rayflow-no-time-sampler", 0), ("rayflow", 0), ("rayflow", 1),
+                           ("reflow", 1)], cfg)
+    assert plan == [(("rayflow", 0), None), (("reflow", 0), None), (("reflow", 1), None),  # own caches
+                    (("rayflow-no-time-sampler", 0), ("rayflow", 0)), (("rayflow", 1), ("rayflow", 0))]
+
+
+def test_parallel_workers_run_side_by_side_and_a_failure_keeps_the_rest(bench, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "rows").mkdir(parents=True)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    units = [("rayflow", 0), ("rayflow-no-time-sampler", 0), ("reflow", 0), ("perflow", 0)]
+    with pytest.raises(bench.RayflowError, match=r"1 job\(s\) failed \(reflow\)"):
+        bench.run_parallel(run, bench.BenchConfig(), units, jobs=4, worker_argv=["--out", str(run)], threads=1,
+                           script=script)
+    out = capsys.readouterr().out
+    assert "FAILED reflow (exit 3)" in out and "simulated failure in reflow" in out
+    events = [line.split() for line in (run / "events.txt").read_text().splitlines()]
+    when = {(kind, name): float(t) for kind, name, t in events}
+    assert ("end", "perflow") in when and ("end", "rayflow-no-time-sampler") in when and ("end", "reflow") not in when
+    # the variant that reads RayFlow's cache started only after RayFlow's student began training ...
+    assert when[("start", "rayflow-no-time-sampler")] > when[("start", "rayflow")] + 0.5
+    # ... and the others did not wait: they ran beside RayFlow
+    assert when[("start", "perflow")] < when[("end", "rayflow")]
+    timing = json.loads((run / "rows" / "timing_methods.json").read_text())
+    assert set(timing) == {"rayflow", "rayflow-no-time-sampler", "reflow", "perflow", "parallel_jobs",
+                           "threads_per_job"} and timing["parallel_jobs"] == 4
+    assert (run / "logs" / "methods-reflow.log").read_text().strip() == "simulated failure in reflow"

@@ -57,6 +57,9 @@ def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr:
                    help="checkpoints kept, the oldest removed first (default 2; diffusers' checkpoints_total_limit)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile (auto: on CUDA)")
+    g.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; reduce-overhead replays each step from CUDA graphs (GPU only)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,7 +71,7 @@ def _train_config(args: argparse.Namespace):
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.checkpoints_total_limit,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision, compile=args.compile,
+        mixed_precision=args.mixed_precision, compile=args.compile, compile_mode=args.compile_mode,
         progress=not args.no_progress,
     )
 

@@ -142,6 +142,7 @@ def distill(
     method: Method, teacher: str, data: str | Dataset, out_dir: str | Path, train: TrainConfig,
     guidance: float = 1.0, cache_dir: str | Path | None = None, schedule_name: str = "linear",
     student_model: ModelConfig | None = None, progress: bool = True, accelerator: Any = None,
+    teacher_compile: str = "auto",
 ) -> DistillResult:
     """Distil ``teacher`` (a directory or ``"exact"``) with ``method`` into ``out_dir``.
 
@@ -149,6 +150,10 @@ def distill(
     (``student_model`` or the default for the data's shape) for the exact teacher. ``method`` itself is not
     changed: its "auto" values are resolved into a new method (``result.method``, what ``config.json`` records
     with the teacher NFEs spent).
+
+    ``teacher_compile``: ``"auto"`` compiles the frozen teacher (static shapes, CUDA graphs) on CUDA for its
+    pairs, eps_mu and x0 solves; ``"no"`` keeps it eager; ``"yes"`` asks for it anywhere (a CPU skips it with a
+    notice). It changes the teacher's outputs only in the last bits.
     """
     require(math.isfinite(guidance) and (guidance >= 1.0 or guidance == 0.0),
             f"--guidance must be >= 1 (1 = no guidance) or 0, got {guidance}")
@@ -170,7 +175,8 @@ def distill(
         init = {k: v.detach().clone() for k, v in net.state_dict().items()}  # before the teacher is cast
     # the one place the frozen teacher is prepared (eval, no grad, bf16 weights and channels-last on CUDA)
     teacher_dtype = torch.bfloat16 if resolve_mixed_precision(train, device) == "bf16" else None
-    eps_teacher = as_epsilon(prepare_frozen_teacher(net, device, dtype=teacher_dtype), schedule)
+    eps_teacher = as_epsilon(prepare_frozen_teacher(net, device, dtype=teacher_dtype, compile=teacher_compile,
+                                                    cuda_graphs=teacher_compile), schedule)
     counting = CountingDenoiser(eps_teacher)
     out_dir = Path(out_dir)
     base = {"schedule": schedule.config, "data": dataset.spec, "teacher": info["teacher"],

@@ -39,7 +39,9 @@ def expand_like(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample coefficient ``[B]`` (or a scalar) so it broadcasts against ``x`` ``[B, ...]``."""
     if not torch.is_tensor(coef):
         return torch.as_tensor(coef, dtype=x.dtype, device=x.device)
-    coef = coef.to(device=x.device, dtype=x.dtype)
+    # non_blocking: a host-to-device copy that does not wait for the device's queued work (a blocking one does,
+    # and coefficients are copied every training step); the source is staged at once, so it may be freed
+    coef = coef.to(device=x.device, dtype=x.dtype, non_blocking=True)
     if coef.ndim == 0:
         return coef
     return coef.reshape(coef.shape[0], *([1] * (x.ndim - 1)))
@@ -140,6 +142,16 @@ class VPSchedule:
         return builders[name](num_train_timesteps=num_train_timesteps)
 
     # ------------------------------------------------------------------ tables
+    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log alpha_bar, alpha_bar)`` on ``device``, copied there once (not once per call and step)."""
+        if device.type == "cpu":
+            return self._log_ac, self.alphas_cumprod
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = (self._log_ac.to(device), self.alphas_cumprod.to(device))
+        return cache[key]
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
@@ -152,12 +164,17 @@ class VPSchedule:
         """``alpha_bar_t`` (float64) for integer or fractional ``t`` in ``[-1, T-1]``; ``t < 0`` gives 1."""
         t = torch.as_tensor(t, dtype=torch.float64)
         T = self.num_train_timesteps
-        if bool(torch.any(t > T - 1 + 1e-6)):
-            raise RayflowError(f"timestep {float(t.max()):g} is past the schedule's last timestep {T - 1}")
+        if t.device.type == "cpu":
+            if bool(torch.any(t > T - 1 + 1e-6)):
+                raise RayflowError(f"timestep {float(t.max()):g} is past the schedule's last timestep {T - 1}")
+        else:
+            # a host read here would stall every training step on the GPU; timesteps on a device come from the
+            # objectives' own draws, so the range check runs asynchronously there (a device-side assert)
+            torch._assert_async(torch.all(t <= T - 1 + 1e-6), "timestep past the schedule's last timestep")
         tc = t.clamp(0, T - 1)
         lo = tc.floor().long().clamp(max=T - 2)
         frac = tc - lo.to(torch.float64)
-        log_ac, ac = self._log_ac.to(t.device), self.alphas_cumprod.to(t.device)
+        log_ac, ac = self._tables_on(t.device)
         val = torch.exp(log_ac[lo] * (1 - frac) + log_ac[lo + 1] * frac)
         # exact table values at integer timesteps, so integer grids reproduce diffusers bit for bit
         val = torch.where(frac == 0, ac[lo], torch.where(frac == 1, ac[lo + 1], val))
@@ -186,10 +203,10 @@ class VPSchedule:
 
         Values above ``alpha_bar_0`` map to 0 and below ``alpha_bar_{T-1}`` to ``T-1`` (clamped).
         """
-        target = torch.log(torch.as_tensor(alpha_bar, dtype=torch.float64)).clamp(
-            min=float(self._log_ac[-1]), max=float(self._log_ac[0])
-        )
-        neg = -self._log_ac.to(target.device)  # increasing in t
+        target = torch.log(torch.as_tensor(alpha_bar, dtype=torch.float64))
+        log_ac = self._tables_on(target.device)[0]
+        target = target.clamp(min=log_ac[-1], max=log_ac[0])  # tensor bounds: no host read of a device value
+        neg = -log_ac  # increasing in t
         idx = torch.searchsorted(neg, -target.contiguous()).clamp(1, self.num_train_timesteps - 1)
         lo, hi = neg[idx - 1], neg[idx]
         frac = ((-target) - lo) / (hi - lo).clamp(min=1e-30)

@@ -277,7 +277,7 @@ class SteinSampler(TimestepDistribution):
             loss = self.ksd2(sub)
             loss.backward()
             self.opt.step()
-        return {"ts_ksd": float(loss.detach())}
+        return {"ts_ksd": loss.detach()}  # a tensor: the trainer reads logs once per log interval
 
     @torch.no_grad()
     def target_probs(self, features: torch.Tensor | None = None) -> torch.Tensor:

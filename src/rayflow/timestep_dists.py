@@ -48,6 +48,7 @@ everything else).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,20 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
         return torch.Generator().manual_seed(0)
     if generator.device.type == "cpu":
         return generator
+    if generator.device.type == "cuda":
+        # no host read of a device draw (it would wait for all queued GPU work, every training step): the seed
+        # is a hash of the generator's seed and Philox offset, both known on the host; an asynchronous draw then
+        # advances the offset, so the next call derives another seed
+        seed = _hash_seed(generator.initial_seed(), generator.get_offset())
+        torch.empty(4, device=generator.device).uniform_(generator=generator)
+        return torch.Generator().manual_seed(seed)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     return torch.Generator().manual_seed(seed)
+
+
+def _hash_seed(*values: int) -> int:
+    digest = hashlib.blake2b(":".join(str(int(v)) for v in values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
 def _normal_cdf(x: torch.Tensor) -> torch.Tensor:

@@ -80,18 +80,21 @@ from rayflow.checkpoint import (
 )
 from rayflow.errors import RayflowError, require
 from rayflow.models.base import Denoiser
-from rayflow.models.speed import resolve_channels_last, to_channels_last
+from rayflow.models.speed import allow_recompiles, resolve_channels_last, to_channels_last
 from rayflow.schedules import VPSchedule, convert_prediction, expand_like
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "yes", "no")
+#: torch.compile modes of the student (``default`` = torch's); the first two replay the step from CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 CHANNELS_LAST_CHOICES = ("auto", "yes", "no")
 #: learning-rate schedules (diffusers.optimization names), each after ``warmup_steps`` of linear warm-up
 LR_SCHEDULE_CHOICES = ("constant", "linear", "cosine")
 #: train-config keys that may change between a checkpoint and its resume: they do not affect the weights (or,
 #: for the speed settings, only in the last bits)
 RESUME_MUTABLE_TRAIN_KEYS = ("max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
-                             "compile", "channels_last", "divergence_factor")
+                             "compile", "channels_last", "divergence_factor", "compile_mode")
 #: train-config keys that may change on resume with a one-line notice: the remedies for a diverged run
 RESUME_NOTICE_TRAIN_KEYS = ("lr", "warmup_steps", "lr_schedule", "grad_clip")
 CHECKPOINTS = "checkpoints"
@@ -127,6 +130,10 @@ class TrainConfig:
     compile: str = "auto"  # "auto" = torch.compile on CUDA only | "yes" | "no"
     channels_last: str = "auto"  # "auto" = on CUDA for convolutional networks | "yes" | "no"
     progress: bool = True  # tqdm bar
+    # torch.compile mode when compiling: "default" | "reduce-overhead" (CUDA graphs of the forward and backward:
+    # no launch overhead; off by default, as every tensor the objective keeps from a call must be consumed before
+    # the next) | "max-autotune" | "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +160,8 @@ class TrainConfig:
                 f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {self.mixed_precision!r}")
         require(self.compile in COMPILE_CHOICES,
                 f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        require(self.compile_mode in COMPILE_MODES,
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         require(self.channels_last in CHANNELS_LAST_CHOICES,
                 f"channels_last must be one of {', '.join(CHANNELS_LAST_CHOICES)}, got {self.channels_last!r}")
 
@@ -546,7 +555,9 @@ def _tensorboard_tracker(logging_dir: Path) -> Any | None:
     class FlatTensorBoard(TensorBoardTracker):
         def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
             flat = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
-            flat.update({f"logs/{k}": v for k, v in (values.get("logs") or {}).items() if isinstance(v, (int, float))})
+            for group in ("logs", "logs_mean"):
+                flat.update({f"{group}/{k}": v for k, v in (values.get(group) or {}).items()
+                             if isinstance(v, (int, float))})
             for key, value in flat.items():
                 self.writer.add_scalar(key, value, global_step=step)
             self.writer.flush()
@@ -569,6 +580,18 @@ def _objective_stem(rank: int) -> str:
 
 def _to_float(value: Any) -> float:
     return float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _accumulate(sums: dict[str, tuple[Any, int]], logs: dict[str, Any]) -> None:
+    """Add one step's logs to the interval's sums: tensors stay on their device (no host read), numbers as they
+    are; a value that is neither (a string ...) is not averaged."""
+    for key, value in logs.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = value.detach().float().reshape(())
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        total, count = sums.get(key, (0.0, 0))
+        sums[key] = (total + value, count + 1)
 
 
 class Trainer:
@@ -636,8 +659,20 @@ class Trainer:
         self._prepared = self.model  # the DDP module (before compile), for no_sync
         self._params = params
         self.compiled = resolve_compile(config, self.device)
+        mode = config.compile_mode
+        if self.compiled and mode in _CUDA_GRAPH_MODES and self.device.type != "cuda":
+            _notice(f"compile_mode={mode} replays CUDA graphs, which need a GPU: compiling without them")
+            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        if self.compiled and mode in _CUDA_GRAPH_MODES and config.gradient_accumulation_steps > 1:
+            # the micro-batches' gradients accumulate into graph outputs that the next replay would overwrite
+            _notice(f"compile_mode={mode} does not combine with gradient_accumulation_steps > 1: compiling "
+                    "without CUDA graphs")
+            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        #: the step is replayed from CUDA graphs: each step must tell torch that a new iteration begins
+        self.cuda_graphs = self.compiled and mode in _CUDA_GRAPH_MODES
         if self.compiled:
-            self.model = torch.compile(self.model)
+            allow_recompiles()  # a new Trainer of an already compiled network class must not find torch's limit spent
+            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
         self.mixed_precision = str(accelerator.mixed_precision)
         self.loss_history: list[float] = []  # interval mean losses, for the divergence check
         self.stats: dict[str, float] = {}  # filled by train(): steps, samples, seconds of the last run
@@ -891,6 +926,8 @@ class Trainer:
         torch.manual_seed(seed)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
+        if self.cuda_graphs:  # the previous step's graph outputs (loss, logs) are dead or already read
+            torch.compiler.cudagraph_mark_step_begin()
         # gradients are all-reduced once per step, on the last micro-batch
         sync = micro == n - 1 or acc.num_processes == 1
         with nullcontext() if sync else acc.no_sync(self._prepared):
@@ -967,6 +1004,7 @@ class Trainer:
         big = float(cfg.max_steps + 1)
         # device-side accumulators: [loss sum, first non-finite loss step, first non-finite grad-norm step]
         sums = torch.tensor([0.0, big, big], device=self.device)
+        log_sums: dict[str, tuple[Any, int]] = {}  # the objective's logs summed over the interval (on the device)
         clip = cfg.grad_clip > 0
         check_grad = clip and self.mixed_precision != "fp16"  # fp16 skips inf steps on purpose
         trackers = self._start_trackers()
@@ -993,6 +1031,7 @@ class Trainer:
                     self.ema.update(self.raw_model)
                 if hasattr(self.objective, "after_step"):
                     logs = {**logs, **(self.objective.after_step(self.model, step, generator) or {})}
+                _accumulate(log_sums, logs)
                 # no host synchronisation: the checks below read these once per interval
                 sums[0] += loss
                 sums[1] = torch.minimum(sums[1], torch.where(torch.isfinite(loss), big, float(step)))
@@ -1010,7 +1049,9 @@ class Trainer:
                     now = time.time()
                     if log_now:
                         values = {k: _to_float(v) for k, v in logs.items()}
+                        means = {k: _to_float(total) / count for k, (total, count) in log_sums.items()}
                         record = {"step": steps_done, "loss": _to_float(loss), "loss_mean": mean, "logs": values,
+                                  "logs_mean": means,
                                   "lr": float(self.lr_scheduler.get_last_lr()[0]), "time": round(now - t0, 3),
                                   "samples_per_s": round(per_step * (steps_done - interval_first)
                                                          / max(now - t_interval, 1e-9), 1)}
@@ -1021,6 +1062,7 @@ class Trainer:
                         bar.set_postfix({"loss": f"{record['loss']:.4g}",
                                          **{k: f"{v:.4g}" for k, v in values.items()}}, refresh=False)
                     sums = torch.tensor([0.0, big, big], device=self.device)
+                    log_sums = {}
                     t_interval, interval_first = now, steps_done
                 if save_now:
                     self._save_checkpoint(steps_done)

@@ -91,7 +91,7 @@ class RectifiedDiffusionObjective:
         b = self.pool.batch(self.batch_size, generator)
         eps, x0 = b["noise"], b["sample"]
         t = torch.randint(0, self.schedule.num_train_timesteps, (self.batch_size,), generator=generator,
-                          device=dev).cpu()
+                          device=dev)  # the schedule is read on the device: no host round trip
         a, s = expand_like(self.schedule.a(t), x0), expand_like(self.schedule.s(t), x0)
         x_t = a * x0 + s * eps
         eps_hat = model(x_t, t.to(dev, torch.float32), b.get("labels")).float()
@@ -112,9 +112,11 @@ class PhasedObjective:
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
         b = self.pool.batch(self.batch_size, generator)
-        k = b["window"].cpu()
-        t_s, t_e = self.boundaries[k], self.boundaries[k + 1]
-        u = torch.rand(self.batch_size, generator=generator, device=dev).double().cpu()
+        k = b["window"].to(dev)
+        if getattr(self, "_bounds", None) is None or self._bounds.device != k.device:
+            self._bounds = self.boundaries.to(k.device)  # copied once: the phase maths stays on the device
+        t_s, t_e = self._bounds[k], self._bounds[k + 1]
+        u = torch.rand(self.batch_size, generator=generator, device=dev).double()
         t = t_e + 1 + torch.floor(u * (t_s - t_e))
         x_s, x_e = b["z_start"], b["z_end"]
         x_t = first_order_step(x_s, implied_noise(x_s, x_e, t_s, t_e, self.schedule), t_s, t, self.schedule)

@@ -58,7 +58,8 @@ def flow_velocity(net: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Conditi
     """``u(x_tau, t)`` of a network: its own output for a ``"flow"`` network, else the VP conversion (module doc)."""
     if prediction_type == "flow":
         return net(x, t.to(device=x.device, dtype=torch.float32), cond)
-    tau = (torch.as_tensor(t, dtype=torch.float64).cpu() + 1.0) / schedule.num_train_timesteps
+    # on t's device (a host copy of device timesteps would stall a training step on the GPU)
+    tau = (torch.as_tensor(t, dtype=torch.float64) + 1.0) / schedule.num_train_timesteps
     r, t_vp, _, _ = vp_point(tau, schedule)
     pred = net(x / expand_like(r, x), t_vp.to(device=x.device, dtype=torch.float32), cond)
     return velocity_from_vp(pred, prediction_type, x, tau, schedule)
@@ -115,7 +116,7 @@ class ReflowObjective:
         eps, x0 = b["noise"], b["sample"]
         tau = self.tau_min + (1 - self.tau_min) * torch.rand(self.batch_size, generator=generator, device=dev)
         x = (1 - expand_like(tau, x0)) * x0 + expand_like(tau, x0) * eps
-        t = tau.double().cpu() * self.schedule.num_train_timesteps - 1
+        t = tau.double() * self.schedule.num_train_timesteps - 1  # stays on the device
         u = flow_velocity(model, x, t, b.get("labels"), self.schedule, self.prediction_type).float()
         return LossOutput(regression_loss(u, eps - x0, self.loss, self.huber_c).mean())
 

@@ -118,9 +118,11 @@ class WindowObjective:
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
         data = self.pool.batch(self.batch_size, generator)
-        k = data["window"].cpu()
-        t_s, t_e = self.boundaries[k], self.boundaries[k + 1]
-        u = torch.rand(self.batch_size, generator=generator, device=dev).double().cpu()
+        # the window maths stays on the device (float64): a host copy of the windows would stall every step
+        bounds = self._boundaries_on(dev)
+        k = data["window"].to(dev)
+        t_s, t_e = bounds[k], bounds[k + 1]
+        u = torch.rand(self.batch_size, generator=generator, device=dev).double()
         t = t_e + 1 + torch.floor(u * (t_s - t_e))  # integers in (t_e, t_s]
         where = WindowPoint(t, t_s, t_e, self.schedule.num_train_timesteps)
         z_s, z_e = data["z_start"], data["z_end"]
@@ -137,8 +139,16 @@ class WindowObjective:
             per_sample = regression_loss(pred, target, self.loss, self.huber_c)
             _, diag = aligned_velocity_loss(v_hat.detach(), v_star, 0.0)
         per_sample = per_sample * loss_weight(where.tau, self.weighting).to(per_sample)
-        return LossOutput(per_sample.mean(), {"cos": float(diag["cos"].mean()),
-                                              "norm_ratio": float(diag["norm_ratio"].mean())})
+        # logs stay device tensors: the trainer reads them once per log interval, not every step
+        return LossOutput(per_sample.mean(), {"cos": diag["cos"].detach().mean(),
+                                              "norm_ratio": diag["norm_ratio"].detach().mean()})
+
+    def _boundaries_on(self, device: torch.device) -> torch.Tensor:
+        """The window boundaries on ``device``, copied there once."""
+        cached = getattr(self, "_bounds", None)
+        if cached is None or cached.device != device:
+            cached = self._bounds = self.boundaries.to(device)
+        return cached
 
 
 def train_windows(ctx: DistillContext, method: Method, objective: Any, steps: int, out_dir, init: Denoiser | None,

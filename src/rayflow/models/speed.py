@@ -52,30 +52,72 @@ class FrozenTeacher(Denoiser):
     attributes (``prediction_type``, ``num_classes``, ``null_condition``) are its.
     """
 
-    def __init__(self, model: Denoiser, dtype: torch.dtype, fn: nn.Module | None = None) -> None:
+    def __init__(self, model: Denoiser, dtype: torch.dtype, fn: nn.Module | None = None,
+                 cuda_graphs: bool = False) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.prediction_type = model.prediction_type
         self.num_classes = model.num_classes
         self._fn = fn if fn is not None else model
+        self.cuda_graphs = bool(cuda_graphs)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls go through the compiled forward (False after a compile failure fell back to eager)."""
+        return self._fn is not self.model
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
         if torch.is_tensor(cond) and cond.is_floating_point():
             cond = cond.to(self.dtype)
-        out = self._fn(x.to(self.dtype), t, cond)
+        x = x.to(self.dtype)
+        if not self.compiled:
+            return self.model(x, t, cond).float()
+        try:
+            out = self._fn(x, t, cond)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager network computes the same
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            _notice(f"the frozen teacher could not be compiled ({type(exc).__name__}: {first}); it runs eagerly")
+            self._fn = self.model
+            return self.model(x, t, cond).float()
+        if self.cuda_graphs and out.dtype == torch.float32:
+            # a CUDA graph's output buffer is overwritten by its next replay: hand back a copy (bf16 outputs are
+            # copied by the cast below anyway)
+            return out.clone()
         return out.float()
 
     def null_condition(self, batch_size: int, device: torch.device) -> Condition:
         return self.model.null_condition(batch_size, device)
 
 
+#: compiled graphs allowed per code object: torch's default (8) is spent by one process that compiles the same
+#: network class several times (a teacher per batch shape, a student per ProReflow stage, a benchmark's bare loop),
+#: after which torch silently runs that code eagerly again
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise torch.compile's per-code-object recompile limit to at least ``limit`` (never lowers it)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the new name, and the old one on older torch
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), limit))
+            break
+
+
+def _resolve_switch(value: bool | str, cuda: bool, name: str) -> bool:
+    """``True``/``"yes"``, ``False``/``"no"``, or ``"auto"`` (= on CUDA)."""
+    require(value in (True, False, "yes", "no", "auto"), f"{name} must be yes, no or auto, got {value!r}")
+    return cuda if value == "auto" else value in (True, "yes")
+
+
 def prepare_frozen_teacher(
     model: Denoiser,
     device: str | torch.device,
     dtype: torch.dtype | None = None,
-    compile: bool = False,
-    cuda_graphs: bool = False,
+    compile: bool | str = False,
+    cuda_graphs: bool | str = False,
     channels_last: str = "auto",
 ) -> Denoiser:
     """Make ``model`` a frozen teacher on ``device``: eval mode, no gradients, and on CUDA its speed settings.
@@ -84,8 +126,11 @@ def prepare_frozen_teacher(
       every call; inputs and outputs stay float32 (:class:`FrozenTeacher`). Ignored on a CPU (with a notice
       when asked for), where bf16 matrix products are slower than float32.
     * ``channels_last``: see :func:`resolve_channels_last`.
-    * ``compile`` / ``cuda_graphs``: ``torch.compile`` the forward (``mode="reduce-overhead"`` = CUDA graphs,
-      one per batch shape). CUDA only; on a CPU they are skipped with a one-line notice.
+    * ``compile`` / ``cuda_graphs``: ``torch.compile`` the forward with static shapes (``dynamic=False``; with
+      ``cuda_graphs`` ``mode="reduce-overhead"``, one CUDA graph per batch shape). CUDA only; on a CPU they are
+      skipped with a one-line notice, and a compiled call that fails (a compiler error) falls back to the eager
+      network for the rest of the run, with a one-line notice. ``"auto"`` (for either) means on CUDA, off
+      elsewhere, without a notice.
 
     The network is modified in place (moved, cast); take any copy of its weights (a student's initialisation)
     before calling this. Returns ``model`` itself when nothing but eval/no-grad/device applies.
@@ -93,13 +138,17 @@ def prepare_frozen_teacher(
     device = torch.device(device)
     model.eval().requires_grad_(False).to(device)
     cuda = device.type == "cuda"
+    compile, cuda_graphs = (_resolve_switch(v, cuda, name) for v, name in ((compile, "compile"),
+                                                                          (cuda_graphs, "cuda_graphs")))
     if (compile or cuda_graphs) and not cuda:
         _notice("the frozen teacher is not compiled on a CPU (torch.compile and CUDA graphs are GPU settings here)")
         compile = cuda_graphs = False
     if dtype is not None and dtype != torch.float32 and not cuda:
         dtype = None  # float32 on CPUs: bf16 matmuls are emulated there and slower
     if not any(p.is_floating_point() for p in model.parameters()):
-        dtype = None  # no weights to store (an exact, analytic teacher): nothing to gain, precision to lose
+        # no weights (an exact, analytic teacher): nothing to store in bf16 or to compile, precision to lose
+        dtype = None
+        compile = cuda_graphs = False
     if resolve_channels_last(channels_last, model, device):
         to_channels_last(model)
     if dtype is None and not (compile or cuda_graphs):
@@ -108,9 +157,10 @@ def prepare_frozen_teacher(
         model.to(dtype)
     fn: nn.Module | None = None
     if compile or cuda_graphs:
+        allow_recompiles()
         fn = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
-    return FrozenTeacher(model, dtype or torch.float32, fn)
+    return FrozenTeacher(model, dtype or torch.float32, fn, cuda_graphs=cuda_graphs)
 
 
-__all__ = ["FrozenTeacher", "has_convolutions", "prepare_frozen_teacher", "resolve_channels_last",
+__all__ = ["FrozenTeacher", "allow_recompiles", "has_convolutions", "prepare_frozen_teacher", "resolve_channels_last",
            "to_channels_last"]

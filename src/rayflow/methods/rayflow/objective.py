@@ -56,6 +56,9 @@ class RayFlowObjective:
         self.snapshot_every = max(1, int(snapshot_every))
         self.snapshots: list[dict[str, Any]] = []
         self._pending: tuple | None = None
+        self._queued: list[tuple] = []  # GPU runs: steps whose losses are on their way to the host
+        #: the Time Sampler learns a step late (always on a GPU; settable on a CPU to test that schedule)
+        self.lagged = False
 
     @property
     def conditioned(self) -> bool:
@@ -70,39 +73,73 @@ class RayFlowObjective:
         feats = instance_features(x0, eps_mu) if self.conditioned else None
         t, w = self.time_sampler.sample(b, generator, feats)  # t ~ q(t), w = p(t) / q(t)
         z = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev, x0.dtype)
-        a = expand_like(self.schedule.a(t.double()).to(x0.dtype), x0).to(dev)
-        s = expand_like(self.schedule.s(t.double()).to(x0.dtype), x0).to(dev)
+        a = expand_like(self.schedule.a(t.double()).to(x0.dtype), x0)  # expand_like moves it to x0's device
+        s = expand_like(self.schedule.s(t.double()).to(x0.dtype), x0)
         x_t = ray_point(x0, eps_mu, a, s, rc.sigma, z)  # the ray process at t
         if cond is not None and rc.label_dropout > 0 and self.num_classes > 0:
             cond = drop_labels(cond, rc.label_dropout, self.num_classes, generator)
         if self.num_classes == 0:
             cond = None
-        pred = self.ray(model, x_t, t.to(dev), cond).float()  # the network at the VP-matched point, read on the ray
+        # the network at the VP-matched point, read on the ray (host timesteps copied without waiting on the GPU)
+        pred = self.ray(model, x_t, t.to(dev, non_blocking=True), cond).float()
         if self.loss_weight is None:
             residual = pred - ray_target(x0, eps_mu, rc.parameterization).float()
             per = residual.square().flatten(1).mean(1)
         else:
             _, eps_hat = ray_x0_eps(pred, rc.parameterization, x_t.float(), a.float())
-            per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * self.loss_weight[t].to(dev)
-        weights = w.to(dev) if self.cfg.time.reweight else torch.ones_like(per)  # importance weights p/q
+            lam = self.loss_weight[t].to(dev, non_blocking=True)
+            per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * lam
+        # importance weights p/q
+        weights = w.to(dev, non_blocking=True) if self.cfg.time.reweight else torch.ones_like(per)
         loss = (per * weights).mean()
-        logs = {"loss_unweighted": float(per.detach().mean())}
+        # logs stay device tensors: the trainer reads them once per log interval, not every step
+        logs = {"loss_unweighted": per.detach().mean()}
         if traj is not None and self.cfg.targets.consistency_weight > 0:
             # issue #14 reading 3, expected-noise consistency (readings.py): the student's noise at a point of the
             # teacher's trajectory regresses eps_mu; not importance-weighted (its timestep is not drawn from q)
             cons = consistency_residual(self.ray, model, traj[0], traj[1], eps_mu, cond, self.schedule).mean()
             loss = loss + self.cfg.targets.consistency_weight * cons
-            logs["loss_consistency"] = float(cons.detach())
-        self._pending = (t.cpu(), per.detach().cpu(), feats)
+            logs["loss_consistency"] = cons.detach()
+        self._stash(t, per.detach(), feats)
         return LossOutput(loss, logs)
 
-    def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, float]:
-        logs: dict[str, float] = {}
+    def _stash(self, t: torch.Tensor, per: torch.Tensor, feats: torch.Tensor | None) -> None:
+        """Keep this step's ``(t, per-instance loss, features)`` for the Time Sampler's update.
+
+        On a CPU it is read right away. On a GPU the losses are copied to pinned host memory without waiting
+        (an event marks when they are there) and the update of step ``n`` runs after step ``n + 1`` has been
+        queued, so the CPU never stalls on the device: the Time Sampler then learns one step late (step
+        ``n + 2`` draws from a density fitted to the losses of steps ``<= n``).
+        """
+        t = t if t.device.type == "cpu" else t.cpu()  # the Time Sampler draws on the host: normally no copy
+        if per.device.type == "cuda":
+            host = torch.empty(per.shape, dtype=per.dtype, pin_memory=True).copy_(per, non_blocking=True)
+            if feats is not None:
+                feats = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True).copy_(feats.detach(),
+                                                                                           non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._queued.append((t, host, feats, event))
+        elif self.lagged:  # the GPU's schedule on a CPU (tests)
+            self._queued.append((t, per.clone(), None if feats is None else feats.clone(), _Done()))
+        else:
+            self._pending = (t, per, feats)
+
+    def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, Any]:
+        logs: dict[str, Any] = {}
+        if len(self._queued) > 1:  # the GPU path: the previous step's losses
+            t, per, feats, event = self._queued.pop(0)
+            event.synchronize()  # long done unless the GPU is more than a step behind
+            self._pending = (t, per, feats)
         if self._pending is not None:
             t, per, feats = self._pending
+            self._pending = None
             logs = self.time_sampler.update(t, per, feats, generator)
             if (step + 1) % self.snapshot_every == 0 or step == 0:
                 self.snapshots.append(self.snapshot(step + 1, feats))
+        elif step == 0 and self._queued:  # GPU: the first update comes a step later; record the start anyway
+            self._queued[0][3].synchronize()
+            self.snapshots.append(self.snapshot(1, self._queued[0][2]))
         return logs
 
     def snapshot(self, step: int, feats: torch.Tensor | None) -> dict[str, Any]:
@@ -116,11 +153,28 @@ class RayFlowObjective:
         return snap
 
     def state_dict(self) -> dict[str, Any]:
-        return {"time_sampler": self.time_sampler.state_dict(), "snapshots": self.snapshots}
+        state: dict[str, Any] = {"time_sampler": self.time_sampler.state_dict(), "snapshots": self.snapshots}
+        if self._queued:  # a GPU run's update still to come: saved, so a resumed run makes it at the same step
+            t, per, feats, event = self._queued[-1]
+            event.synchronize()
+            state["queued"] = {"t": t.clone(), "per": per.clone(),
+                               **({} if feats is None else {"feats": feats.clone()})}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.time_sampler.load_state_dict(state["time_sampler"])
         self.snapshots = list(state.get("snapshots", []))
+        queued = state.get("queued")
+        self._queued = []
+        if queued is not None:
+            self._queued.append((queued["t"], queued["per"], queued.get("feats"), _Done()))
+
+
+class _Done:
+    """A stand-in for a CUDA event that has already completed."""
+
+    def synchronize(self) -> None:
+        pass
 
 
 

@@ -83,11 +83,12 @@ class RayParameterization:
 
     def __call__(self, network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition = None,
                  prediction_type: str | None = None) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64).flatten().expand(x.shape[0]).cpu()
+        # the schedule is read where t lives (host timesteps from a Time Sampler, or device ones): no copy back
+        t = torch.as_tensor(t, dtype=torch.float64).flatten().expand(x.shape[0])
         c, a2, s2, t2 = vp_matched(self.schedule, t)
         c, a2, s2 = (expand_like(v, x) for v in (c, a2, s2))
         xv = c * x
-        pred = network(xv, t2.to(device=x.device, dtype=torch.float32), cond)
+        pred = network(xv, t2.to(device=x.device, dtype=torch.float32, non_blocking=True), cond)
         ptype = prediction_type or _unwrap(network).prediction_type
         x0, eps = to_x0_eps(pred.to(x.dtype), ptype, xv, a2, s2)
         if self.parameterization == "epsilon":

@@ -163,9 +163,10 @@ class InstanceSource:
         """``(x0, cond, eps_mu, trajectory)``; ``trajectory`` = ``(traj_x, traj_t)``, one point of each row's
         teacher trajectory, when the consistency loss is on (all rows are teacher rows then), else None."""
         dev = self.ctx.device
-        use_teacher = torch.rand(n, generator=generator, device=generator.device).cpu() < self.teacher_fraction(step)
+        use_teacher = torch.rand(n, generator=generator, device=generator.device) < self.teacher_fraction(step)
         if self.pools is not None:
             return self._draw_pools(n, use_teacher, generator)
+        use_teacher = use_teacher.cpu()
         if self.cfg.consistency_weight > 0 or self.cfg.eps_mu_reading == "trajectory":  # x0_source=teacher
             eps = torch.randn((n, *self.data.shape[1:]), generator=generator, device=generator.device).to(dev)
             cond = None
@@ -188,8 +189,51 @@ class InstanceSource:
                                                                device=generator.device)))
         return x0, cond, self.compute(x0, eps, cond, g_ts), None
 
+    def _single_pool(self) -> str | None:
+        """The one pool every row comes from when the x0 source is not mixed (``data`` or ``teacher``)."""
+        fraction = {"data": 0.0, "teacher": 1.0}.get(self.cfg.x0_source)
+        if fraction is None or len(self.pools or {}) != 1:
+            return None
+        name = "teacher" if fraction == 1.0 else "data"
+        return name if name in self.pools else None
+
+    def _pool_on(self, name: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """Pool ``name`` (and for the data pool the data set's images and labels) on ``device``, copied once; None
+        when it is over 1 GiB (it then stays in host memory and rows are gathered there)."""
+        cache = self.__dict__.setdefault("_device_pools", {})
+        key = (name, str(device))
+        if key not in cache:
+            pool = {k: v for k, v in self.pools[name].items() if torch.is_tensor(v)}
+            if name == "data":
+                pool["data_x"] = self.data
+                if self.labels is not None:
+                    pool["data_labels"] = torch.as_tensor(self.labels)
+            size = sum(v.numel() * v.element_size() for v in pool.values())
+            cache[key] = {k: v.to(device) for k, v in pool.items()} if size <= (1 << 30) else None
+        return cache[key]
+
     def _draw_pools(self, n, use_teacher, generator):
         dev = self.ctx.device
+        name = self._single_pool()
+        pool = None if name is None else self._pool_on(name, generator.device)
+        if pool is not None:
+            # every row from one pool: the rows are drawn and gathered on the device (the same draws as the
+            # general path below, without its host round trips, which stall a GPU step)
+            rows = torch.randint(0, pool["eps_mu"].shape[0], (n,), generator=generator, device=generator.device)
+            if name == "data":
+                idx = pool["index"][rows]
+                x0 = pool["data_x"][idx]
+                cond = None if self.labels is None else pool["data_labels"][idx]
+            else:
+                x0 = pool["x0"][rows]
+                cond = None if self.labels is None else pool["label"][rows]
+            traj = None
+            if self.cfg.consistency_weight > 0:
+                require(name == "teacher" and "traj_x" in pool,
+                        "rayflow: consistency_weight > 0 needs pools with trajectory points (x0_source=teacher)")
+                traj = (pool["traj_x"][rows].to(dev), pool["traj_t"][rows])
+            return x0.to(dev), None if cond is None else cond.to(dev), pool["eps_mu"][rows].to(dev), traj
+        use_teacher = use_teacher.cpu()
         parts_x0, parts_c, parts_e, parts_tx, parts_tt = [], [], [], [], []
         order = torch.cat([torch.nonzero(~use_teacher)[:, 0], torch.nonzero(use_teacher)[:, 0]])
         for name, count in (("data", int((~use_teacher).sum())), ("teacher", int(use_teacher.sum()))):

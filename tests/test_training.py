@@ -552,3 +552,13 @@ def test_frozen_teacher_casts_weights_once_and_keeps_float32_outside():
     assert out.dtype == torch.float32 and frozen.prediction_type == model.prediction_type
     assert next(frozen.model.parameters()).dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.02)  # bf16 rounding only
+
+
+def test_the_progress_bar_is_named_after_the_method_and_stage(tmp_path):
+    """Parallel runs (five methods distilled at once) tell their bars apart; a teacher run stays "train"."""
+    base = {"model": MODEL_CFG.to_dict()}
+    cases = [({}, "train"), ({"method": {"name": "reflow"}}, "reflow: train"),
+             ({"method": {"name": "proreflow"}, "stage": 2}, "proreflow stage 2: train")]
+    for extra, label in cases:
+        trainer = Trainer(_model(), ToyObjective(), _config(), tmp_path / label.replace(" ", "_"), {**base, **extra})
+        assert trainer.progress_label() == label

@@ -79,7 +79,7 @@ from rayflow.checkpoint import (
     write_text_atomic,
 )
 from rayflow.errors import RayflowError, require
-from rayflow.models.base import Denoiser
+from rayflow.models.base import Denoiser, drop_labels
 from rayflow.models.speed import allow_recompiles, resolve_channels_last, to_channels_last
 from rayflow.schedules import VPSchedule, convert_prediction, expand_like
 
@@ -338,8 +338,7 @@ class EpsilonObjective:
         if labels is not None:
             cond = labels[idx.to(labels.device)].to(dev)
             if self.label_dropout > 0:
-                drop = torch.rand(b, generator=generator, device=dev) < self.label_dropout
-                cond = torch.where(drop, torch.full_like(cond, self.num_classes), cond)
+                cond = drop_labels(cond, self.label_dropout, self.num_classes, generator)
         pred = model(x_t, t.float(), cond)
         ptype = unwrap_denoiser(model).prediction_type
         if ptype != "epsilon":
@@ -897,6 +896,14 @@ class Trainer:
         return model
 
     # ------------------------------------------------------------------ the loop
+    def progress_label(self) -> str:
+        """The progress bar's name: the method (and stage) from the run config, so parallel bars tell apart."""
+        method = self.run_config.get("method")
+        name = method.get("name") if isinstance(method, dict) else None
+        stage = self.run_config.get("stage")
+        label = " ".join(str(p) for p in (name, None if stage is None else f"stage {stage}") if p)
+        return f"{label}: train" if label else "train"
+
     def _start_trackers(self) -> list[Any]:
         """The JSONL tracker (train_log.jsonl) and, when installed, TensorBoard, added to the accelerator's own
         trackers for this run, so ``accelerator.log`` reaches them and any the caller configured."""
@@ -1008,7 +1015,7 @@ class Trainer:
         clip = cfg.grad_clip > 0
         check_grad = clip and self.mixed_precision != "fp16"  # fp16 skips inf steps on purpose
         trackers = self._start_trackers()
-        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=self.progress_label(), dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_main_process))
         for callback in list(Trainer.callbacks):
             callback(self, "start", start)

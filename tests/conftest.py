@@ -33,6 +33,31 @@ def benchmark_module(script: str, name: str) -> Iterator[ModuleType]:
         sys.modules.pop(name, None)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's thread pool set to ``n`` inside the block: torch's default 2 threads spin-wait against each other
+    on a shared 2-core machine (up to ~50x slower there)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_for_module() -> Iterator[None]:
+    """:func:`one_thread` for a whole module, including its module-scoped fixtures (tiny pipelines)."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

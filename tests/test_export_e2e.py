@@ -33,12 +33,8 @@ TINY_OPTIONS = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # torch's default 2 threads spin-wait against each other on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,6 @@ from rayflow.training import TrainConfig
 MOG = "mog:dim=8,modes=6,std=0.2,seed=3"
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- aligned v-prediction
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 3.0])
 def test_aligned_loss_gradient_matches_finite_differences(alpha):

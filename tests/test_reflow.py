@@ -22,14 +22,6 @@ from rayflow.training import TrainConfig
 MOG = "mog:dim=8,modes=6,std=0.2,seed=3"
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("schedule", [VPSchedule.linear(1000), VPSchedule.scaled_linear(1000)])
 def test_flow_view_of_the_exact_teacher_is_the_exact_flow_velocity(schedule):
     mix = GaussianMixture.from_options(dim=8, modes=6, std=0.2, seed=3)

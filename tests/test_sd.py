@@ -41,12 +41,8 @@ METHOD_OPTIONS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # torch's default 2 threads spin-wait against each other on a shared 2-core machine (~50x slower here)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_for_module):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

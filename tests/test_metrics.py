@@ -202,7 +202,7 @@ def test_mmd_rbf_gaussian_closed_form_and_null():
 
 
 def test_mmd_chunks_agree_with_single_block(monkeypatch):
-    import rayflow.metrics as m
+    import rayflow.metrics.distances as m
 
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(50, 3, generator=g), torch.randn(40, 3, generator=g)

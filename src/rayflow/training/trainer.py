@@ -1,0 +1,383 @@
+"""The :class:`Trainer`: the one training loop (see the package docstring, :mod:`rayflow.training`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from rayflow.checkpoint import save_model_dir, unwrap_denoiser
+from rayflow.errors import RayflowError, require
+from rayflow.models.base import Denoiser
+from rayflow.models.speed import allow_recompiles, resolve_channels_last, to_channels_last
+from rayflow.training.config import (
+    _CUDA_GRAPH_MODES,
+    TrainConfig,
+    micro_seed,
+    resolve_compile,
+    resolve_mixed_precision,
+)
+from rayflow.training.ema import EMA
+from rayflow.training.launch import (
+    _jsonl_tracker,
+    _make_accelerator,
+    _tensorboard_tracker,
+    check_launch,
+    distributed_state,
+)
+from rayflow.training.objectives import Objective
+from rayflow.training.resume import CHECKPOINTS, TENSORBOARD_DIR, TRAIN_LOG, CheckpointMixin, _normalise, _notice
+
+
+# ---------------------------------------------------------------------- the trainer
+class TrainingStopped(RayflowError):
+    """The run diverged (a non-finite loss, gradient or weight, or a loss blow-up) and was stopped; nothing was
+    written for the bad interval, so the newest checkpoint is a good one."""
+
+
+def _to_float(value: Any) -> float:
+    return float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _accumulate(sums: dict[str, tuple[Any, int]], logs: dict[str, Any]) -> None:
+    """Add one step's logs to the interval's sums: tensors stay on their device (no host read), numbers as they
+    are; a value that is neither (a string ...) is not averaged."""
+    for key, value in logs.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = value.detach().float().reshape(())
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        total, count = sums.get(key, (0.0, 0))
+        sums[key] = (total + value, count + 1)
+
+
+class Trainer(CheckpointMixin):
+    """Train ``model`` on ``objective`` with accelerate; see the package docstring for files and guarantees.
+
+    ``run_config`` (JSON-serialisable) describes the run: it is stored in checkpoints and in the final
+    ``config.json`` and must match on resume (the lr, warm-up and clipping may change, with a notice). When it
+    has no ``"model"`` entry and the model carries a :class:`~rayflow.models.ModelConfig` as ``model.config``,
+    that is added so the output loads with :func:`rayflow.checkpoint.load_model_dir`.
+
+    ``Trainer.callbacks`` (class-wide, for tools that cannot reach where a method builds its trainer, such as
+    benchmarks and profilers): callables ``callback(trainer, event, step)`` with ``event`` one of ``"start"``
+    (``step`` = the first step to run), ``"step"`` (after each optimizer step; ``step`` = steps done) and
+    ``"end"``.
+    """
+
+    callbacks: ClassVar[list[Callable[[Trainer, str, int], None]]] = []
+
+    def __init__(
+        self,
+        model: Denoiser,
+        objective: Objective,
+        config: TrainConfig,
+        out_dir: str | Path,
+        run_config: dict,
+        accelerator: Any | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.objective = objective
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / CHECKPOINTS
+        if accelerator is None:
+            accelerator = _make_accelerator(resolve_mixed_precision(config, distributed_state().device))
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        check_launch(accelerator.num_processes)
+
+        run_config = dict(run_config)
+        model_cfg = getattr(model, "config", None)
+        if "model" not in run_config and hasattr(model_cfg, "to_dict") and hasattr(model_cfg, "kind"):
+            run_config["model"] = model_cfg.to_dict()
+        try:
+            self.run_config = _normalise(run_config)
+        except (TypeError, ValueError) as exc:
+            raise RayflowError(f"run_config must be JSON-serialisable: {exc}") from exc
+        self.full_config = {**self.run_config, "train": _normalise(config.to_dict())}
+        self._check_ranks_agree()
+
+        model.to(self.device)
+        self.channels_last = resolve_channels_last(config.channels_last, model, self.device)
+        if self.channels_last:
+            to_channels_last(model)
+        self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        require(len(params) > 0, "the model has no trainable parameters")
+        # fused AdamW: one kernel for all parameters instead of a dozen per tensor; CUDA only (on a CPU the
+        # default single-tensor loop is kept, which also keeps CPU runs bit-identical to earlier versions)
+        fused = all(p.device.type == "cuda" for p in params)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                                      **({"fused": True} if fused else {}))
+        # not prepared: accelerate's scheduler wrapper steps num_processes times per step
+        self.lr_scheduler = self._make_lr_scheduler(optimizer)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self._prepared = self.model  # the DDP module (before compile), for no_sync
+        self._params = params
+        self.compiled = resolve_compile(config, self.device)
+        mode = config.compile_mode
+        if self.compiled and mode in _CUDA_GRAPH_MODES and self.device.type != "cuda":
+            _notice(f"compile_mode={mode} replays CUDA graphs, which need a GPU: compiling without them")
+            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        if self.compiled and mode in _CUDA_GRAPH_MODES and config.gradient_accumulation_steps > 1:
+            # the micro-batches' gradients accumulate into graph outputs that the next replay would overwrite
+            _notice(f"compile_mode={mode} does not combine with gradient_accumulation_steps > 1: compiling "
+                    "without CUDA graphs")
+            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        #: the step is replayed from CUDA graphs: each step must tell torch that a new iteration begins
+        self.cuda_graphs = self.compiled and mode in _CUDA_GRAPH_MODES
+        if self.compiled:
+            allow_recompiles()  # a new Trainer of an already compiled network class must not find torch's limit spent
+            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+        self.mixed_precision = str(accelerator.mixed_precision)
+        self.loss_history: list[float] = []  # interval mean losses, for the divergence check
+        self.stats: dict[str, float] = {}  # filled by train(): steps, samples, seconds of the last run
+
+    def _make_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """diffusers' ``get_scheduler``: linear warm-up from 0 over ``warmup_steps``, then constant, linear or
+        cosine (to 0 at ``max_steps``)."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        name = cfg.lr_schedule
+        if name == "constant" and cfg.warmup_steps > 0:
+            name = "constant_with_warmup"
+        return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=max(cfg.max_steps, cfg.warmup_steps + 1))
+
+    def _check_ranks_agree(self) -> None:
+        """Every process must run the same configuration (one rank launched with other options would silently
+        train on other targets and write the same checkpoints)."""
+        acc = self.accelerator
+        if acc.num_processes <= 1:
+            return
+        digest = hashlib.blake2b(json.dumps(self.full_config, sort_keys=True).encode(), digest_size=7).digest()
+        mine = torch.tensor([int.from_bytes(digest, "little")], dtype=torch.int64, device=self.device)
+        every = acc.gather(mine)
+        require(bool((every == every[0]).all()),
+                f"the {acc.num_processes} processes of this launch were given different configurations; "
+                "launch every rank with the same command")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def raw_model(self) -> Denoiser:
+        """The trained network, without DDP / compile wrappers (its forward may still autocast)."""
+        return unwrap_denoiser(self.model)
+
+    def _final_model(self) -> Denoiser:
+        if self.ema is not None:
+            model = self.ema.module.eval()
+        else:
+            model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False,
+                                                  keep_torch_compile=False).eval()
+        if self.channels_last:  # hand back the ordinary layout: callers may .view() its outputs' inputs
+            model.to(memory_format=torch.contiguous_format)
+        return model
+
+    def _write_final(self, steps_done: int) -> Denoiser:
+        model = self._final_model()
+        if self.accelerator.is_main_process:
+            save_model_dir(self.out_dir, model, {**self.run_config, "train": self.config.to_dict(),
+                                                 "steps_done": steps_done})
+        self.accelerator.wait_for_everyone()
+        return model
+
+    # ------------------------------------------------------------------ the loop
+    def progress_label(self) -> str:
+        """The progress bar's name: the method (and stage) from the run config, so parallel bars tell apart."""
+        method = self.run_config.get("method")
+        name = method.get("name") if isinstance(method, dict) else None
+        stage = self.run_config.get("stage")
+        label = " ".join(str(p) for p in (name, None if stage is None else f"stage {stage}") if p)
+        return f"{label}: train" if label else "train"
+
+    def _start_trackers(self) -> list[Any]:
+        """The JSONL tracker (train_log.jsonl) and, when installed, TensorBoard, added to the accelerator's own
+        trackers for this run, so ``accelerator.log`` reaches them and any the caller configured."""
+        if not (self.accelerator.is_main_process and self.config.log_every):
+            return []
+        mine = [_jsonl_tracker(self.out_dir / TRAIN_LOG)]
+        tb = _tensorboard_tracker(self.out_dir / TENSORBOARD_DIR)
+        if tb is not None:
+            mine.append(tb)
+        self.accelerator.trackers.extend(mine)
+        return mine
+
+    def _stop_trackers(self, mine: list[Any]) -> None:
+        for tracker in mine:
+            if tracker in self.accelerator.trackers:
+                self.accelerator.trackers.remove(tracker)
+            try:
+                tracker.finish()
+            except Exception:  # noqa: BLE001 - closing a log writer must not hide the run's own outcome
+                pass
+
+    def _micro_step(self, step: int, micro: int, n: int) -> tuple[torch.Tensor, dict[str, Any], torch.Generator]:
+        """One forward/backward of micro-batch ``micro`` of ``n``; returns the loss (detached, on the device), the
+        objective's logs and the generator it drew from."""
+        acc, cfg = self.accelerator, self.config
+        seed = micro_seed(cfg.seed, step, acc.process_index, micro)
+        torch.manual_seed(seed)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        if self.cuda_graphs:  # the previous step's graph outputs (loss, logs) are dead or already read
+            torch.compiler.cudagraph_mark_step_begin()
+        # gradients are all-reduced once per step, on the last micro-batch
+        sync = micro == n - 1 or acc.num_processes == 1
+        with nullcontext() if sync else acc.no_sync(self._prepared):
+            with acc.autocast():
+                out = self.objective(self.model, step, generator)
+            acc.backward(out.loss / n if n > 1 else out.loss)
+        return out.loss.detach().float().reshape(()), out.logs, generator
+
+    def _check(self, sums: torch.Tensor, steps: int, first: int, last: int) -> float:
+        """Read the device-side accumulators (the one host synchronisation of an interval) and stop a diverged
+        run. ``sums = [loss sum, first step with a non-finite loss, first with a non-finite gradient norm]`` on
+        this process; returns the interval's mean loss over all processes."""
+        acc, cfg = self.accelerator, self.config
+        weights_ok = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(self._params)]).all()
+        local = torch.cat([sums.double(), weights_ok.double().reshape(1)]).reshape(1, -1)
+        every = (acc.gather(local) if acc.num_processes > 1 else local).cpu()
+        mean = float(every[:, 0].sum()) / (steps * every.shape[0])
+        bad_loss, bad_grad = int(every[:, 1].min()), int(every[:, 2].min())
+        where = self._checkpoint_note  # listed only when the run is stopped
+        if bad_loss <= last:
+            raise TrainingStopped(f"step {bad_loss}: the loss is {'nan' if math.isnan(mean) else 'inf'} "
+                                  f"(diverged); {where()}")
+        if bad_grad <= last:
+            raise TrainingStopped(f"step {bad_grad}: the gradient norm is not finite (diverged); {where()}")
+        if not bool(every[:, 3].all()):
+            raise TrainingStopped(f"steps {first}-{last}: the weights are no longer finite (diverged); {where()}")
+        if cfg.divergence_factor and self.loss_history:
+            median = statistics.median(self.loss_history)
+            if mean > cfg.divergence_factor * median:
+                raise TrainingStopped(
+                    f"steps {first}-{last}: the mean loss {mean:.4g} is over {cfg.divergence_factor:g}x the run's "
+                    f"median so far ({median:.4g}): diverged; {where()}")
+        self.loss_history.append(mean)
+        return mean
+
+    def _checkpoint_note(self) -> str:
+        found = self._list_checkpoints()
+        remedy = "a lower lr, more warmup_steps or grad_clip > 0 (these may change on resume)"
+        if not found:
+            return f"no checkpoint was written yet: start again with {remedy}"
+        return f"the newest checkpoint, {found[-1][1].name}, is intact: resume from it with {remedy}"
+
+    def train(self) -> Denoiser:
+        """Train to ``config.max_steps``, resuming from ``out_dir/checkpoints`` if present; returns the EMA model
+        (or the raw model if EMA is off), unwrapped, in eval mode.
+
+        At the end writes ``out_dir/model.safetensors`` + ``out_dir/config.json`` via
+        :func:`~rayflow.checkpoint.save_model_dir` (weights = EMA), with ``run_config`` as the config plus
+        ``"train"`` and ``"steps_done"``. A diverged run (see the module docstring) raises
+        :class:`TrainingStopped`, naming the step, before anything is written for the interval.
+        """
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.config
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.ckpt_dir.is_dir():
+                for stale in self.ckpt_dir.glob(".tmp-step-*"):  # debris of a crash mid-checkpoint
+                    shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+
+        start = 0
+        ckpt = self.find_checkpoint()
+        if ckpt is not None:
+            start = self._load_checkpoint(ckpt)
+            if acc.is_main_process:
+                self._trim_log(start)
+        if start >= cfg.max_steps:
+            return self._write_final(start)
+
+        self.model.train()
+        n = cfg.gradient_accumulation_steps
+        per_step = cfg.batch_size * n * acc.num_processes
+        big = float(cfg.max_steps + 1)
+        # device-side accumulators: [loss sum, first non-finite loss step, first non-finite grad-norm step]
+        sums = torch.tensor([0.0, big, big], device=self.device)
+        log_sums: dict[str, tuple[Any, int]] = {}  # the objective's logs summed over the interval (on the device)
+        clip = cfg.grad_clip > 0
+        check_grad = clip and self.mixed_precision != "fp16"  # fp16 skips inf steps on purpose
+        trackers = self._start_trackers()
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=self.progress_label(), dynamic_ncols=True,
+                   disable=not (cfg.progress and acc.is_main_process))
+        for callback in list(Trainer.callbacks):
+            callback(self, "start", start)
+        t0 = time.time()
+        t_interval, interval_first = t0, start
+        try:
+            for step in range(start, cfg.max_steps):
+                loss = None
+                for micro in range(n):
+                    micro_loss, logs, generator = self._micro_step(step, micro, n)
+                    loss = micro_loss if loss is None else loss + micro_loss
+                if n > 1:
+                    loss = loss / n
+                grad_norm = acc.clip_grad_norm_(self._params, cfg.grad_clip) if clip else None
+                self.optimizer.step()
+                if not acc.optimizer_step_was_skipped:
+                    self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.raw_model)
+                if hasattr(self.objective, "after_step"):
+                    logs = {**logs, **(self.objective.after_step(self.model, step, generator) or {})}
+                _accumulate(log_sums, logs)
+                # no host synchronisation: the checks below read these once per interval
+                sums[0] += loss
+                sums[1] = torch.minimum(sums[1], torch.where(torch.isfinite(loss), big, float(step)))
+                if check_grad and torch.is_tensor(grad_norm):
+                    sums[2] = torch.minimum(sums[2], torch.where(torch.isfinite(grad_norm), big, float(step)))
+                steps_done = step + 1
+                bar.update(1)
+                for callback in list(Trainer.callbacks):
+                    callback(self, "step", steps_done)
+                log_now = bool(cfg.log_every) and (steps_done % cfg.log_every == 0 or steps_done == cfg.max_steps)
+                save_now = steps_done == cfg.max_steps or bool(
+                    cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0)
+                if log_now or save_now or steps_done % cfg.check_every == 0:
+                    mean = self._check(sums, steps_done - interval_first, interval_first, step)
+                    now = time.time()
+                    if log_now:
+                        values = {k: _to_float(v) for k, v in logs.items()}
+                        means = {k: _to_float(total) / count for k, (total, count) in log_sums.items()}
+                        record = {"step": steps_done, "loss": _to_float(loss), "loss_mean": mean, "logs": values,
+                                  "logs_mean": means,
+                                  "lr": float(self.lr_scheduler.get_last_lr()[0]), "time": round(now - t0, 3),
+                                  "samples_per_s": round(per_step * (steps_done - interval_first)
+                                                         / max(now - t_interval, 1e-9), 1)}
+                        if grad_norm is not None:
+                            record["grad_norm"] = _to_float(grad_norm)
+                        if acc.is_main_process:
+                            acc.log(record, step=steps_done)
+                        bar.set_postfix({"loss": f"{record['loss']:.4g}",
+                                         **{k: f"{v:.4g}" for k, v in values.items()}}, refresh=False)
+                    sums = torch.tensor([0.0, big, big], device=self.device)
+                    log_sums = {}
+                    t_interval, interval_first = now, steps_done
+                if save_now:
+                    self._save_checkpoint(steps_done)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.time() - t0
+            self.stats = {"steps": cfg.max_steps - start, "samples": (cfg.max_steps - start) * per_step,
+                          "seconds": seconds}
+            for callback in list(Trainer.callbacks):
+                callback(self, "end", cfg.max_steps)
+        finally:
+            bar.close()
+            self._stop_trackers(trackers)
+        return self._write_final(cfg.max_steps)

@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from rayflow.checkpoint import DirectoryLock, remove_orphan_tmp_files, save_safetensors_atomic, write_json_atomic
 from rayflow.errors import RayflowError, require
+from rayflow.progress import tqdm
 
 ShardFn = Callable[[int, int, int, torch.Generator], dict[str, torch.Tensor]]
 CACHE_LOCK = ".cache.lock"

@@ -30,10 +30,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from rayflow.errors import RayflowError, require
 from rayflow.models.base import Condition, Denoiser, with_guidance
+from rayflow.progress import tqdm
 from rayflow.schedules import VPSchedule, expand_like, to_x0_eps
 
 SPACINGS = ("trailing", "leading", "linspace", "karras")

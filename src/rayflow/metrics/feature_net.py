@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from rayflow.checkpoint import write_bytes_atomic
 from rayflow.errors import RayflowError, require
+from rayflow.progress import tqdm
 
 if TYPE_CHECKING:
     from rayflow.data import Dataset

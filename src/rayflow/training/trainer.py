@@ -283,7 +283,7 @@ class Trainer(CheckpointMixin):
         ``"train"`` and ``"steps_done"``. A diverged run (see the module docstring) raises
         :class:`TrainingStopped`, naming the step, before anything is written for the interval.
         """
-        from tqdm.auto import tqdm
+        from rayflow.progress import tqdm
 
         acc, cfg = self.accelerator, self.config
         if acc.is_main_process:

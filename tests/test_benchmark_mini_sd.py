@@ -19,12 +19,8 @@ def bench():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # the SD tests' rule on shared CPUs: torch's default pool is far slower on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def test_refuses_a_wrong_data_path(bench, tmp_path, capsys):

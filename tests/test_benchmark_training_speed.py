@@ -29,11 +29,8 @@ def data_dir(tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _run(bench, data_dir, tmp_path, rows: str) -> dict:

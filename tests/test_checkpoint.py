@@ -25,12 +25,8 @@ from rayflow.models import ModelConfig, build_model
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and does not oversubscribe a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 def _mlp(hidden: int = 32, num_classes: int = 0, prediction_type: str = "epsilon"):
     torch.manual_seed(0)

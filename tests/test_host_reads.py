@@ -128,8 +128,7 @@ def test_the_teacher_step_reads_nothing_from_the_device(monkeypatch, tmp_path):
     ("reflow", {"pool_size": "64"}),
     ("rectified-diffusion", {"pool_size": "64"}),
 ])
-def test_method_steps_read_nothing_from_the_device(monkeypatch, tmp_path, name, options):
-    torch.set_num_threads(1)
+def test_method_steps_read_nothing_from_the_device(monkeypatch, tmp_path, name, options, one_thread):
     method = get_method(name).from_options(options)
     student = ModelConfig(kind="mlp", sample_shape=(4,), num_classes=3, hidden=32, depth=2)
 
@@ -245,7 +244,7 @@ def test_cuda_graph_compile_modes_fall_back_with_a_notice(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- the Time Sampler a step late
-def test_a_time_sampler_a_step_late_resumes_exactly(tmp_path, monkeypatch):
+def test_a_time_sampler_a_step_late_resumes_exactly(tmp_path, monkeypatch, one_thread):
     """The GPU schedule of RayFlow's Time Sampler (its update of step n made after step n + 1 was queued), run on
     a CPU: a run killed after a checkpoint resumes bit-identical to an uninterrupted one, because the pending
     update is saved with the checkpoint; and it differs from the immediate schedule (the lag is real)."""
@@ -259,7 +258,6 @@ def test_a_time_sampler_a_step_late_resumes_exactly(tmp_path, monkeypatch):
         real_init(self, *args, **kwargs)
         self.lagged = True
 
-    torch.set_num_threads(1)
     student = ModelConfig(kind="mlp", sample_shape=(4,), num_classes=3, hidden=32, depth=2)
     opts = {"time_sampler": "learned", "time_sampler_warmup": "2", "x0_source": "data", "pool_size": "128"}
     train = TrainConfig(max_steps=12, batch_size=32, lr=2e-3, ema_decay=0.9, checkpoint_every=5, log_every=0,

@@ -35,12 +35,8 @@ def _model(cfg: ModelConfig = MODEL_CFG) -> Denoiser:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and does not oversubscribe a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 class ToyObjective:
     """Regress sin(3x) with generator-drawn data; has state and an after_step that draws from the generator."""

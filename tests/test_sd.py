@@ -390,6 +390,7 @@ def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys
     ("bad-json", "not a JSON line"),
     ("rank-0", "--lora-rank must be >= 1"),
     ("prompts-perflow", "trains on real images"),
+    ("gen-batch", "--gen-batch: only for a teacher directory"),
 ])
 def test_distill_bad_input_is_one_line(sd_dir, caps, tmp_path, capsys, case):
     name, message = case
@@ -402,6 +403,8 @@ def test_distill_bad_input_is_one_line(sd_dir, caps, tmp_path, capsys, case):
         data = f"captions:path={bad}"
     elif name == "rank-0":
         extra = ["--lora-rank", "0"]
+    elif name == "gen-batch":
+        extra = ["--gen-batch", "64"]
     else:
         (tmp_path / "p.txt").write_text("a cat\n")
         data, method = f"prompts:path={tmp_path / 'p.txt'}", "perflow"

@@ -145,3 +145,18 @@ def test_generation_batch_refusals(teacher_dir, tmp_path):
     for bad in (0, -2, "large", 1.5):
         with pytest.raises(RayflowError, match="gen_batch must be auto or an integer >= 1"):
             _context(teacher_dir, tmp_path, bad)
+
+
+def test_the_gen_batch_flag(teacher_dir, tmp_path, capsys):
+    from rayflow.cli import main
+
+    teacher, data = teacher_dir
+    common = ["distill", "--method", "reflow", "--teacher", str(teacher), "--data",
+              f"fashion-mnist:path={data},pad=32", "--max-steps", "1", "--batch-size", "2", "--pool-size", "4",
+              "--option", "pair_steps=2", "--no-progress", "--checkpoint-every", "0"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--gen-batch", "3"]) == 0
+    assert "teacher evaluations" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "b"), "--gen-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rayflow: error:") and "--gen-batch" in err
+    assert not (tmp_path / "b").exists()

@@ -111,7 +111,7 @@ class FrozenTeacher(Denoiser):
         return static_batch_sizes(self.static_batch) if self.static_batch else ()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
-        if not self.static_batch:
+        if not self.static_batch or x.shape[0] == 0:  # no rows: the network's own behaviour, nothing to pad
             return self._call(x, t, cond, x.shape[0])
         n, size = x.shape[0], self.static_batch
         sizes = self.batch_sizes()

@@ -160,3 +160,15 @@ def test_the_gen_batch_flag(teacher_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rayflow: error:") and "--gen-batch" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_pool_noise_drawn_in_threads_is_each_rows_own_draw():
+    """RayFlow's per-row noise (regenerable from each row's seed), drawn by several threads for large shards:
+    every row is still ``randn`` of a fresh generator seeded with its seed."""
+    from rayflow.methods.rayflow.targets import _noise_from_seeds
+
+    seeds = torch.randint(0, 2**62, (1100,), generator=torch.Generator().manual_seed(3))
+    want = torch.stack([torch.randn((1, 2, 3), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    for threads in (None, 1, 3, 7):
+        assert torch.equal(_noise_from_seeds(seeds, (1, 2, 3), threads=threads), want), threads
+    assert _noise_from_seeds(seeds[:0], (4,)).shape == (0, 4)

@@ -436,7 +436,8 @@ class Bench:
         called twice and a small pool of each kind built: what compiles and captures), then one per pool of
         ``--pool-size`` instances (built in memory, as ``distill`` does without ``--cache``): its wall seconds,
         teacher NFEs (counted rows, padding excluded), NFE/s and that rate over the inference rate (the issue's
-        target is >= 0.7), and the host seconds spent drawing RayFlow's per-row noise (a Python loop per row).
+        target is >= 0.7), and the host seconds spent drawing RayFlow's per-row noise (one generator per row, in
+        threads), during which the GPU waits.
         """
         from rayflow.methods.kit import PairSpec, make_pairs
         from rayflow.methods.rayflow import targets as rayflow_targets

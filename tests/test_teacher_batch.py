@@ -66,6 +66,34 @@ class _Recording(torch.nn.Module):
         return self.net(x, t, cond)
 
 
+def test_a_compiled_teacher_with_a_static_batch_compiles_once_per_shape():
+    """torch.compile with static shapes (as the CUDA teacher is compiled, here with a counting backend on a CPU):
+    ten calls of ten batch sizes compile four graphs (8, 4, 2, 1 rows) and compute what the network does."""
+    import torch._dynamo
+
+    from rayflow.models.speed import allow_recompiles
+
+    net = _mlp().requires_grad_(False)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(inputs[0].shape[0] if inputs and torch.is_tensor(inputs[0]) else None)
+        return gm.forward
+
+    torch._dynamo.reset()
+    allow_recompiles()
+    try:
+        frozen = FrozenTeacher(net, torch.float32, fn=torch.compile(net, backend=backend, dynamic=False),
+                               static_batch=8)
+        with torch.no_grad():
+            for n in (3, 8, 13, 21, 5, 2, 1, 9, 40, 17):
+                x, t, c = torch.randn(n, 4), torch.full((n,), 500.0), torch.arange(n) % 3
+                torch.testing.assert_close(frozen(x, t, c), net(x, t, c))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 4 and frozen.compiled
+
+
 def test_static_batch_settings(capsys):
     net = _mlp()
     assert prepare_frozen_teacher(net, "cpu") is net  # auto: only for a compiled teacher, so nothing on a CPU

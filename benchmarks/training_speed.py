@@ -10,16 +10,26 @@ For the Fashion-MNIST benchmark's network (the committed teacher, a 4.2 M-parame
   (training FLOPs per sample counted by ``torch.utils.flop_counter`` over the bf16 matmul rate measured here);
 * **the teacher side** of each method (pairs, eps_mu, teacher-ODE x0): teacher evaluations per second while
   building its pool, against the compiled 1-NFE inference rate of the same teacher (bf16, torch.compile with
-  CUDA graphs, batch 2048) - the rate a pool build could reach;
+  CUDA graphs, batch 2048) - the rate a pool build could reach. In a method row this is the distillation's wall
+  time less its training, so it includes loading, compiling and capturing the teacher;
+* **the teacher side at steady state** (row ``teacher-pool``): the fixed cost (load, compile, capture every
+  static batch shape, a small pool of each kind), then RayFlow's eps_mu pool (data x0, K = 8), its default pool
+  (teacher x0) and 2-RF's pairs, ``--pool-size`` instances each (60 000 by default), built in memory at
+  ``--gen-batch`` rows per teacher call: wall seconds, NFE/s and their ratio to the inference rate;
+* **CUDA graphs for the student step** (rows ``rayflow-graphs``, ``reflow-graphs``, ``teacher-graphs``:
+  ``compile_mode="reduce-overhead"``, the bare loop likewise); where graphs cannot run (a CPU) the row is
+  measured without them, with a one-line notice and ``graphs_fallback`` in the row;
 * **a torch.profiler summary of one step** (CPU ms, GPU ms, kernel launches, dtype copies per step) of the
   old-style eager step (autocast over float32 weights, foreach AdamW, a host read of the loss and gradient
-  norm every step, the EMA rebuilt by name) and of the Trainer's step now.
+  norm every step, the EMA rebuilt by name) and of the Trainer's step now (row ``profile``), and of the Trainer's
+  step replayed from CUDA graphs (row ``profile-graphs``).
 
 Rows go to ``benchmarks/results/training_speed.json`` as they finish (with the command, hardware and
 versions); a row that fails is recorded with its error and the script goes on.
 
     python benchmarks/training_speed.py                      # one H200: about 5 minutes
     python benchmarks/training_speed.py --rows teacher,rayflow --append   # redo some rows, keep the others
+    python benchmarks/training_speed.py --rows teacher-pool --pool-size 60000 --gen-batch 2048 --append
     python benchmarks/training_speed.py --tiny --allow-cpu   # a dry run of every row on a CPU (seconds)
 """
 
@@ -44,11 +54,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from rayflow.checkpoint import read_json, unwrap_denoiser, write_json_atomic  # noqa: E402
 from rayflow.data import load_dataset  # noqa: E402
-from rayflow.distillation import distill, load_teacher, train_teacher  # noqa: E402
+from rayflow.distillation import distill, distill_context, load_teacher, train_teacher  # noqa: E402
 from rayflow.errors import RayflowError, require  # noqa: E402
 from rayflow.methods import get_method  # noqa: E402
 from rayflow.models import ModelConfig, build_model, prepare_frozen_teacher, to_channels_last  # noqa: E402
-from rayflow.models.speed import has_convolutions  # noqa: E402
+from rayflow.models.speed import FrozenTeacher, has_convolutions  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import EpsilonObjective, TrainConfig, Trainer  # noqa: E402
 
@@ -61,7 +71,24 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "rectified-diffusion": ("rectified-diffusion", {"pool_size": "4096"}),
     "perflow": ("perflow", {"pool_size": "4096"}),
     "proreflow-ii": ("proreflow", {"preset": "II", "pool_size": "4096"}),
+    # the student's step (and the bare loop's) replayed from CUDA graphs (TrainConfig.compile_mode="reduce-overhead"):
+    # does that remove the host bound (profile: CPU 40 ms against GPU 27 ms per compiled step)?
+    "rayflow-graphs": ("rayflow", {"pool_size": "8192"}),
+    "reflow-graphs": ("reflow", {"pool_size": "4096"}),
 }
+#: rows whose student step is compiled with CUDA graphs
+GRAPH_ROWS = ("rayflow-graphs", "reflow-graphs")
+#: the teacher-side pools timed at steady state (row ``teacher-pool``): (label, method, options); each mirrors what
+#: the method builds before training
+POOLS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    # the issue's target: a 60 000-instance eps_mu pool with K = 8 (the paper's data x0, the K-point average)
+    ("rayflow eps_mu, data x0, K=8 average", "rayflow",
+     {"x0_source": "data", "eps_mu_reading": "average", "k_timesteps": "8"}),
+    # RayFlow's defaults: the teacher's x0 (DPM-Solver++ 2M, 25 steps) and the start reading of eps_mu
+    ("rayflow default, teacher x0 (dpm++2m 25)", "rayflow", {}),
+    # 2-Rectified Flow's global pairs (DPM-Solver++ 2M, 25 steps, label dropout 0.1)
+    ("2-RF pairs (dpm++2m 25)", "reflow", {}),
+)
 TINY_OPTIONS: dict[str, dict[str, str]] = {
     "rayflow": {"pool_size": "16", "teacher_steps": "2"},
     "reflow": {"pool_size": "16", "distill_num_pairs": "16"},
@@ -69,7 +96,7 @@ TINY_OPTIONS: dict[str, dict[str, str]] = {
     "perflow": {"pool_size": "16"},
     "proreflow": {"pool_size": "16"},
 }
-ROWS = ("inference", "teacher", "teacher-graphs", *METHODS, "profile")
+ROWS = ("inference", "teacher-pool", "teacher", "teacher-graphs", *METHODS, "profile", "profile-graphs")
 
 
 # ---------------------------------------------------------------------- measurement helpers
@@ -220,6 +247,7 @@ class Bench:
             self.doc["command"] = "; ".join(x for x in (old.get("command"), self.doc["command"]) if x)
         self.matmul: float | None = None
         self.inference_rate: float | None = None
+        self.inference_flops: float | None = None
 
     @staticmethod
     def hardware() -> dict[str, Any]:
@@ -313,6 +341,7 @@ class Bench:
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             net.to(self.device)(x[:1], t[:1], c[:1])
         self.inference_rate = out["compiled_graphs_images_per_s"]
+        self.inference_flops = fc.get_total_flops()
         out.update(samples_per_s=self.inference_rate, bare_samples_per_s=None, flops_per_sample=fc.get_total_flops(),
                    roofline_share=self.roofline(self.inference_rate, fc.get_total_flops()))
         return out
@@ -372,18 +401,25 @@ class Bench:
         method = get_method(method_name).from_options(options)
         # ProReflow splits the steps over its stages: give its last stage enough to be measured
         steps = (self.warmup + self.measure) * (3 if method_name == "proreflow" else 1)
+        compile_mode = "reduce-overhead" if name in GRAPH_ROWS else "default"
         result: dict[str, Any] = {}
 
         def run(timer: StepTimer) -> None:
             shutil.rmtree(self.out / "students" / name, ignore_errors=True)  # a fresh run, not a resume
             t0 = time.perf_counter()
             res = distill(method, str(self.teacher_dir), self.dataset, self.out / "students" / name,
-                          self.train_config(steps, 1e-4))
+                          self.train_config(steps, 1e-4, compile_mode), gen_batch=self.args.gen_batch)
             result["distill_s"] = time.perf_counter() - t0
             result["teacher_nfe"] = int(res.teacher_nfe)
 
         row = self._train_row(run, 1e-4)
         timer = row.pop("_timer")
+        row.update(compile_mode=compile_mode, cuda_graphs=timer.trainer.cuda_graphs)
+        if compile_mode != "default" and not timer.trainer.cuda_graphs:
+            # the Trainer said why when it compiled (accumulation, a CPU); uncompiled (a CPU), it had nothing to say
+            why = "not compiled on a CPU" if not timer.trainer.compiled else "the Trainer fell back (see its note)"
+            print(f"training_speed: note: {name}: measured without CUDA graphs ({why})", file=sys.stderr, flush=True)
+            row["graphs_fallback"] = why
         side = result["distill_s"] - timer.train_seconds  # pool building: pairs, eps_mu, teacher-ODE x0
         nfe_rate = result["teacher_nfe"] / side if side > 0 else None
         row.update(teacher_nfe=result["teacher_nfe"], teacher_side_s=round(side, 2),
@@ -392,8 +428,118 @@ class Bench:
                    else round(nfe_rate / self.inference_rate, 3))
         return row
 
-    def row_profile(self) -> None:
-        """torch.profiler over a few steps of the old-style eager step and of the Trainer's step (teacher loss)."""
+    def pool_rows(self) -> None:
+        """The teacher side at steady state: the pools a method builds before training, timed after a warm-up that
+        pays loading, compilation and CUDA-graph capture, against the 1-NFE inference rate of the same run.
+
+        One record for the fixed cost (load + prepare the frozen teacher, then every static batch shape of it
+        called twice and a small pool of each kind built: what compiles and captures), then one per pool of
+        ``--pool-size`` instances (built in memory, as ``distill`` does without ``--cache``): its wall seconds,
+        teacher NFEs (counted rows, padding excluded), NFE/s and that rate over the inference rate (the issue's
+        target is >= 0.7), and the host seconds spent drawing RayFlow's per-row noise (one generator per row, in
+        threads), during which the GPU waits.
+        """
+        from rayflow.methods.kit import PairSpec, make_pairs
+        from rayflow.methods.rayflow import targets as rayflow_targets
+        from rayflow.methods.rayflow.method import epsilon_teacher
+
+        size = 24 if self.tiny else self.args.pool_size
+        warm_size = 8 if self.tiny else min(size, 4096)
+        state: dict[str, Any] = {}
+
+        def methods(n: int) -> list[tuple[str, Any]]:
+            out = []
+            for label, name, options in POOLS:
+                options = {**options, "pool_size": str(n)}
+                if self.tiny:
+                    options.update({"teacher_steps": "2"} if name == "rayflow" else {"pair_steps": "2"})
+                out.append((label, get_method(name).from_options(options)))
+            return out
+
+        def build(ctx: Any, method: Any) -> int:
+            """One pool as the method builds it; returns its rows."""
+            if method.name == "rayflow":
+                teacher = epsilon_teacher(ctx.teacher, ctx.schedule)
+                pool = method.build_pool(ctx, teacher, method.needed_sources()[0], None)
+                return next(iter(pool.values())).shape[0]
+            c = method.config  # Reflow.distill's first pool
+            pool = make_pairs(ctx, PairSpec("reflow-pairs", c.pool_size, seed=11, desc="reflow: teacher pairs",
+                                            solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
+                                            label_dropout=c.label_dropout))
+            return len(pool)
+
+        def fixed() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            ctx = distill_context(str(self.teacher_dir), self.dataset, self.out / "pools", self.train_config(1, 1e-4),
+                                  progress=False, gen_batch=self.args.gen_batch)
+            sync(self.device)
+            load_s = time.perf_counter() - t0
+            frozen = ctx.teacher  # the FrozenTeacher inside the counting (and epsilon-view) wrappers
+            while not isinstance(frozen, FrozenTeacher) and isinstance(getattr(frozen, "model", None),
+                                                                       torch.nn.Module):
+                frozen = frozen.model
+            sizes = frozen.batch_sizes() if isinstance(frozen, FrozenTeacher) else ()
+            t1 = time.perf_counter()
+            shape = tuple(self.teacher_config["model"]["sample_shape"])
+            classes = max(1, int(ctx.teacher.num_classes))
+            with torch.no_grad():
+                for n in sizes:  # every static shape: compiled and captured once, replayed once
+                    for _ in range(2):
+                        frozen(torch.randn(n, *shape, device=self.device), torch.full((n,), 999.0, device=self.device),
+                               torch.arange(n, device=self.device) % classes if ctx.teacher.num_classes else None)
+            sync(self.device)
+            shapes_s = time.perf_counter() - t1
+            for _, method in methods(warm_size):  # the samplers' and pools' own first calls
+                build(ctx, method)
+            sync(self.device)
+            state["ctx"] = ctx
+            return {"load_s": round(load_s, 2), "warm_shapes_s": round(shapes_s, 2),
+                    "fixed_s": round(time.perf_counter() - t0, 2), "static_batch_sizes": list(sizes),
+                    "gen_batch": ctx.gen_batch, "compiled": bool(getattr(frozen, "compiled", False)),
+                    "cuda_graphs": bool(getattr(frozen, "cuda_graphs", False)), "warmup_pool_size": warm_size,
+                    "samples_per_s": None, "bare_samples_per_s": None, "roofline_share": None}
+
+        def timed(label: str, method: Any) -> dict[str, Any]:
+            require("ctx" in state, "the fixed-cost record failed: no teacher to build pools with")
+            ctx = state["ctx"]
+            noise = {"s": 0.0}
+            real = rayflow_targets._noise_from_seeds
+
+            def counted(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+                t = time.perf_counter()
+                try:
+                    return real(seeds, shape)
+                finally:
+                    noise["s"] += time.perf_counter() - t
+
+            before = ctx.teacher.evaluations
+            rayflow_targets._noise_from_seeds = counted
+            try:
+                sync(self.device)
+                t0 = time.perf_counter()
+                rows = build(ctx, method)
+                sync(self.device)
+                wall = time.perf_counter() - t0
+            finally:
+                rayflow_targets._noise_from_seeds = real
+            nfe = ctx.teacher.evaluations - before
+            rate = nfe / wall if wall > 0 else None
+            return {"pool_size": rows, "teacher_nfe": nfe, "nfe_per_instance": round(nfe / rows, 2),
+                    "pool_s": round(wall, 3), "teacher_nfe_per_s": None if rate is None else round(rate, 1),
+                    "over_inference": None if (rate is None or not self.inference_rate)
+                    else round(rate / self.inference_rate, 3),
+                    "host_noise_s": round(noise["s"], 3), "samples_per_s": round(rows / wall, 1),
+                    "bare_samples_per_s": None,
+                    "roofline_share": None if rate is None else self.roofline(rate, self.inference_flops or 0.0)}
+
+        self.record("teacher pool: fixed cost (load, compile, capture)", fixed)
+        for label, method in methods(size):
+            self.record(f"teacher pool: {label}", lambda label=label, method=method: timed(label, method))
+
+    def row_profile(self, compile_mode: str = "default") -> None:
+        """torch.profiler over a few steps of the old-style eager step and of the Trainer's step (teacher loss);
+        ``compile_mode="reduce-overhead"``: the Trainer's step replayed from CUDA graphs only (row ``profile-graphs``:
+        does the host still take longer than the GPU?)."""
         from torch.profiler import ProfilerActivity, profile
 
         model_cfg = ModelConfig.from_dict(self.teacher_config["model"])
@@ -476,22 +622,31 @@ class Bench:
             try:
                 shutil.rmtree(self.out / "profile-training", ignore_errors=True)
                 torch.manual_seed(0)
-                Trainer(build_model(model_cfg), objective(), self.train_config(self.warmup + steps + 1, 3e-4),
+                Trainer(build_model(model_cfg), objective(),
+                        self.train_config(self.warmup + steps + 1, 3e-4, compile_mode),
                         self.out / "profile-training", {"kind": "speed-profile"}).train()
             finally:
                 Trainer.callbacks.remove(timer)
             require("prof" in state, "the profiler did not run")
+            graphs = timer.trainer is not None and timer.trainer.cuda_graphs
+            suffix = ", CUDA graphs" if graphs else (", CUDA graphs asked for: fell back" if compile_mode != "default"
+                                                      else "")
             label = "Trainer step (" + ("torch.compile, fused AdamW, channels-last, bf16" if self.compile
-                                        else "eager, CPU") + ")"
-            return summarise(state["prof"], label)
+                                        else "eager, CPU") + suffix + ")"
+            return {**summarise(state["prof"], label), "compile_mode": compile_mode, "cuda_graphs": graphs}
 
-        self.record("old-style eager step", old_style, key="profile")
-        self.record("Trainer step", new_style, key="profile")
+        if compile_mode == "default":
+            self.record("old-style eager step", old_style, key="profile")
+            self.record("Trainer step", new_style, key="profile")
+        else:
+            self.record("Trainer step, CUDA graphs", new_style, key="profile")
 
     def run(self, rows: list[str]) -> None:
         self.prepare()
-        if "inference" in rows or any(r in METHODS for r in rows):
+        if "inference" in rows or "teacher-pool" in rows or any(r in METHODS for r in rows):
             self.record("teacher inference, 1 NFE", self.row_inference)
+        if "teacher-pool" in rows:
+            self.pool_rows()
         if "teacher" in rows:
             self.record("teacher training", self.row_teacher)
         if "teacher-graphs" in rows:
@@ -501,6 +656,8 @@ class Bench:
                 self.record(f"{name} student training", lambda name=name: self.row_method(name))
         if "profile" in rows:
             self.row_profile()
+        if "profile-graphs" in rows:
+            self.row_profile("reduce-overhead")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", type=int, default=150, help="Trainer steps timed")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
+    p.add_argument("--pool-size", type=int, default=60000,
+                   help="instances per pool of the teacher-pool rows (default 60000: the issue's eps_mu target)")
+    p.add_argument("--gen-batch", default="auto",
+                   help="rows per teacher call for pools (distill's gen_batch): auto (2048 on CUDA) or an integer")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of an existing --results file (a run split with --rows over several calls)")
     args = p.parse_args(argv)
@@ -523,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(rows) - set(ROWS))
         require(not unknown, f"--rows: unknown row(s) {unknown}; expected {', '.join(ROWS)}")
         require(args.warmup >= 1 and args.measure >= 1, "--warmup and --measure must be >= 1")
+        require(args.pool_size >= 1, f"--pool-size must be >= 1, got {args.pool_size}")
+        if args.gen_batch != "auto":
+            require(args.gen_batch.isdigit() and int(args.gen_batch) >= 1,
+                    f"--gen-batch must be auto or an integer >= 1, got {args.gen_batch!r}")
+            args.gen_batch = int(args.gen_batch)
         require(Path(args.data).is_dir(), f"--data {args.data}: no such directory (the Fashion-MNIST IDX files)")
         require(args.tiny or (Path(args.teacher) / "config.json").is_file(),
                 f"--teacher {args.teacher}: no teacher directory (config.json) there")

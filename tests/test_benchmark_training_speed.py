@@ -33,10 +33,10 @@ def _one_thread(one_thread):
     yield
 
 
-def _run(bench, data_dir, tmp_path, rows: str) -> dict:
+def _run(bench, data_dir, tmp_path, rows: str, *extra: str) -> dict:
     results = tmp_path / "speed.json"
     code = bench.main(["--tiny", "--allow-cpu", "--data", str(data_dir), "--out", str(tmp_path / "run"),
-                       "--results", str(results), "--rows", rows])
+                       "--results", str(results), "--rows", rows, *extra])
     assert code == 0
     return json.loads(results.read_text())
 
@@ -72,7 +72,36 @@ def test_append_keeps_the_other_rows(bench, data_dir, tmp_path, monkeypatch):
                                                                              "teacher training"]
 
 
+def test_teacher_pool_rows_and_a_graphs_row_on_a_cpu(bench, data_dir, tmp_path, capsys):
+    """The teacher side at steady state (a fixed-cost record, then one per pool, with counted NFEs and the ratio to
+    the inference rate of the same run), and a CUDA-graphs method row that falls back on a CPU with one notice."""
+    doc = _run(bench, data_dir, tmp_path, "teacher-pool,reflow-graphs", "--gen-batch", "4")
+    rows = {r["what"]: r for r in doc["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    fixed = rows["teacher pool: fixed cost (load, compile, capture)"]
+    assert fixed["static_batch_sizes"] == [4, 2, 1] and fixed["gen_batch"] == 4 and not fixed["cuda_graphs"]
+    assert fixed["fixed_s"] >= fixed["load_s"] > 0
+    # tiny pools: 24 instances; K = 8 teacher calls each for the eps_mu average, 2 solver steps for the x0 and pairs
+    per_instance = {"rayflow eps_mu, data x0, K=8 average": 8, "rayflow default, teacher x0 (dpm++2m 25)": 2,
+                    "2-RF pairs (dpm++2m 25)": 2}
+    assert [w for w in rows if w.startswith("teacher pool: ") and w != fixed["what"]] == \
+        [f"teacher pool: {label}" for label in per_instance]
+    for label, nfe in per_instance.items():
+        row = rows[f"teacher pool: {label}"]
+        assert row["pool_size"] == 24 and row["teacher_nfe"] == 24 * nfe and row["nfe_per_instance"] == nfe
+        assert row["pool_s"] > 0 and row["teacher_nfe_per_s"] > 0 and row["over_inference"] > 0
+    assert rows["teacher pool: rayflow eps_mu, data x0, K=8 average"]["host_noise_s"] > 0
+    graphs = rows["reflow-graphs student training"]
+    assert graphs["compile_mode"] == "reduce-overhead" and graphs["cuda_graphs"] is False
+    assert graphs["graphs_fallback"] == "not compiled on a CPU" and graphs["samples_per_s"] > 0
+    err = capsys.readouterr().err
+    assert err.count("reflow-graphs: measured without CUDA graphs") == 1 and "Traceback" not in err
+
+
 def test_refusals(bench, data_dir, tmp_path, capsys, monkeypatch):
+    for flag, value in (("--gen-batch", "0"), ("--gen-batch", "big"), ("--pool-size", "0")):
+        assert bench.main(["--tiny", "--allow-cpu", "--data", str(data_dir), flag, value]) == 2
+        assert f"{flag} must be" in capsys.readouterr().err
     assert bench.main(["--tiny", "--allow-cpu", "--data", str(data_dir), "--rows", "teacher,lunch"]) == 2
     assert "unknown row(s) ['lunch']" in capsys.readouterr().err
     assert bench.main(["--tiny", "--allow-cpu", "--data", str(tmp_path / "nowhere")]) == 2
@@ -91,5 +120,8 @@ def test_dry_run_of_every_row(bench, data_dir, tmp_path):
         row = rows[f"{name} student training"]
         assert row["samples_per_s"] > 0 and row["bare_samples_per_s"] > 0 and row["teacher_nfe"] > 0
         assert row["teacher_side_nfe_per_s"] > 0
-    assert [p["what"] for p in doc["profile"]] == ["old-style eager step", "Trainer step (eager, CPU)"]
+    assert [p["what"] for p in doc["profile"]] == ["old-style eager step", "Trainer step (eager, CPU)",
+                                                   "Trainer step (eager, CPU, CUDA graphs asked for: fell back)"]
+    assert all(rows[f"{name} student training"]["cuda_graphs"] is False for name in bench.GRAPH_ROWS)
+    assert rows["teacher pool: 2-RF pairs (dpm++2m 25)"]["teacher_nfe"] > 0
     assert all(p["cpu_ms_per_step"] > 0 and "error" not in p for p in doc["profile"])

@@ -266,6 +266,38 @@ def test_prompt_table_stacks_a_file_backed_cache_and_its_null_row(tmp_path):
     assert copy.deepcopy(table) is table
 
 
+def test_prompt_table_rows_gathered_on_the_device_equal_the_host_rows(tmp_path, monkeypatch):
+    """Off the CPU the table is copied to the device once and rows are gathered there (no host read of the indices
+    per step, issue #13); forced here on a CPU: the same rows as the host path, for a file-backed table with its
+    null row and an SDXL-style table, in float32 and bf16; a table over the limit stays on the host."""
+    from rayflow.errors import RayflowError
+    from rayflow.models import text
+
+    rows = torch.randn(5, 3, 4)
+    rows.numpy().tofile(tmp_path / "e.bin")
+    mapped = torch.from_file(str(tmp_path / "e.bin"), shared=False, size=rows.numel()).view(5, 3, 4)
+    stacked = PromptTable.with_null({"embeds": mapped}, {"embeds": torch.zeros(1, 3, 4)}, identity="cache-1")
+    xl = PromptTable(torch.randn(6, 3, 4), torch.randn(6, 2), torch.randn(6, 6))
+    idx = torch.tensor([4, 5, 0, 5, 2])
+    cpu = torch.device("cpu")
+    for table in (stacked, xl):
+        for dtype in (torch.float32, torch.bfloat16):
+            want, got = table.rows(idx, cpu, dtype, resident=False), table.rows(idx, cpu, dtype, resident=True)
+            assert torch.equal(got["encoder_hidden_states"], want["encoder_hidden_states"])
+            assert got["encoder_hidden_states"].dtype == dtype
+            if table.pooled is not None:
+                for key in ("text_embeds", "time_ids"):
+                    assert torch.equal(got["added_cond_kwargs"][key], want["added_cond_kwargs"][key])
+        assert table._resident[("cpu", torch.float32)] is not None  # copied once, then reused
+        with pytest.raises(RayflowError, match="caption index out of range 0..5"):
+            table.rows(torch.tensor([0, 6]), cpu, torch.float32, resident=True)
+    monkeypatch.setattr(text, "RESIDENT_BYTES", 8)  # too large to keep: the host path, the same rows
+    big = PromptTable(torch.randn(6, 3, 4))
+    torch.testing.assert_close(big.rows(idx, cpu, torch.float32, resident=True)["encoder_hidden_states"],
+                               big.embeds[idx])
+    assert big._resident[("cpu", torch.float32)] is None
+
+
 # ---------------------------------------------------------------------- the command line, end to end
 def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys):
     out = tmp_path / "student"
@@ -358,6 +390,7 @@ def test_distill_lora_student_then_sample_prompts(sd_dir, caps, tmp_path, capsys
     ("bad-json", "not a JSON line"),
     ("rank-0", "--lora-rank must be >= 1"),
     ("prompts-perflow", "trains on real images"),
+    ("gen-batch", "--gen-batch: only for a teacher directory"),
 ])
 def test_distill_bad_input_is_one_line(sd_dir, caps, tmp_path, capsys, case):
     name, message = case
@@ -370,6 +403,8 @@ def test_distill_bad_input_is_one_line(sd_dir, caps, tmp_path, capsys, case):
         data = f"captions:path={bad}"
     elif name == "rank-0":
         extra = ["--lora-rank", "0"]
+    elif name == "gen-batch":
+        extra = ["--gen-batch", "64"]
     else:
         (tmp_path / "p.txt").write_text("a cat\n")
         data, method = f"prompts:path={tmp_path / 'p.txt'}", "perflow"

@@ -142,7 +142,7 @@ def distill(
     method: Method, teacher: str, data: str | Dataset, out_dir: str | Path, train: TrainConfig,
     guidance: float = 1.0, cache_dir: str | Path | None = None, schedule_name: str = "linear",
     student_model: ModelConfig | None = None, progress: bool = True, accelerator: Any = None,
-    teacher_compile: str = "auto",
+    teacher_compile: str = "auto", gen_batch: int | str = "auto",
 ) -> DistillResult:
     """Distil ``teacher`` (a directory or ``"exact"``) with ``method`` into ``out_dir``.
 
@@ -154,9 +154,33 @@ def distill(
     ``teacher_compile``: ``"auto"`` compiles the frozen teacher (static shapes, CUDA graphs) on CUDA for its
     pairs, eps_mu and x0 solves; ``"no"`` keeps it eager; ``"yes"`` asks for it anywhere (a CPU skips it with a
     notice). It changes the teacher's outputs only in the last bits.
+
+    ``gen_batch``: the batch of the teacher's pool work (see :func:`distill_context`).
+    """
+    ctx = distill_context(teacher, data, out_dir, train, guidance=guidance, cache_dir=cache_dir,
+                          schedule_name=schedule_name, student_model=student_model, progress=progress,
+                          accelerator=accelerator, teacher_compile=teacher_compile, gen_batch=gen_batch)
+    return run_method(method, ctx)
+
+
+def distill_context(
+    teacher: str, data: str | Dataset, out_dir: str | Path, train: TrainConfig, guidance: float = 1.0,
+    cache_dir: str | Path | None = None, schedule_name: str = "linear", student_model: ModelConfig | None = None,
+    progress: bool = True, accelerator: Any = None, teacher_compile: str = "auto", gen_batch: int | str = "auto",
+) -> DistillContext:
+    """The :class:`DistillContext` :func:`distill` hands its method: the data, the frozen teacher prepared for
+    the device (and counted), the student's initialisation, the run's settings.
+
+    ``gen_batch``: the batch the teacher's pool work is done at. ``"auto"``: on CUDA with a compiled teacher
+    :data:`rayflow.models.speed.GEN_BATCH` rows per teacher call (calls are cut and padded to a few static shapes,
+    so the compiled CUDA graphs replay instead of being captured for every new batch) and as many per pair-solver
+    batch; elsewhere each pool's own batch (unchanged results). An integer asks for that batch; pools hold the
+    same values whatever the batch (the randomness is drawn per shard, not per batch), up to kernel rounding.
     """
     require(math.isfinite(guidance) and (guidance >= 1.0 or guidance == 0.0),
             f"--guidance must be >= 1 (1 = no guidance) or 0, got {guidance}")
+    require(gen_batch == "auto" or (isinstance(gen_batch, int) and not isinstance(gen_batch, bool) and gen_batch >= 1),
+            f"gen_batch must be auto or an integer >= 1, got {gen_batch!r}")
     if teacher != "exact":
         require(not same_or_inside(out_dir, teacher),
                 f"--out {out_dir} is the teacher's folder {teacher} or inside it; refusing to write over the teacher")
@@ -175,19 +199,19 @@ def distill(
         init = {k: v.detach().clone() for k, v in net.state_dict().items()}  # before the teacher is cast
     # the one place the frozen teacher is prepared (eval, no grad, bf16 weights and channels-last on CUDA)
     teacher_dtype = torch.bfloat16 if resolve_mixed_precision(train, device) == "bf16" else None
-    eps_teacher = as_epsilon(prepare_frozen_teacher(net, device, dtype=teacher_dtype, compile=teacher_compile,
-                                                    cuda_graphs=teacher_compile), schedule)
+    frozen = prepare_frozen_teacher(net, device, dtype=teacher_dtype, compile=teacher_compile,
+                                    cuda_graphs=teacher_compile, static_batch=gen_batch)
+    eps_teacher = as_epsilon(frozen, schedule)
     counting = CountingDenoiser(eps_teacher)
     out_dir = Path(out_dir)
     base = {"schedule": schedule.config, "data": dataset.spec, "teacher": info["teacher"],
             "guidance": guidance, "rayflow_version": __version__}
-    ctx = DistillContext(
+    return DistillContext(
         teacher=counting, schedule=schedule, dataset=dataset, train=train, out_dir=out_dir,
         student_config=student_cfg, student_init=init, guidance=guidance,
         cache_dir=Path(cache_dir) if cache_dir is not None else None, device=device, accelerator=accelerator,
-        progress=progress, base_config=base,
+        progress=progress, base_config=base, gen_batch=int(getattr(frozen, "static_batch", 0) or 0),
     )
-    return run_method(method, ctx)
 
 
 def run_method(method: Method, ctx: DistillContext) -> DistillResult:
@@ -292,5 +316,5 @@ def load_generator(model: str | None = None, teacher: str | None = None, data: s
 #: the old name (it collided with ``torch.Generator``); kept for one release
 Generator = FewStepModel
 
-__all__ = ["FewStepModel", "Generator", "distill", "get_sampler", "load_generator", "load_teacher", "run_method",
-           "train_teacher"]
+__all__ = ["FewStepModel", "Generator", "distill", "distill_context", "get_sampler", "load_generator", "load_teacher",
+           "run_method", "train_teacher"]

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeat)")
     d.add_argument("--pool-size", type=int, default=None, metavar="N",
                    help="pairs (or RayFlow instances) in the method's training pool; sets option pool_size")
+    d.add_argument("--gen-batch", type=int_in(1), default=None, metavar="N",
+                   help="rows per teacher call when building pools (default on CUDA with the compiled teacher: "
+                        "2048, padded to a few static shapes so its CUDA graphs replay; elsewhere each pool's own)")
     sdg = d.add_argument_group("diffusers pipeline teachers (--teacher PIPE_DIR --data captions:path=DIR)")
     sdg.add_argument("--lora-rank", type=int, default=None, help="LoRA rank of the student (default 64)")
     sdg.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")

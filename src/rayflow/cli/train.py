@@ -49,6 +49,8 @@ def cmd_distill_sd(args: argparse.Namespace) -> int:
     from rayflow.models.text import DEFAULT_LORA_TARGETS
     from rayflow.pipelines.sd import LoraSpec, SDOptions, distill_sd
 
+    require(args.gen_batch is None, "--gen-batch: only for a teacher directory (a pipeline teacher's UNet is not "
+                                    "compiled for pools)")
     if args.full_finetune:
         require(args.lora_rank is None, "--full-finetune and --lora-rank exclude each other")
         lora = None
@@ -93,7 +95,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     t0 = time.time()
     result = distill(method, args.teacher, args.data, args.out, _train_config(args), guidance=args.guidance,
                      cache_dir=args.cache, schedule_name=args.schedule, progress=not args.no_progress,
-                     accelerator=_accelerator())
+                     accelerator=_accelerator(), gen_batch=args.gen_batch or "auto")
     print(f"{method.name} student written to {args.out} ({time.time() - t0:.0f} s, "
           f"{result.teacher_nfe} teacher evaluations)")
     return 0

@@ -55,6 +55,8 @@ class DistillContext:
     accelerator: Accelerator | None = None
     progress: bool = True
     base_config: dict[str, Any] = field(default_factory=dict)  # schedule, data, teacher ... for config.json
+    # rows per pool-building batch (pair solves; the frozen teacher's static batch): 0 = each pool's own default
+    gen_batch: int = 0
     _charged: int = field(default=0, init=False, repr=False)  # pool costs, as recorded
     _in_pools: int = field(default=0, init=False, repr=False)  # evaluations made while building those pools
     _start: int = field(default=0, init=False, repr=False)

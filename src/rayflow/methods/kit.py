@@ -69,6 +69,8 @@ def make_pairs(ctx: DistillContext, spec: PairSpec) -> P.Pairs:
                                   seed=ctx.train.seed + spec.seed, cache=ctx.cache_path(spec.cache), meta=meta,
                                   device=ctx.device, accelerator=ctx.accelerator, progress=ctx.progress,
                                   desc=spec.desc)
+    if ctx.gen_batch:  # the solver's batch: one static teacher batch per solver step (else the pools' 1024)
+        common["batch_size"] = ctx.gen_batch
     with ctx.pool_cost() as cost:
         if spec.windows is None:
             pool = P.global_pairs(solve, counter, ctx.dataset, spec.size, **common)

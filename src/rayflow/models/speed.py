@@ -44,42 +44,100 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+#: the frozen teacher's static batch on CUDA when it is compiled (``static_batch="auto"``): the batch at which the
+#: Fashion-MNIST teacher's compiled 1-NFE rate was measured (119 000 images/s on an H200, BENCHMARKS.md section 6)
+GEN_BATCH = 2048
+#: a call's last chunk is padded to the smallest of ``S, S/2, S/4, S/8`` that holds it: at most four compiled shapes
+#: (one compile and one CUDA graph each), and a short chunk pays at most twice its rows (or ``S/8``)
+STATIC_BATCH_LEVELS = 4
+
+
+def static_batch_sizes(static_batch: int) -> tuple[int, ...]:
+    """The batch sizes a teacher with ``static_batch = S`` is ever called at: ``S, S/2, S/4, S/8`` (distinct, >= 1)."""
+    return tuple(sorted({max(1, int(static_batch) >> k) for k in range(STATIC_BATCH_LEVELS)}, reverse=True))
+
+
+def _bucket(rows: int, sizes: tuple[int, ...]) -> int:
+    """The smallest of ``sizes`` (descending) that holds ``rows`` (``rows <= sizes[0]``)."""
+    return next(size for size in reversed(sizes) if size >= rows)
+
+
+def _rows_of(value: torch.Tensor | None, start: int, count: int, size: int, batch: int) -> torch.Tensor | None:
+    """Rows ``start .. start + count`` of a per-row tensor (first dimension ``batch``), padded to ``size`` rows by
+    repeating its first row (a valid input, so the padding computes nothing undefined); anything else (a 0-d
+    timestep, ``None``) is returned as it is."""
+    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
+        return value
+    chunk = value[start:start + count]
+    if size == count:
+        return chunk
+    return torch.cat([chunk, chunk[:1].expand(size - count, *chunk.shape[1:])])
+
+
 class FrozenTeacher(Denoiser):
     """A frozen network stored in ``dtype`` (bf16) that takes and returns float32: inputs are cast on the way
     in, the prediction back to float32 on the way out, so samplers and losses keep float32 state.
 
     ``forward`` calls ``fn`` (the network itself, or its ``torch.compile``\\ d version); the network's own
     attributes (``prediction_type``, ``num_classes``, ``null_condition``) are its.
+
+    ``static_batch = S > 0``: every call is cut into chunks of ``S`` rows and its last chunk padded (its first row
+    repeated) to the smallest of :func:`static_batch_sizes` that holds it; the padding rows' outputs are dropped.
+    A network compiled with static shapes (and CUDA graphs) then sees at most four batch shapes whatever its
+    callers' batches (a pool's last shard, a sampler's remainder, the ``K x B`` rows of eps_mu), instead of a
+    compilation and a graph capture per new shape. Rows do not interact in a frozen network (eval mode: no batch
+    statistics), so the outputs are those of unpadded calls up to kernel rounding.
     """
 
     def __init__(self, model: Denoiser, dtype: torch.dtype, fn: nn.Module | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, static_batch: int = 0) -> None:
         super().__init__()
+        require(int(static_batch) >= 0, f"static_batch must be >= 0 (0 = the callers' batches), got {static_batch}")
         self.model = model
         self.dtype = dtype
         self.prediction_type = model.prediction_type
         self.num_classes = model.num_classes
         self._fn = fn if fn is not None else model
         self.cuda_graphs = bool(cuda_graphs)
+        self.static_batch = int(static_batch)
 
     @property
     def compiled(self) -> bool:
         """Whether calls go through the compiled forward (False after a compile failure fell back to eager)."""
         return self._fn is not self.model
 
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch shapes the network is called at (empty: whatever the callers pass)."""
+        return static_batch_sizes(self.static_batch) if self.static_batch else ()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        if not self.static_batch or x.shape[0] == 0:  # no rows: the network's own behaviour, nothing to pad
+            return self._call(x, t, cond, x.shape[0])
+        n, size = x.shape[0], self.static_batch
+        sizes = self.batch_sizes()
+        outs = []
+        for start in range(0, n, size):
+            count = min(size, n - start)
+            padded = _bucket(count, sizes)
+            outs.append(self._call(_rows_of(x, start, count, padded, n), _rows_of(t, start, count, padded, n),
+                                   _rows_of(cond, start, count, padded, n), count))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, cond: Condition, rows: int) -> torch.Tensor:
+        """The network on one (padded) batch; its first ``rows`` outputs as a float32 tensor of their own."""
         if torch.is_tensor(cond) and cond.is_floating_point():
             cond = cond.to(self.dtype)
         x = x.to(self.dtype)
         if not self.compiled:
-            return self.model(x, t, cond).float()
+            return self.model(x, t, cond)[:rows].float()
         try:
             out = self._fn(x, t, cond)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager network computes the same
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             _notice(f"the frozen teacher could not be compiled ({type(exc).__name__}: {first}); it runs eagerly")
             self._fn = self.model
-            return self.model(x, t, cond).float()
+            return self.model(x, t, cond)[:rows].float()
+        out = out[:rows]
         if self.cuda_graphs and out.dtype == torch.float32:
             # a CUDA graph's output buffer is overwritten by its next replay: hand back a copy (bf16 outputs are
             # copied by the cast below anyway)
@@ -119,6 +177,7 @@ def prepare_frozen_teacher(
     compile: bool | str = False,
     cuda_graphs: bool | str = False,
     channels_last: str = "auto",
+    static_batch: int | str = "auto",
 ) -> Denoiser:
     """Make ``model`` a frozen teacher on ``device``: eval mode, no gradients, and on CUDA its speed settings.
 
@@ -151,7 +210,11 @@ def prepare_frozen_teacher(
         compile = cuda_graphs = False
     if resolve_channels_last(channels_last, model, device):
         to_channels_last(model)
-    if dtype is None and not (compile or cuda_graphs):
+    if static_batch == "auto":
+        static_batch = GEN_BATCH if (compile or cuda_graphs) else 0
+    require(isinstance(static_batch, int) and not isinstance(static_batch, bool) and static_batch >= 0,
+            f"static_batch must be auto or an integer >= 0, got {static_batch!r}")
+    if dtype is None and not (compile or cuda_graphs) and not static_batch:
         return model
     if dtype is not None:
         model.to(dtype)
@@ -159,8 +222,8 @@ def prepare_frozen_teacher(
     if compile or cuda_graphs:
         allow_recompiles()
         fn = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
-    return FrozenTeacher(model, dtype or torch.float32, fn, cuda_graphs=cuda_graphs)
+    return FrozenTeacher(model, dtype or torch.float32, fn, cuda_graphs=cuda_graphs, static_batch=static_batch)
 
 
-__all__ = ["FrozenTeacher", "allow_recompiles", "has_convolutions", "prepare_frozen_teacher", "resolve_channels_last",
-           "to_channels_last"]
+__all__ = ["GEN_BATCH", "FrozenTeacher", "allow_recompiles", "has_convolutions", "prepare_frozen_teacher",
+           "resolve_channels_last", "static_batch_sizes", "to_channels_last"]

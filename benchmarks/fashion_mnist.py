@@ -5,8 +5,7 @@
     python benchmarks/fashion_mnist.py ... --parts teacher,reference,samplers,speed      # in resumable parts
     python benchmarks/fashion_mnist.py ... --parts methods --methods rayflow,perflow
     python benchmarks/fashion_mnist.py ... --jobs 7 --threads 2      # the variants side by side on one GPU
-    python benchmarks/fashion_mnist.py ... --teacher benchmarks/checkpoints/fashion-mnist-teacher \
-        --feature-net benchmarks/checkpoints/fashion-mnist-feature-net                  # reuse, skip training them
+    python benchmarks/fashion_mnist.py ... --teacher benchmarks/checkpoints/fashion-mnist-teacher  # reuse it
     python benchmarks/fashion_mnist.py ... --parts report                                # tables + plots
     python benchmarks/fashion_mnist.py --tiny --allow-cpu ...                            # a dry run on a CPU
 
@@ -14,8 +13,10 @@ Parts (each resumes; a finished part is skipped):
 
 * ``teacher``   a class-conditional epsilon UNet (diffusers UNet2DModel, 32x32 padded) trained with bf16 and
   torch.compile, label dropout 0.1 for CFG; seeded, so the same command gives the same teacher.
-* ``reference`` the feature classifier for FD/KID/accuracy (trained on the training split; the 10 000 test
-  images are the reference set) and the teacher at 50 DDIM steps and 25 DPM-Solver++ steps.
+* ``reference`` the teacher at 50 DDIM steps and 25 DPM-Solver++ steps. Every row is scored against the 10 000
+  test images with the committed pair of feature networks (``--feature-net``/``--feature-net-2``, copied into the
+  run): ``fd``/``kid`` on network 1's early view, ``fd_net2`` the same on network 2 (the report's Kendall tau
+  between them), ``fd_multilayer`` and ``fd_classifier`` for continuity, class accuracy.
 * ``samplers``  DDIM and DPM-Solver++ on the teacher at 1, 2, 4, 8 NFE.
 * ``methods``   the issue's seven distillation variants (``--methods`` adds the two RayFlow ablations) with one
   budget (same student updates, batch size and CFG setting), then evaluated at 1, 2, 4, 8 NFE: FD, KID, class
@@ -85,6 +86,13 @@ TINY_OPTIONS = tiny_options()
 SHARED_CACHE: dict[str, str] = {name: "rayflow" for name in (
     "rayflow-no-time-sampler", "rayflow-epsilon-head", "rayflow-matched-start")}
 PARTS = ("teacher", "reference", "samplers", "methods", "speed", "report")
+#: the committed feature networks of the default fd and fd_net2 (benchmarks/ae_feature_nets.py; issue 11). Rows of
+#: runs before the switch were scored with the classifiers benchmarks/checkpoints/fashion-mnist-feature-net{,-2}
+FEATURE_NET = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-ae-feature-net"
+FEATURE_NET_2 = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-ae-feature-net-2"
+FEATURE_NET_FILES = ("feature_net.safetensors", "feature_net.json")
+#: the feature view of every row's fd/kid/fd_net2 (rayflow's default; benchmarks/rayflow_readings.py sets its own)
+FD_VIEW = "early"
 
 
 @dataclass
@@ -165,6 +173,27 @@ def adopt(source: str, target: Path, files: tuple[str, ...]) -> None:
         shutil.copyfile(src / f, target / f)
 
 
+def adopt_feature_net(source: str, target: Path, check_only: bool = False) -> None:
+    """Copy the feature network ``source`` into the run (``target``), or check that the run already holds it.
+
+    A run whose rows were scored with another network is refused rather than mixed: its ``fd`` would mean two
+    things. ``check_only`` (a report-only call, which scores nothing) does neither; the report lists the
+    networks named in the rows.
+    """
+    if check_only:
+        return
+    src = Path(source)
+    if not (target / FEATURE_NET_FILES[0]).exists():
+        adopt(source, target, FEATURE_NET_FILES)
+        return
+    missing = [f for f in FEATURE_NET_FILES if not (src / f).is_file()]
+    require(not missing, f"{src}: not a saved feature network (missing {', '.join(missing)})")
+    require((target / FEATURE_NET_FILES[0]).read_bytes() == (src / FEATURE_NET_FILES[0]).read_bytes(),
+            f"{target} holds another feature network than {src} (this run's rows were scored with it); "
+            f"pass --feature-net{'-2' if target.name.endswith('-2') else ''} {target} to keep it, or use "
+            "another --out")
+
+
 def _scorer(run: Path, spec: str, cfg: BenchConfig, device: str) -> Scorer:
     scorer = Scorer.for_data(spec, run / "feature-net", feature_steps=cfg.feature_steps, seed=cfg.seed,
                              device=device)
@@ -174,6 +203,7 @@ def _scorer(run: Path, spec: str, cfg: BenchConfig, device: str) -> Scorer:
 
     scorer.second_net = ensure_second_feature_net(load_dataset(spec, split="train"), run / "feature-net-2",
                                                   steps=cfg.feature_steps, seed=cfg.seed + 1, device=device)
+    scorer.view = FD_VIEW
     return scorer
 
 
@@ -534,16 +564,23 @@ def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
         from rayflow.metrics import kendall_tau
 
         meta["kendall_tau_fd_vs_fd_net2"] = kendall_tau([r["fd"] for r in both], [r["fd_net2"] for r in both])
-        write_json_atomic(meta, results / "fashion_mnist_meta.json")
+        meta["kendall_tau_rows"] = len(both)
         print(f"Kendall tau between fd and fd_net2 over {len(both)} rows: {meta['kendall_tau_fd_vs_fd_net2']:.3f}")
-    # fd: multi-layer feature statistics (the default since issue 11); fd_classifier: the old pooled-feature FD
-    for metric in ("fd", "fd_classifier", "kid", "accuracy", "fidelity"):
+    # which networks and view the fd columns are (rows of older runs: fd was another view of other networks)
+    scored_with = sorted({(str(r.get("feature_net")), str(r.get("feature_net_2")), str(r.get("feature_view")))
+                          for r in rows})
+    meta["scored_with"] = [{"feature_net": a, "feature_net_2": b, "feature_view": v} for a, b, v in scored_with]
+    if len(scored_with) > 1:
+        print(f"warning: the rows were scored with {len(scored_with)} different networks/views: {scored_with}")
+    write_json_atomic(meta, results / "fashion_mnist_meta.json")
+    # fd: FD of the early view (the default since issue 11); fd_multilayer and fd_classifier: the earlier defaults
+    for metric in ("fd", "fd_net2", "fd_multilayer", "fd_classifier", "kid", "accuracy", "fidelity"):
         if not any(metric in r for r in curve):
-            continue  # rows scored before fd_classifier existed
+            continue  # rows scored before the column existed
         plot_metric_vs_nfe(curve, metric, results / f"fashion_mnist_{metric}.png",
                            title=f"Fashion-MNIST: {metric} against NFE",
                            reference=("teacher, 50 DDIM steps", ref) if metric == "fd" and ref else None,
-                           log_y=metric in ("fd", "fd_classifier", "kid"))
+                           log_y=metric in ("fd", "fd_net2", "fd_multilayer", "fd_classifier", "kid"))
     for grid in sorted((run / "grids").glob("*.png")):
         if "@seed" not in grid.stem:  # one grid per variant is enough to look at
             shutil.copyfile(grid, results / f"fashion_mnist_grid_{grid.stem}.png")
@@ -574,11 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default=None,
                    help="reuse this teacher directory (e.g. benchmarks/checkpoints/fashion-mnist-teacher) "
                         "instead of training one")
-    p.add_argument("--feature-net", default=None, help="reuse this feature-classifier directory")
-    p.add_argument("--feature-net-2", default=None,
-                   help="reuse this second, independently trained feature net (default: train one in the run, "
-                        "width 24, 64-d, seed+1): rows get fd_net2 and the report the Kendall tau between fd and "
-                        "fd_net2")
+    p.add_argument("--feature-net", default=str(FEATURE_NET),
+                   help="the feature network of fd/kid/accuracy, copied into the run (default: the committed "
+                        "autoencoder-trained network); 'train': train one in the run (autoencoder term, "
+                        "feature_steps)")
+    p.add_argument("--feature-net-2", default=str(FEATURE_NET_2),
+                   help="the second, independently trained network of fd_net2 (default: the committed one, width 24, "
+                        "64-d, another seed); 'train': train one in the run (width 24, 64-d, seed+1); the report "
+                        "writes the Kendall tau between fd and fd_net2")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1,
@@ -631,10 +671,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.teacher and not (run / "teacher" / "model.safetensors").exists():
             adopt(args.teacher, run / "teacher", ("model.safetensors", "config.json"))
             write_json_atomic({"reused": args.teacher}, run / "rows" / "teacher_train.json")
-        if args.feature_net and not (run / "feature-net" / "feature_net.safetensors").exists():
-            adopt(args.feature_net, run / "feature-net", ("feature_net.safetensors", "feature_net.json"))
-        if args.feature_net_2 and not (run / "feature-net-2" / "feature_net.safetensors").exists():
-            adopt(args.feature_net_2, run / "feature-net-2", ("feature_net.safetensors", "feature_net.json"))
+        for given, target in ((args.feature_net, run / "feature-net"), (args.feature_net_2, run / "feature-net-2")):
+            if given != "train":
+                adopt_feature_net(given, target, check_only=parts == ("report",))
         for part in PARTS:
             if part not in parts:
                 continue

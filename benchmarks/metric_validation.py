@@ -13,11 +13,15 @@ outputs (DDIM at 1, 2, 4, 8, 50 steps from the same noise; cached under ``--cach
 generator scores at this ``N``) is ``--floor-resamples`` independent sets of ``N`` training images; its mean and
 standard deviation over those sets make the floor check.
 
-Every row is scored by every metric of :data:`METRIC_VIEWS` (``fd``: rayflow's default, the FD of the feature
-net's multi-layer statistics; ``fd_classifier``: its 128-d pooled features, the old default; ``kid``; two
-candidate views) under each feature network: the committed one, the committed second network of another width
-and seed (columns ``*_net2``) and, with ``--train-steps``, a fresh pair trained here (``*_a``, ``*_b``; saved
-under ``--results``/feature-nets). With ``--inception``, also the Inception FID of the ``[fid]`` extra.
+Every row is scored by every metric of :data:`METRIC_VIEWS` (``fd`` and ``kid``: rayflow's default, FD/KID of the
+feature net's early view, :meth:`~rayflow.metrics.FeatureNet.early_features`; ``fd_multilayer``: the statistics
+of every stage, the default before; ``fd_classifier``: the pooled features, the default before that;
+``fd_zscored``: a candidate view) under each feature network: the committed one (since the early view became the
+default, the autoencoder-trained ``fashion-mnist-ae-feature-net``), the committed second network of another
+width and seed (columns ``*_net2``) and, with ``--train-steps``, two fresh pairs trained here (``*_a``/``*_b``,
+``*_c``/``*_d``; saved under ``--results``/feature-nets). ``--feature-net``/``--net2`` select another pair (the
+older classifier pair ``fashion-mnist-feature-net{,-2}`` reproduces the suite's earlier tables). With
+``--inception``, also the Inception FID of the ``[fid]`` extra.
 
 The checks (printed and written to the JSON), per metric and network: each corruption's score rises with
 strength, the mildest above the floor; the mildest blur and noise score at least 1.5x the floor's mean and at
@@ -71,20 +75,24 @@ STRENGTHS: dict[str, tuple[float, ...]] = {
 DDIM_STEPS = (1, 2, 4, 8, 50)  # the default of --ddim-steps
 FLOOR_FACTOR = 1.5  # "clearly above the floor": the mildest blur and noise score at least this multiple
 FLOOR_Z = 3.0  # ... and at least this many standard deviations of the floor over resampled training images
-# metric -> (feature view, distance). Views of a FeatureNet: "multilayer" (FeatureNet.multilayer_features),
-# "pooled" (FeatureNet.features), "early" (the multi-layer statistics of its first two stages only, 32x32 and
-# 16x16: fine detail), "zscored" (multilayer, each coordinate divided by its standard deviation over the
-# reference, so low-variance detail coordinates weigh as much as class-related ones).
+# metric -> (feature view, distance), named as rayflow eval names its columns. Views of a FeatureNet: "early"
+# (FeatureNet.early_features: the statistics of its first two stages, 32x32 and 16x16, fine detail; the default
+# fd/kid), "multilayer" (FeatureNet.multilayer_features, every stage), "pooled" (FeatureNet.features),
+# "zscored" (multilayer, each coordinate divided by its standard deviation over the reference, so low-variance
+# detail coordinates weigh as much as class-related ones; a candidate, not in rayflow eval). Results written
+# before the early view became the default called it fd_early, and fd was the multilayer view.
 METRIC_VIEWS: dict[str, tuple[str, str]] = {
-    "fd": ("multilayer", "fd"), "fd_classifier": ("pooled", "fd"), "kid": ("multilayer", "kid"),
-    "fd_early": ("early", "fd"), "fd_zscored": ("zscored", "fd"),
+    "fd": ("early", "fd"), "kid": ("early", "kid"), "fd_multilayer": ("multilayer", "fd"),
+    "fd_classifier": ("pooled", "fd"), "fd_zscored": ("zscored", "fd"),
 }
 # the committed pair of independent networks: "" (--feature-net) and "_net2" (--net2); with --train-steps two
 # pairs trained in this run: classifiers "_a" (width 32, 128-d, seed 10) and "_b" (width 24, 64-d, seed 11), and
-# the same with an autoencoder term (train_feature_net's recon_weight), "_c" and "_d", not class-invariant
+# the same with an autoencoder term (train_feature_net's recon_weight), "_c" and "_d", not class-invariant (the
+# committed pair's recipe: benchmarks/ae_feature_nets.py)
 NET_PAIRS: tuple[tuple[str, str], ...] = (("", "_net2"), ("_a", "_b"), ("_c", "_d"))
 TRAINED_NETS: dict[str, dict[str, float]] = {
-    "_a": {"width": 32, "feature_dim": 128, "seed": 10}, "_b": {"width": 24, "feature_dim": 64, "seed": 11},
+    "_a": {"width": 32, "feature_dim": 128, "seed": 10, "recon_weight": 0.0},
+    "_b": {"width": 24, "feature_dim": 64, "seed": 11, "recon_weight": 0.0},
     "_c": {"width": 32, "feature_dim": 128, "seed": 12, "recon_weight": 1.0},
     "_d": {"width": 24, "feature_dim": 64, "seed": 13, "recon_weight": 1.0},
 }
@@ -168,12 +176,6 @@ def ddim_samples(teacher_dir: str, n: int, cache: Path, steps_list: tuple[int, .
     return out
 
 
-def early_columns(net: FeatureNet, stages: int = 2) -> list[int]:
-    """Indices of the first ``stages`` stages' statistics within :meth:`FeatureNet.multilayer_features`."""
-    channels = [m.num_channels for m in net.body if isinstance(m, torch.nn.GroupNorm)]
-    return list(range(2 * sum(channels[:stages])))
-
-
 class Judge:
     """Every metric of one run under every feature network, the reference statistics computed once."""
 
@@ -197,8 +199,10 @@ class Judge:
         ml = extract_features(net, x, space="multilayer").to(self.device)
         if tag not in self.scale:  # first call: the reference, whose spread defines the z-scored view
             self.scale[tag] = ml.std(0).clamp(min=1e-8)
+        # the early view is the first early_dim columns of the multi-layer statistics (FeatureNet.early_features
+        # computes the same; slicing spares a second pass of the network)
         return {"multilayer": ml, "pooled": extract_features(net, x, space="pooled").to(self.device),
-                "early": ml[:, early_columns(net)], "zscored": ml / self.scale[tag]}
+                "early": ml[:, :net.early_dim], "zscored": ml / self.scale[tag]}
 
     def score(self, x: torch.Tensor) -> dict[str, float]:
         x = _quantised(x)
@@ -338,14 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="Fashion-MNIST directory (idx files)")
     p.add_argument("--teacher", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-teacher"))
-    p.add_argument("--feature-net", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-feature-net"))
-    p.add_argument("--net2", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-feature-net-2"),
-                   help="second feature net (width 24, 64-d head, seed 1); trained and saved here when missing")
+    p.add_argument("--feature-net", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-ae-feature-net"),
+                   help="feature net 1 (default: the committed autoencoder-trained network of the default fd)")
+    p.add_argument("--net2", default=str(REPO / "benchmarks/checkpoints/fashion-mnist-ae-feature-net-2"),
+                   help="second feature net; when missing, trained and saved here as benchmarks/ae_feature_nets.py "
+                        "trains the committed one (width 24, 64-d head, seed 13, autoencoder term, batch 128)")
     p.add_argument("--num", type=int, default=1000, help="images per corruption row")
     p.add_argument("--ref-num", type=int, default=5000, help="held-out reference images")
     p.add_argument("--ddim-num", type=int, default=1000, help="teacher samples per DDIM row (0: no DDIM rows)")
     p.add_argument("--ddim-steps", default=",".join(map(str, DDIM_STEPS)), help="DDIM step counts of the rows")
-    p.add_argument("--net2-steps", type=int, default=600, help="training steps of --net2 when it is missing")
+    p.add_argument("--net2-steps", type=int, default=1500, help="training steps of --net2 when it is missing")
     p.add_argument("--train-steps", type=int, default=0,
                    help="also train two fresh pairs of feature nets (TRAINED_NETS: classifiers, and classifiers with "
                         "an autoencoder term) this many steps at batch 128 and score every row with them (0: no)")
@@ -385,8 +391,8 @@ def _load_nets(args: argparse.Namespace, train) -> dict[str, FeatureNet]:
     else:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            nets["_net2"] = train_feature_net(train, steps=args.net2_steps, batch_size=64, seed=1, width=24,
-                                              feature_dim=64, progress=False, device=args.device)
+            nets["_net2"] = train_feature_net(train, steps=args.net2_steps, batch_size=128, seed=13, width=24,
+                                              feature_dim=64, recon_weight=1.0, progress=False, device=args.device)
         save_feature_net(nets["_net2"], args.net2)
         print(f"second feature net: {args.net2_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.train_steps > 0:
@@ -461,7 +467,8 @@ def run(args: argparse.Namespace) -> int:
         done_path.write_text(json.dumps(list(done.values()), indent=1) + "\n")
         (results / f"{stem}_rows.json").write_text(json.dumps(rows, indent=1) + "\n")  # partial results
         print(f"{group:10s} {name:16s} {strength:>6g}  " + "  ".join(
-            f"{m} {row[m]:.4g}" for m in ("fd", "fd_net2", "fd_a", "fd_b", "fd_c", "fd_d", "kid", "inception_fid")
+            f"{m} {row[m]:.4g}" for m in ("fd", "fd_net2", "fd_a", "fd_b", "fd_c", "fd_d", "fd_multilayer", "kid",
+                                          "inception_fid")
             if m in row)
               + f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
 

@@ -13,7 +13,9 @@ from rayflow.distillation import load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"
-FEATURE_NET = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-feature-net"
+FEATURE_NET = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-feature-net"  # the classifier of older rows
+AE_NETS = (REPO / "benchmarks" / "checkpoints" / "fashion-mnist-ae-feature-net",
+           REPO / "benchmarks" / "checkpoints" / "fashion-mnist-ae-feature-net-2")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,49 @@ def test_a_benchmark_run_can_adopt_the_committed_teacher(bench, fm_dir, tmp_path
     assert (run / "teacher" / "model.safetensors").read_bytes() == (TEACHER / "model.safetensors").read_bytes()
     assert json.loads((run / "rows" / "teacher_train.json").read_text()) == {"reused": str(TEACHER)}
     assert (run / "feature-net" / "feature_net.safetensors").is_file()
+
+
+def test_the_committed_autoencoder_pair_scores_by_default_and_a_run_never_mixes_networks(bench, fm_dir, tmp_path,
+                                                                                         capsys):
+    """fd and fd_net2 come from the committed pair (issue 11); a run whose rows came from another net is refused."""
+    from rayflow.metrics import load_feature_net
+
+    nets = [load_feature_net(d) for d in AE_NETS]
+    assert [(n.width, n.feature_dim) for n in nets] == [(32, 128), (24, 64)]
+    assert all(n.name.startswith("rayflow-cnn-ae/fashion-mnist") and n.input_shape == (1, 32, 32) for n in nets)
+    assert (bench.FEATURE_NET, bench.FEATURE_NET_2) == AE_NETS and bench.FD_VIEW == "early"
+    run = tmp_path / "run"
+    args = ["--data", str(fm_dir), "--out", str(run), "--tiny", "--allow-cpu", "--parts", "teacher", "--teacher",
+            str(TEACHER)]
+    assert bench.main(args) == 0
+    for target, source in zip(("feature-net", "feature-net-2"), AE_NETS):
+        assert (run / target / "feature_net.safetensors").read_bytes() == \
+            (source / "feature_net.safetensors").read_bytes()
+    assert bench.main(args) == 0  # the same networks again: fine
+    capsys.readouterr()
+    assert bench.main([*args, "--feature-net", str(FEATURE_NET)]) == 2
+    err = capsys.readouterr().err
+    assert "holds another feature network" in err and len(err.strip().splitlines()) == 1
+    assert bench.main([*args[:-2], "--parts", "report", "--feature-net", str(FEATURE_NET)]) == 2  # nothing measured
+    assert "nothing measured yet" in capsys.readouterr().err
+
+
+def test_report_writes_tau_and_which_networks_scored(bench, tmp_path, capsys):
+    run, results = tmp_path / "run", tmp_path / "results"
+    names = {"feature_net": "rayflow-cnn-ae/a", "feature_net_2": "rayflow-cnn-ae/b", "feature_view": "early"}
+    rows = [{"method": "teacher ddim-50", "nfe": 50, "fd": 0.1, "fd_net2": 0.2, **names},
+            {"method": "ddim", "nfe": 1, "fd": 3.0, "fd_net2": 2.0, **names},
+            {"method": "ddim", "nfe": 2, "fd": 1.0, "fd_net2": 1.5, **names}]
+    bench.save_rows(run, "reference", rows[:1])
+    bench.save_rows(run, "samplers", rows[1:])
+    bench.part_report(run, bench.BenchConfig.dry_run(), results)
+    meta = json.loads((results / "fashion_mnist_meta.json").read_text())
+    assert meta["kendall_tau_fd_vs_fd_net2"] == pytest.approx(1.0) and meta["kendall_tau_rows"] == 3
+    assert meta["scored_with"] == [names]
+    assert (results / "fashion_mnist_fd_net2.png").is_file()
+    bench.save_rows(run, "samplers", [{**rows[1], "feature_net": "rayflow-cnn/old"}, rows[2]])
+    bench.part_report(run, bench.BenchConfig.dry_run(), results)
+    assert "scored with 2 different networks/views" in capsys.readouterr().out
 
 
 def test_seed_summary_is_the_mean_and_sample_std(bench, tmp_path):

@@ -198,7 +198,7 @@ def test_evaluate_images(toy):
     own = evaluate_images(test.x, test, net, labels=test.labels, teacher_samples=test.x)
     # the unbiased KID of a set against itself is slightly negative: the two "samples" are not independent
     assert own["fd"] < 1e-6 and own["kid"] <= 0 and own["kid_std"] >= 0
-    assert own["accuracy"] == 1.0 and own["fidelity"] == 0.0 and own["feature_net"] == "rayflow-cnn/toy"
+    assert own["accuracy"] == 1.0 and own["fidelity"] == 0.0 and own["feature_net"] == "rayflow-cnn-ae/toy"
 
     other = evaluate_images(two_class_dataset(60, 2).x, test, net, labels=test.labels)
     noise = evaluate_images(torch.rand(60, 1, 8, 8) * 2 - 1, test, net, labels=test.labels, teacher_samples=test.x)

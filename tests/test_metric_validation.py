@@ -1,5 +1,6 @@
-"""The metrics of issue 11: multi-layer FD (the default ``fd``), torchmetrics FD/KID, Kendall tau, the optional
-Inception FID (a tiny stand-in network for the plumbing; the real one is slow) and the input checks."""
+"""The metrics of issue 11: the early-view FD (the default ``fd``), the multi-layer FD (``fd_multilayer``),
+torchmetrics FD/KID, Kendall tau, the optional Inception FID (a tiny stand-in network for the plumbing; the real
+one is slow) and the input checks."""
 
 from __future__ import annotations
 
@@ -91,27 +92,89 @@ def test_multilayer_features_shape(shape):
     assert torch.allclose(f[:, end - net.feature_dim:end], pooled, atol=1e-6)
     with pytest.raises(RayflowError, match="feature space"):
         extract_features(net, x, space="spatial")
+    # the early view is the first two stages' part of the multi-layer statistics
+    early = extract_features(net, x, space="early")
+    assert early.shape == (3, net.early_dim) and net.early_dim == 2 * (net.width + 2 * net.width)
+    assert torch.allclose(early, f[:, :net.early_dim], atol=1e-6)
 
 
-def test_default_fd_sees_blur_the_classifier_fd_keeps_its_number(toy):
+@pytest.mark.parametrize("width", [8, 12])
+def test_early_features_are_the_first_two_stages_mean_and_std(width):
+    """``early_features`` against the equation computed from the raw weights: ``a_0 = SiLU(GN(conv(x)))``,
+    ``a_1 = SiLU(GN(conv_stride2(a_0)))``, ``phi = [mean_hw a_0, std_hw a_0, mean_hw a_1, std_hw a_1]``."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = FeatureNet((1, 16, 16), num_classes=3, width=width).eval()
+    x = torch.rand(5, 1, 16, 16) * 2 - 1
+    conv0, gn0, _, conv1, gn1 = list(net.body)[:5]
+    a0 = F.silu(F.group_norm(F.conv2d(x, conv0.weight, conv0.bias, padding=1), gn0.num_groups, gn0.weight, gn0.bias))
+    a1 = F.silu(F.group_norm(F.conv2d(a0, conv1.weight, conv1.bias, stride=2, padding=1), gn1.num_groups,
+                             gn1.weight, gn1.bias))
+    assert a0.shape[1:] == (width, 16, 16) and a1.shape[1:] == (2 * width, 8, 8)
+
+    def stats(a: torch.Tensor) -> list[torch.Tensor]:
+        flat = a.flatten(2)
+        mean = flat.mean(2)
+        return [mean, ((flat - mean[..., None]) ** 2).sum(2).div(flat.shape[2] - 1).sqrt()]
+
+    want = torch.cat(stats(a0) + stats(a1), 1).double()
+    got = extract_features(net, x, space="early")
+    assert got.shape == (5, 6 * width) and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(net.early_features(x).double(), want, atol=1e-5)
+
+
+def test_default_fd_is_the_early_view_old_columns_keep_their_numbers(toy):
     train, net = toy
     test = two_class(200, 1)
     sharp = two_class(200, 2)
     out = evaluate_images(sharp.x, test, net)
-    assert {"fd", "kid", "kid_std", "fd_classifier", "feature_net"} <= set(out)
-    # fd_classifier is rayflow's previous fd: the pooled features' Fréchet distance, unchanged
+    assert {"fd", "kid", "kid_std", "fd_multilayer", "fd_classifier", "feature_net", "feature_view"} <= set(out)
+    assert out["feature_view"] == "early" and out["feature_net"] == net.name
     from rayflow.evaluation import _quantised
 
-    old = frechet_distance(extract_features(net, _quantised(sharp.x)), extract_features(net, _quantised(test.x)))
+    def feats(x: torch.Tensor, space: str) -> torch.Tensor:
+        return extract_features(net, _quantised(x), space=space)
+
+    # fd_classifier is rayflow's fd before issue 11: the pooled features' Fréchet distance, unchanged
+    old = frechet_distance(feats(sharp.x, "pooled"), feats(test.x, "pooled"))
     assert out["fd_classifier"] == pytest.approx(old, rel=1e-9)
-    # the new fd is torchmetrics' FID on the multi-layer features, equal to rayflow's own formula
-    ml = frechet_distance(extract_features(net, _quantised(sharp.x), space="multilayer"),
-                          extract_features(net, _quantised(test.x), space="multilayer"))
-    # (to 1e-3: 448-d features of 200 images make rank-deficient covariances, where torchmetrics' eigvals of
-    # the non-symmetric product loses digits that the symmetric form keeps; full-rank sets agree to 1e-9, above)
-    assert out["fd"] == pytest.approx(ml, rel=1e-3)
+    # fd and kid are torchmetrics' FID/KID on the early view (96-d here, full rank: equal to rayflow's formula)
+    early = frechet_distance(feats(sharp.x, "early"), feats(test.x, "early"))
+    assert out["fd"] == pytest.approx(early, rel=1e-6)
+    assert (out["kid"], out["kid_std"]) == pytest.approx(
+        fd_kid_torchmetrics(feats(sharp.x, "early"), feats(test.x, "early"))[1:], rel=1e-9)
+    # fd_multilayer is the default fd of before, computed as before (torchmetrics on the multi-layer features;
+    # to 1e-3 against the symmetric form: 448-d features of 200 images make rank-deficient covariances, where
+    # torchmetrics' eigvals of the non-symmetric product loses digits)
+    ml_tm = fd_kid_torchmetrics(feats(sharp.x, "multilayer"), feats(test.x, "multilayer"))[0]
+    assert out["fd_multilayer"] == pytest.approx(ml_tm, rel=1e-9)
+    ml = frechet_distance(feats(sharp.x, "multilayer"), feats(test.x, "multilayer"))
+    assert out["fd_multilayer"] == pytest.approx(ml, rel=1e-3)
     # faded images (contrast halved) are worse than fresh samples of the same distribution
     assert evaluate_images(0.5 * sharp.x, test, net)["fd"] > 2 * out["fd"]
+    # an explicit view (benchmarks/mini_sd.py keeps its committed results' multilayer view)
+    as_before = evaluate_images(sharp.x, test, net, view="multilayer")
+    assert as_before["feature_view"] == "multilayer" and as_before["fd"] == as_before["fd_multilayer"]
+    assert as_before["fd"] == pytest.approx(out["fd_multilayer"], rel=1e-12)
+    assert as_before["kid"] == pytest.approx(fd_kid_torchmetrics(feats(sharp.x, "multilayer"),
+                                                                 feats(test.x, "multilayer"))[1], rel=1e-9)
+    with pytest.raises(RayflowError, match="unknown feature view"):
+        evaluate_images(sharp.x, test, net, view="spatial")
+
+
+def test_fd_net2_is_the_same_view_under_the_second_net(toy):
+    train, net = toy
+    net2 = train_feature_net(train, steps=10, batch_size=32, seed=3, width=16, feature_dim=32, progress=False)
+    test, sharp = two_class(200, 1), two_class(200, 2)
+    from rayflow.evaluation import _quantised
+
+    out = evaluate_images(sharp.x, test, net, second_net=net2)
+    want = frechet_distance(extract_features(net2, _quantised(sharp.x), space="early"),
+                            extract_features(net2, _quantised(test.x), space="early"))
+    assert out["fd_net2"] == pytest.approx(want, rel=1e-6)
+    assert out["feature_net_2"] == net2.name and out["fd_net2"] != pytest.approx(out["fd"])
+    assert "feature_net_2" not in evaluate_images(sharp.x, test, net)
 
 
 def test_bad_inputs_get_one_line_errors(toy):
@@ -257,12 +320,31 @@ def test_metric_validation_partner_columns():
     assert mv._partner("inception_fid") is None
 
 
+def test_first_feature_net_gets_the_autoencoder_term_by_default(tmp_path):
+    """What ``Scorer.for_data`` (rayflow eval, the demo, the benchmarks) trains when no network is saved."""
+    from rayflow.comparison import ensure_feature_net
+
+    train = two_class(32, 1)
+    net = ensure_feature_net(train, tmp_path / "net", steps=3, progress=False)
+    assert net.name == "rayflow-cnn-ae/toy" and (tmp_path / "net" / "feature_net.json").is_file()
+    want = train_feature_net(train, steps=3, progress=False, recon_weight=1.0)
+    assert all(torch.equal(v, w) for v, w in zip(net.state_dict().values(), want.state_dict().values()))
+    plain = ensure_feature_net(train, None, steps=3, progress=False, recon_weight=0.0)
+    assert plain.name == "rayflow-cnn/toy"
+
+
 def test_second_feature_net_is_trained_once_then_loaded(tmp_path):
     from rayflow.comparison import SECOND_NET_FEATURE_DIM, SECOND_NET_WIDTH, ensure_second_feature_net
 
     train = two_class(32, 1)
     net = ensure_second_feature_net(train, tmp_path / "net2", steps=3, seed=5, progress=False)
     assert (net.width, net.feature_dim) == (SECOND_NET_WIDTH, SECOND_NET_FEATURE_DIM)
+    # a new network gets the autoencoder term, as the committed pair (benchmarks/ae_feature_nets.py)
+    assert net.name == "rayflow-cnn-ae/toy"
+    want = train_feature_net(train, steps=3, seed=5, progress=False, width=SECOND_NET_WIDTH,
+                             feature_dim=SECOND_NET_FEATURE_DIM, recon_weight=1.0)
+    for (k, v), w in zip(net.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(v, w), k
     again = ensure_second_feature_net(two_class(32, 2), tmp_path / "net2", steps=50, progress=False)  # loaded
     for (k, v), w in zip(net.state_dict().items(), again.state_dict().values()):
         assert torch.equal(v, w), k
@@ -287,9 +369,13 @@ def test_autoencoder_term_trains_a_loadable_feature_net(tmp_path):
 
     train = two_class(32, 0, size=16)
     net = train_feature_net(train, steps=3, batch_size=8, progress=False, recon_weight=1.0)
-    plain = train_feature_net(train, steps=3, batch_size=8, progress=False)
+    plain = train_feature_net(train, steps=3, batch_size=8, progress=False, recon_weight=0.0)
     assert set(net.state_dict()) == set(plain.state_dict())  # the decoder is not part of the network
     assert not torch.equal(net.head.weight, plain.head.weight)  # the reconstruction term changed the training
+    # the autoencoder term is the default, and the name says which kind of network it is
+    default = train_feature_net(train, steps=3, batch_size=8, progress=False)
+    assert torch.equal(default.head.weight, net.head.weight)
+    assert (net.name, plain.name) == ("rayflow-cnn-ae/toy", "rayflow-cnn/toy")
     loaded = load_feature_net(save_feature_net(net, tmp_path / "ae"))
     assert torch.equal(loaded.features(train.x[:4]), net.features(train.x[:4]))
 
@@ -336,7 +422,9 @@ def test_metric_validation_tiny_dry_run_writes_every_metric_and_check(tmp_path, 
     assert set(result["checks"]) == columns
     assert len([r for r in result["rows"] if r["name"] == "train vs test"]) == 4
     assert len(json.loads((out / "metric_validation_tiny_rows.json").read_text())) == len(result["rows"])
-    assert result["checks"]["fd_early_c"]["kendall_tau_partner"] == "fd_early_d"
+    assert result["checks"]["fd_c"]["kendall_tau_partner"] == "fd_d"
+    assert result["checks"]["fd_multilayer"]["kendall_tau_partner"] == "fd_multilayer_net2"
+    assert mv.METRIC_VIEWS["fd"] == ("early", "fd") and mv.METRIC_VIEWS["fd_multilayer"] == ("multilayer", "fd")
     assert (out / "metric_validation_tiny.md").read_text().count("\n| fd") >= 5
     assert (out / "metric_validation_tiny.png").is_file()
     # --tiny never writes networks over the committed ones

@@ -259,7 +259,7 @@ def test_feature_net_rejects_small_inputs():
 def test_train_feature_net_learns_and_is_deterministic(toy_net):
     test = two_class_images(40, 1)
     assert classifier_accuracy(toy_net, test.x, test.labels) >= 0.95
-    assert toy_net.name == "rayflow-cnn/toy:two-halves" and toy_net.data_spec == "toy:two-halves"
+    assert toy_net.name == "rayflow-cnn-ae/toy:two-halves" and toy_net.data_spec == "toy:two-halves"
     state = torch.random.get_rng_state()
     again = train_feature_net(two_class_images(64, 0), steps=40, batch_size=32, seed=0, progress=False)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
@@ -272,7 +272,7 @@ def test_feature_net_save_load_round_trip(toy_net, tmp_path):
     assert sorted(p.name for p in (tmp_path / "net").iterdir()) == [FEATURE_NET_CONFIG, FEATURE_NET_WEIGHTS]
     cfg = json.loads((tmp_path / "net" / FEATURE_NET_CONFIG).read_text())
     assert cfg["input_shape"] == [1, 8, 8] and cfg["num_classes"] == 2
-    assert cfg["name"] == "rayflow-cnn/toy:two-halves" and cfg["data_spec"] == "toy:two-halves"
+    assert cfg["name"] == "rayflow-cnn-ae/toy:two-halves" and cfg["data_spec"] == "toy:two-halves"
     loaded = load_feature_net(tmp_path / "net")
     x = two_class_images(16, 2).x
     assert torch.equal(extract_features(loaded, x), extract_features(toy_net, x))
@@ -323,4 +323,4 @@ def test_feature_net_digits_accuracy():
     # processes for 2 cores slow training by an order of magnitude.
     if os.getloadavg()[0] < (os.cpu_count() or 1):
         assert elapsed < 30, elapsed
-    assert net.name == "rayflow-cnn/digits"
+    assert net.name == "rayflow-cnn-ae/digits"

@@ -17,16 +17,23 @@ import torch
 
 from rayflow.data import Dataset, load_dataset
 from rayflow.errors import require
-from rayflow.evaluation import evaluate_images, evaluate_vectors
+from rayflow.evaluation import DEFAULT_VIEW, evaluate_images, evaluate_vectors
 from rayflow.metrics import FeatureNet, InceptionFeatures, load_feature_net, save_feature_net, train_feature_net
 
 
 def ensure_feature_net(train_data: Dataset, directory: str | Path | None, steps: int = 600,
-                       progress: bool = True, device: str | torch.device = "cpu") -> FeatureNet:
-    """Load the feature classifier from ``directory``, or train it on ``train_data`` and save it there."""
+                       progress: bool = True, device: str | torch.device = "cpu",
+                       recon_weight: float = 1.0) -> FeatureNet:
+    """Load the feature network from ``directory``, or train it on ``train_data`` and save it there.
+
+    A new network is trained with the autoencoder term (``recon_weight``, default 1.0; see
+    :func:`~rayflow.metrics.train_feature_net`), whose early view is the default ``fd``. A saved network is used
+    as it is, whatever it was trained with; its name (``rayflow-cnn-ae/...`` or ``rayflow-cnn/...``) goes with
+    every row it scores.
+    """
     if directory is not None and (Path(directory) / "feature_net.safetensors").exists():
         return load_feature_net(directory).to(device)
-    net = train_feature_net(train_data, steps=steps, progress=progress, device=device)
+    net = train_feature_net(train_data, steps=steps, progress=progress, device=device, recon_weight=recon_weight)
     if directory is not None:
         save_feature_net(net, directory)
     return net
@@ -37,16 +44,18 @@ SECOND_NET_WIDTH, SECOND_NET_FEATURE_DIM = 24, 64
 
 
 def ensure_second_feature_net(train_data: Dataset, directory: str | Path, steps: int = 600, seed: int = 1,
-                              progress: bool = True, device: str | torch.device = "cpu") -> FeatureNet:
+                              progress: bool = True, device: str | torch.device = "cpu",
+                              recon_weight: float = 1.0) -> FeatureNet:
     """Load the second, independently trained feature network from ``directory``, or train it and save it there.
 
-    It differs from :func:`ensure_feature_net`'s in width (24), head (64-d) and seed, so the ``fd_net2`` it gives
-    checks that a ranking of methods does not hinge on one network (Kendall tau between ``fd`` and ``fd_net2``).
+    It differs from :func:`ensure_feature_net`'s in width (24), head (64-d) and seed, and is trained the same way
+    (autoencoder term ``recon_weight``), so the ``fd_net2`` it gives checks that a ranking of methods does not
+    hinge on one network (Kendall tau between ``fd`` and ``fd_net2``).
     """
     if (Path(directory) / "feature_net.safetensors").exists():
         return load_feature_net(directory).to(device)
     net = train_feature_net(train_data, steps=steps, seed=seed, progress=progress, device=device,
-                            width=SECOND_NET_WIDTH, feature_dim=SECOND_NET_FEATURE_DIM)
+                            width=SECOND_NET_WIDTH, feature_dim=SECOND_NET_FEATURE_DIM, recon_weight=recon_weight)
     save_feature_net(net, directory)
     return net
 
@@ -60,6 +69,7 @@ class Scorer:
     truth: torch.Tensor | None = None  # vectors: fresh samples of the true distribution
     inception: InceptionFeatures | None = None  # images: also Inception FID/KID (the [fid] extra)
     second_net: FeatureNet | None = None  # images: also fd_net2, the fd of an independently trained network
+    view: str = DEFAULT_VIEW  # images: the feature view of fd/kid/fd_net2 (evaluate_images; rows say which)
 
     @classmethod
     def for_data(cls, spec: str, feature_net_dir: str | Path | None = None, reference_num: int = 10000,
@@ -81,7 +91,7 @@ class Scorer:
         if self.feature_net is not None:
             use_labels = labels if (labels is not None and self.feature_net.num_classes > 0) else None
             return evaluate_images(x, self.reference, self.feature_net, labels=use_labels, teacher_samples=teacher_x,
-                                   inception=self.inception, second_net=self.second_net,
+                                   inception=self.inception, second_net=self.second_net, view=self.view,
                                    kid_subset_size=min(1000, x.shape[0], self.reference.x.shape[0]))
         return evaluate_vectors(x.reshape(x.shape[0], -1), self.truth, teacher_x)
 

@@ -1,7 +1,8 @@
 """``rayflow demo``: the whole pipeline on the embedded data, on a laptop CPU, in a few minutes.
 
 1. train an epsilon-prediction teacher (class-conditional, label dropout) on the data;
-2. train the feature classifier the image metrics use (held-out test split as the reference);
+2. train the feature network the image metrics use (a classifier with an autoencoder term; the held-out test
+   split is the reference);
 3. sample the teacher at 50 DDIM steps (the quality and fidelity reference);
 4. run every training-free sampler and every registered distillation method at 1, 2, 4 and 8 NFE from the
    same noise and labels, with the same student budget for every method;
@@ -75,7 +76,7 @@ def run_demo(out: str | Path, data: str = "digits", quick: bool = False, methods
         warmup_steps=min(200, budget.teacher_steps // 10), checkpoint_every=1000, seed=seed))
     teacher = load_generator(model=str(out / "teacher"))
 
-    print("[2/4] reference: feature classifier and the teacher at 50 DDIM steps")
+    print("[2/4] reference: feature network and the teacher at 50 DDIM steps")
     scorer = Scorer.for_data(dataset.spec, out / "feature-net", feature_steps=budget.feature_steps, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(budget.num_eval, *dataset.sample_shape, generator=g)

@@ -105,14 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside --samples)")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--teacher-samples", default=None, help=".npz of the teacher from the same noise (fidelity)")
-    e.add_argument("--feature-net", default=None, help="directory of the feature classifier (trained if empty)")
+    e.add_argument("--feature-net", default=None,
+                   help="directory of the feature network (trained there, with the autoencoder term, if empty)")
     e.add_argument("--reference-num", type=int_in(1, 10_000_000), default=10000,
                    help="fresh true samples for mog data")
     e.add_argument("--method", default=None, help="row label (default: the samples file name)")
     e.add_argument("--nfe", type=int_in(0), default=None, help="row NFE label (default: recorded by rayflow sample)")
     e.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     e.add_argument("--metric", default="fd", choices=["fd", "inception-fid"],
-                   help="fd: rayflow's feature-net metrics (fd, kid, fd_classifier); inception-fid: also FID/KID "
+                   help="fd: rayflow's feature-net metrics (fd and kid on the network's early view, fd_multilayer, "
+                        "fd_classifier); inception-fid: also FID/KID "
                         "on InceptionV3 features (pip install 'rayflow[fid]'; images upsampled to 299 px, "
                         "comparable only with each other, not with published CIFAR/COCO FIDs)")
     e.add_argument("--out", required=True, help="directory for results.json / results.md (rows are merged)")

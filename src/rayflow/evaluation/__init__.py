@@ -36,9 +36,10 @@ from rayflow.evaluation.results import (
     write_results,
 )
 from rayflow.evaluation.samples import load_samples_npz, save_samples_npz
-from rayflow.evaluation.scoring import _quantised, evaluate_images, evaluate_vectors
+from rayflow.evaluation.scoring import DEFAULT_VIEW, _quantised, evaluate_images, evaluate_vectors
 
 __all__ = [
+    "DEFAULT_VIEW",
     "METRIC_ORDER",
     "EvalResult",
     "_grid",

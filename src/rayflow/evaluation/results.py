@@ -17,8 +17,8 @@ from rayflow.errors import require
 from rayflow.metrics import atomic_write_bytes
 
 #: metric columns shown first, in this order; any others follow in order of first appearance
-METRIC_ORDER: tuple[str, ...] = ("fd", "kid", "kid_std", "fd_classifier", "fd_net2", "inception_fid", "inception_kid",
-                                  "accuracy", "sw", "mmd", "fidelity")
+METRIC_ORDER: tuple[str, ...] = ("fd", "kid", "kid_std", "fd_net2", "fd_multilayer", "fd_classifier", "inception_fid",
+                                  "inception_kid", "accuracy", "sw", "mmd", "fidelity")
 _ROW_KEYS = ("method", "nfe")
 
 

@@ -96,28 +96,60 @@ def _quantised_reference(reference: Dataset) -> torch.Tensor:
     return hit[1]
 
 
+#: the feature view of the default ``fd``/``kid``/``fd_net2`` (:data:`~rayflow.metrics.FEATURE_SPACES`); issue 11
+DEFAULT_VIEW = "early"
+
+
+def _view(net: FeatureNet, images: torch.Tensor, ref: torch.Tensor, view: str,
+          memo: dict[tuple[int, str], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sample features, reference features)`` of one view. The early view is read off the multi-layer
+    statistics (their first :attr:`~rayflow.metrics.FeatureNet.early_dim` columns) and ``memo`` keeps the
+    samples' features per network and space, so the network runs once per image for ``fd`` and ``fd_multilayer``."""
+    space = "multilayer" if view == "early" else view
+    key = (id(net), space)
+    if key not in memo:
+        memo[key] = extract_features(net, images, space=space)
+    feats, ref_feats = memo[key], _reference_features(net, ref, space)
+    if view == "early":
+        return feats[:, :net.early_dim], ref_feats[:, :net.early_dim]
+    return feats, ref_feats
+
+
 def evaluate_images(
     samples: torch.Tensor | np.ndarray, reference: Dataset, feature_net: FeatureNet,
     labels: torch.Tensor | None = None, teacher_samples: torch.Tensor | np.ndarray | None = None,
     kid_subsets: int = 10, kid_subset_size: int = 1000, inception: InceptionFeatures | None = None,
-    second_net: FeatureNet | None = None,
+    second_net: FeatureNet | None = None, view: str = DEFAULT_VIEW,
 ) -> dict[str, float | str]:
     """Score image samples (model-space ``[N, C, H, W]`` or uint8 ``[N, H, W, C]``) against ``reference``.
 
-    Returns ``fd`` (Fréchet distance of ``feature_net``'s multi-layer features,
-    :meth:`~rayflow.metrics.FeatureNet.multilayer_features`, vs the reference images), ``kid`` and ``kid_std``
-    (KID on the same features), ``fd_classifier`` (the Fréchet distance of the 128-d pooled features, rayflow's
-    ``fd`` before 0.2: blind to blur, grain and fading, kept for continuity), ``accuracy`` (how often
-    ``feature_net`` classifies a conditional sample as the label it was generated with; only with ``labels``),
-    ``fidelity`` (:func:`~rayflow.metrics.mean_pairwise_distance` to the teacher's samples from the same noise;
-    only with ``teacher_samples``), ``inception_fid`` / ``inception_kid`` (only with ``inception``), ``fd_net2``
-    (the default ``fd`` under an independently trained ``second_net``, to check that two feature networks rank
-    methods alike; only with ``second_net``) and
-    ``feature_net``, the network's name. FD and KID go through torchmetrics
-    (:func:`~rayflow.metrics.fd_kid_torchmetrics`). They are biased/noisier at small N, so compare methods at
-    equal sample counts; use a held-out split as ``reference`` (the feature network was trained on the train
-    split). Samples of another shape than the reference, or evidently in another value range, are refused.
+    Returns
+
+    - ``fd``: the Fréchet distance between Gaussians fitted to ``feature_net``'s features of the samples and of
+      the reference images, in the feature ``view`` (default ``"early"``:
+      :meth:`~rayflow.metrics.FeatureNet.early_features`, the per-channel spatial mean and std of the first two
+      stages; the view that passed issue 11's degradation suite), and ``kid``/``kid_std``: KID on the same view;
+    - ``fd_multilayer``: the FD of the statistics of every stage
+      (:meth:`~rayflow.metrics.FeatureNet.multilayer_features`), the default ``fd`` from issue 11 until the
+      early view replaced it, kept for continuity;
+    - ``fd_classifier``: the FD of the pooled last-stage features, the ``fd`` before issue 11 (blind to blur,
+      grain and fading), kept for continuity;
+    - ``accuracy`` (how often ``feature_net`` classifies a conditional sample as its label; with ``labels``),
+      ``fidelity`` (:func:`~rayflow.metrics.mean_pairwise_distance` to the teacher's samples from the same
+      noise; with ``teacher_samples``), ``inception_fid``/``inception_kid`` (with ``inception``);
+    - ``fd_net2``: ``fd`` (same view) under an independently trained ``second_net``, to check that two feature
+      networks rank methods alike; with ``second_net``, whose name goes in ``feature_net_2``;
+    - ``feature_net`` (the network's name) and ``feature_view`` (the view of ``fd``, ``kid`` and ``fd_net2``),
+      so a number says what measured it.
+
+    FD and KID go through torchmetrics (:func:`~rayflow.metrics.fd_kid_torchmetrics`). They are biased/noisier
+    at small N, so compare methods at equal sample counts; use a held-out split as ``reference`` (the feature
+    network was trained on the train split). Samples of another shape than the reference, or evidently in
+    another value range, are refused.
     """
+    from rayflow.metrics import FEATURE_SPACES
+
+    require(view in FEATURE_SPACES, f"unknown feature view {view!r}; choose from {', '.join(FEATURE_SPACES)}")
     shape = feature_net.input_shape
     require(getattr(reference, "kind", "image") == "image", f"{reference.spec}: image metrics need image data")
     require(tuple(reference.x.shape[1:]) == shape,
@@ -128,12 +160,14 @@ def evaluate_images(
     images = _quantised(x)
     ref = _quantised_reference(reference)
     out: dict[str, float | str] = {}
-    ml = extract_features(feature_net, images, space="multilayer")
-    fd, kid, kid_std = fd_kid_torchmetrics(ml, _reference_features(feature_net, ref, "multilayer"),
-                                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    memo: dict[tuple[int, str], torch.Tensor] = {}
+    fd, kid, kid_std = fd_kid_torchmetrics(*_view(feature_net, images, ref, view, memo), kid_subsets=kid_subsets,
+                                           kid_subset_size=kid_subset_size)
     out.update(fd=fd, kid=kid, kid_std=kid_std)
-    out["fd_classifier"] = frechet_distance(extract_features(feature_net, images, space="pooled"),
-                                            _reference_features(feature_net, ref, "pooled"))
+    # fd_multilayer as the default fd of before was computed (torchmetrics), so older rows compare exactly
+    out["fd_multilayer"] = fd if view == "multilayer" else fd_kid_torchmetrics(
+        *_view(feature_net, images, ref, "multilayer", memo), kid_subsets=0)[0]
+    out["fd_classifier"] = frechet_distance(*_view(feature_net, images, ref, "pooled", memo))
     if inception is not None:
         ifd, ikid, _ = fd_kid_torchmetrics(inception.extract(images), _reference_features(inception, ref, "inception"),
                                            kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
@@ -141,8 +175,7 @@ def evaluate_images(
     if second_net is not None:
         require(second_net.input_shape == shape, f"second feature net {second_net.name!r} expects images "
                                                  f"{list(second_net.input_shape)}, not {list(shape)}")
-        out["fd_net2"] = frechet_distance(extract_features(second_net, images, space="multilayer"),
-                                          _reference_features(second_net, ref, "multilayer"))
+        out["fd_net2"] = fd_kid_torchmetrics(*_view(second_net, images, ref, view, memo), kid_subsets=0)[0]
     if labels is not None:
         labels = torch.as_tensor(labels).long().reshape(-1)
         require(labels.shape[0] == x.shape[0], f"{labels.shape[0]} labels for {x.shape[0]} samples")
@@ -152,6 +185,9 @@ def evaluate_images(
     if teacher_samples is not None:
         out["fidelity"] = mean_pairwise_distance(x, _model_images(teacher_samples, shape, "teacher samples"))
     out["feature_net"] = feature_net.name
+    out["feature_view"] = view
+    if second_net is not None:
+        out["feature_net_2"] = second_net.name
     return out
 
 

@@ -293,7 +293,8 @@ def fd_kid_torchmetrics(
     Same formulas as :func:`frechet_distance` and :func:`kernel_distance` (kernel ``(x^T y / d + 1)^3``,
     unbiased MMD² over ``kid_subsets`` random subsets of ``m = min(kid_subset_size, N_a, N_b)``); the subsets
     are drawn under a forked global RNG seeded with ``seed`` (torchmetrics draws them from the global RNG), so
-    the number does not depend on what ran before. Non-finite features give ``nan``.
+    the number does not depend on what ran before. Non-finite features give ``nan``. ``kid_subsets=0`` skips
+    KID (its two numbers are ``nan``): the FD alone of a secondary view costs no kernel sums.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -301,16 +302,19 @@ def fd_kid_torchmetrics(
     a, b = _pair(feats, ref_feats, min_n=2)
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return float("nan"), float("nan"), float("nan")
-    require(kid_subsets >= 1 and kid_subset_size >= 2,
-            f"KID: need subsets >= 1 and subset size >= 2, got {kid_subsets}, {kid_subset_size}")
+    require(kid_subsets >= 0 and kid_subset_size >= 2,
+            f"KID: need subsets >= 0 and subset size >= 2, got {kid_subsets}, {kid_subset_size}")
     extractor = _Precomputed(a.shape[1])
     fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False).set_dtype(torch.float64)
+    fid.update(b, real=True)
+    fid.update(a, real=False)
+    fd = max(float(fid.compute()), 0.0)  # tiny negatives are round-off
+    if kid_subsets == 0:
+        return fd, float("nan"), float("nan")
     m = min(kid_subset_size, a.shape[0], b.shape[0])
     kid = KernelInceptionDistance(feature=extractor, subsets=kid_subsets, subset_size=m).set_dtype(torch.float64)
-    for metric in (fid, kid):
-        metric.update(b, real=True)
-        metric.update(a, real=False)
-    fd = max(float(fid.compute()), 0.0)  # tiny negatives are round-off
+    kid.update(b, real=True)
+    kid.update(a, real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()

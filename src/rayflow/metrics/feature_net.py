@@ -114,7 +114,30 @@ class FeatureNet(nn.Module):
     @property
     def multilayer_dim(self) -> int:
         """Length of :meth:`multilayer_features`: twice the summed channel counts of all stages."""
-        return 2 * sum(m.num_channels for m in self.body if isinstance(m, nn.GroupNorm))
+        return 2 * sum(self.stage_channels)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channel count of every stage's activation (stem first), as :meth:`stage_activations` returns them."""
+        return [m.num_channels for m in self.body if isinstance(m, nn.GroupNorm)]
+
+    def early_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel spatial mean and standard deviation of the first two stages only: ``[N, 2 (C_0 + C_1)]``.
+
+        ``phi_early(x) = concat_{s in {0, 1}} [mean_{h,w} a_s(x), std_{h,w} a_s(x)]``: the stem (full resolution)
+        and the first stride-2 stage (half resolution), i.e. the first ``2 (C_0 + C_1)`` columns of
+        :meth:`multilayer_features` (std is the unbiased sample standard deviation over the ``H_s W_s`` positions).
+        These stages respond to edges, grain and stroke contrast, so fine-detail corruptions (blur, mild noise)
+        move them well above the train-vs-test floor where the deeper, class-trained stages barely move
+        (docs/metrics.md, BENCHMARKS.md section 5). This is rayflow's default ``fd`` (``space="early"``).
+        """
+        acts = self.stage_activations(x)[:2]
+        return torch.cat([torch.cat([a.mean(dim=(2, 3)), a.std(dim=(2, 3))], 1) for a in acts], 1)
+
+    @property
+    def early_dim(self) -> int:
+        """Length of :meth:`early_features`: twice the channel counts of the first two stages."""
+        return 2 * sum(self.stage_channels[:2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -128,9 +151,10 @@ def _check_images(net: FeatureNet, images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-#: feature spaces of a :class:`FeatureNet`: ``multilayer`` (the default ``fd``, see
+#: feature spaces of a :class:`FeatureNet`: ``early`` (the default ``fd``, :meth:`FeatureNet.early_features`),
+#: ``multilayer`` (every stage, ``fd_multilayer``, the default from issue 11 until the early view replaced it;
 #: :meth:`FeatureNet.multilayer_features`) and ``pooled`` (the last stage's global average, ``fd_classifier``)
-FEATURE_SPACES: tuple[str, ...] = ("multilayer", "pooled")
+FEATURE_SPACES: tuple[str, ...] = ("early", "multilayer", "pooled")
 
 
 @torch.no_grad()
@@ -138,17 +162,17 @@ def extract_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 50
                      space: str = "pooled") -> torch.Tensor:
     """Features of ``images [N, C, H, W]`` in batches, in eval mode, as float64 ``[N, F]``.
 
-    ``space="pooled"`` gives :meth:`FeatureNet.features` (128-d), ``"multilayer"``
-    :meth:`FeatureNet.multilayer_features`.
+    ``space="pooled"`` gives :meth:`FeatureNet.features` (``feature_dim``), ``"multilayer"``
+    :meth:`FeatureNet.multilayer_features` and ``"early"`` :meth:`FeatureNet.early_features`.
     """
     require(space in FEATURE_SPACES, f"unknown feature space {space!r}; choose from {', '.join(FEATURE_SPACES)}")
     images = _check_images(net, images)
     net.eval()
     param = next(net.parameters())
-    fn = net.features if space == "pooled" else net.multilayer_features
+    fn, dim = {"pooled": (net.features, net.feature_dim), "multilayer": (net.multilayer_features, net.multilayer_dim),
+               "early": (net.early_features, net.early_dim)}[space]
     out = [fn(images[i:i + batch_size].to(param.device, param.dtype)).double().cpu()
            for i in range(0, images.shape[0], batch_size)]
-    dim = net.feature_dim if space == "pooled" else net.multilayer_dim
     return torch.cat(out) if out else torch.zeros(0, dim, dtype=torch.float64)
 
 
@@ -182,26 +206,31 @@ def _decoder(net: FeatureNet) -> nn.Module:
 def train_feature_net(
     dataset: Dataset, steps: int = 600, batch_size: int = 128, seed: int = 0, lr: float = 2e-3,
     progress: bool = True, device: str | torch.device = "cpu", width: int = 32, feature_dim: int = 128,
-    recon_weight: float = 0.0,
+    recon_weight: float = 1.0,
 ) -> FeatureNet:
-    """Train a :class:`FeatureNet` classifier on ``dataset.x`` / ``dataset.labels`` (cross-entropy, Adam).
+    """Train a :class:`FeatureNet` on ``dataset.x`` / ``dataset.labels``: a classifier with an autoencoder term.
 
     Deterministic given ``seed``: initialisation runs under a forked global RNG seeded with it (the caller's
     RNG state is left untouched) and batches draw from a private generator. The learning rate
     follows a cosine decay to 0. No augmentation: random +-1 pixel shifts were tried on the 8x8 digits and did
     not raise held-out accuracy (seeds 0-1: 99.3-100% without, 98.3-99.3% with). The defaults reach 99.3-100% on
-    the digits test split in ~5 CPU-seconds. The network is named ``rayflow-cnn/<dataset.spec>``.
+    the digits test split in ~5 CPU-seconds.
 
-    ``recon_weight > 0`` adds an autoencoder term so the features are not class-invariant: a throw-away decoder
-    (bilinear 2x upsampling + ``conv3x3`` + SiLU per stage, back to the input size) reconstructs the input from the
-    last stage, and the loss is ``CE + recon_weight * mean (dec(body(x)) - x)^2``. Only the network (body and
-    classifier head) is returned; the decoder is discarded (the saved format does not change).
+    ``recon_weight > 0`` (default 1.0) adds an autoencoder term so the features are not class-invariant: a
+    throw-away decoder (bilinear 2x upsampling + ``conv3x3`` + SiLU per stage, back to the input size)
+    reconstructs the input from the last stage, and the loss is ``CE + recon_weight * mean (dec(body(x)) - x)^2``.
+    Only the network (body and classifier head) is returned; the decoder is discarded (the saved format does not
+    change). The default is 1.0 since the early-view ``fd`` became the default: the only pair of networks whose
+    early view passed the whole degradation suite was trained this way (BENCHMARKS.md section 5.1); ``0`` gives
+    the plain classifier of older releases. Such a network is named ``rayflow-cnn-ae/<dataset.spec>``, a plain
+    classifier ``rayflow-cnn/<dataset.spec>``, so a score's ``feature_net`` says which kind measured it.
     """
     require(getattr(dataset, "kind", "image") == "image" and dataset.x.ndim == 4,
             f"a feature network needs image data [N, C, H, W], got {getattr(dataset, 'kind', '?')} data "
             f"of shape {list(dataset.x.shape)}")
     require(dataset.labels is not None, "a feature network is trained as a classifier: the data needs labels")
     require(steps >= 1 and batch_size >= 1, f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    require(math.isfinite(recon_weight) and recon_weight >= 0, f"recon_weight must be >= 0, got {recon_weight}")
     x = dataset.x.detach().float().cpu()
     y = dataset.labels.detach().long().cpu()
     num_classes = int(getattr(dataset, "num_classes", 0) or int(y.max()) + 1)
@@ -210,7 +239,7 @@ def train_feature_net(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FeatureNet(tuple(x.shape[1:]), num_classes, width=width, feature_dim=feature_dim,
-                         name=f"rayflow-cnn/{spec or 'custom'}", data_spec=spec)
+                         name=f"rayflow-cnn{'-ae' if recon_weight > 0 else ''}/{spec or 'custom'}", data_spec=spec)
         decoder = _decoder(net) if recon_weight > 0 else None
     net.to(device)
     params = list(net.parameters())

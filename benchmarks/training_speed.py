@@ -528,7 +528,7 @@ class Bench:
                     "pool_s": round(wall, 3), "teacher_nfe_per_s": None if rate is None else round(rate, 1),
                     "over_inference": None if (rate is None or not self.inference_rate)
                     else round(rate / self.inference_rate, 3),
-                    "host_noise_s": round(noise["s"], 3), "samples_per_s": round(rows / wall, 1),
+                    "host_noise_s": round(noise["s"], 6), "samples_per_s": round(rows / wall, 1),
                     "bare_samples_per_s": None,
                     "roofline_share": None if rate is None else self.roofline(rate, self.inference_flops or 0.0)}
 

@@ -10,7 +10,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,21 +96,28 @@ def remove_orphan_tmp_files(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``)."""
+@contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file beside ``path`` for the caller to write and fsync; on success it replaces ``path``
+    (``os.replace``, then the directory is fsynced), on an exception it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``)."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
@@ -146,18 +154,10 @@ def save_safetensors_atomic(
     """Save tensors to a safetensors file atomically (temp file + fsync + ``os.replace``)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+    with _replacing(path) as tmp:
         save_file(_cpu_contiguous(tensors), os.fspath(tmp), metadata=dict(metadata) if metadata else None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------- reading with user-facing errors

@@ -58,6 +58,7 @@ from rayflow.errors import RayflowError, require  # noqa: E402
 from rayflow.evaluation import plot_metric_vs_nfe, save_grid_by_method, write_results  # noqa: E402
 from rayflow.methods import available_methods, get_method  # noqa: E402
 from rayflow.models import ModelConfig  # noqa: E402
+from rayflow.models.speed import release_compiled_state  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import TrainConfig  # noqa: E402
 
@@ -406,6 +407,7 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
     distill(method, str(run / "teacher"), dataset, student_dir, train, guidance=cfg.guidance,
             cache_dir=run / "caches" / cache)
     wall = time.time() - t0
+    release_compiled_state()  # the training's CUDA graphs, before this worker samples beside the others
     scorer = scorer() if callable(scorer) else scorer
     ref = ref() if callable(ref) else ref
     config = read_json(student_dir / "config.json")

@@ -94,6 +94,35 @@ def test_a_compiled_teacher_with_a_static_batch_compiles_once_per_shape():
     assert len(graphs) == 4 and frozen.compiled
 
 
+def test_release_compiled_state_drops_the_compiled_graphs():
+    """After a training's compiled graphs are released, the same compiled call is compiled again (the cached
+    graph, and on CUDA its graph memory pool, is gone) and still computes what the network does."""
+    import torch._dynamo
+
+    from rayflow.models.speed import release_compiled_state
+
+    net = _mlp().requires_grad_(False)
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(net, backend=backend, dynamic=False)
+        x, t, c = torch.randn(4, 4), torch.full((4,), 500.0), torch.arange(4) % 3
+        with torch.no_grad():
+            fn(x, t, c)
+            fn(x, t, c)
+            assert len(compiles) == 1  # cached
+            release_compiled_state()
+            torch.testing.assert_close(fn(x, t, c), net(x, t, c))
+    finally:
+        torch._dynamo.reset()
+    assert len(compiles) == 2
+
+
 def test_static_batch_settings(capsys):
     net = _mlp()
     assert prepare_frozen_teacher(net, "cpu") is net  # auto: only for a compiled teacher, so nothing on a CPU

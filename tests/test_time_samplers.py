@@ -104,6 +104,28 @@ def test_stein_sampler_concentrates_where_the_error_is(centre, width):
     assert tv(s.target_probs(), q_star) < 0.05
 
 
+def test_global_stein_sampler_draws_the_mixture_law_with_its_weights():
+    """The global sampler draws timesteps from their bin masses; that must be the law of the mixture it fits
+    (a component, a normal draw in logit space, its bin; uniform draws mixed in), computed here independently
+    from the mixture's CDF, and each draw carries ``p/q`` of its own bin under that CDF."""
+    s = SteinSampler(T, warmup=20)
+    g = train_on_profile(s, 60, 0.7, 0.06)
+    with torch.no_grad():
+        log_pi = s.net(None, 1)
+        centres, width = s.centres, s.width
+        edges = torch.logit(torch.linspace(0, 1, T + 1, dtype=torch.float64))
+        z = (edges[None] - centres[:, None]) / (width * math.sqrt(2))
+        cdf = (log_pi.exp()[0, :, None] * 0.5 * (1 + torch.erf(z))).sum(0)
+    law = (1 - s.uniform_mix) * (cdf[1:] - cdf[:-1]) + s.uniform_mix / T
+    assert abs(float(law.sum()) - 1) < 1e-9 and tv(s.probs(), law) < 1e-9
+    t, w = s.sample(400_000, g)
+    counts = torch.bincount(t, minlength=T).double()
+    # coarse bins: the empirical law within a few binomial standard errors of the mixture's
+    emp, ref = counts.reshape(20, 50).sum(1) / t.numel(), law.reshape(20, 50).sum(1)
+    assert float(((emp - ref).abs() / (ref * (1 - ref) / t.numel()).sqrt()).max()) < 5
+    torch.testing.assert_close(w, (1.0 / (T * law[t])).clamp(max=s.weight_clip).float())
+
+
 def test_stein_sampler_with_features_concentrates_too():
     s = SteinSampler(T, num_features=2, warmup=10)
     g = train_on_profile(s, 40, 0.7, 0.06, features=2)

@@ -61,6 +61,7 @@ from rayflow.models import ModelConfig  # noqa: E402
 from rayflow.models.speed import release_compiled_state  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import TrainConfig  # noqa: E402
+from rayflow.training.config import COMPILE_MODES  # noqa: E402
 
 
 def variants() -> dict[str, tuple[str, dict[str, str]]]:
@@ -114,6 +115,9 @@ class BenchConfig:
     data_limit: int = 0  # 0 = all 60 000 training images
     tiny: bool = False
     student_compile: str = "auto"  # the students' TrainConfig.compile (the run of 2026-11-22: "no")
+    #: the students' TrainConfig.compile_mode: "reduce-overhead" replays each step from CUDA graphs (2x faster for one
+    #: process on an H200, BENCHMARKS §6.3, but every worker then keeps its graphs' memory)
+    student_compile_mode: str = "default"
 
     @classmethod
     def dry_run(cls) -> BenchConfig:
@@ -397,6 +401,7 @@ def _one_method(run: Path, cfg: BenchConfig, device: str, dataset, scorer: Score
     # workers share Inductor's on-disk cache), not on a CPU
     train = TrainConfig(max_steps=cfg.distill_steps, batch_size=cfg.distill_batch, lr=cfg.distill_lr,
                         ema_decay=0.999, seed=seed, checkpoint_every=500, compile=cfg.student_compile,
+                        compile_mode=cfg.student_compile_mode,
                         mixed_precision="auto")
     t0 = time.time()
     # RayFlow's eps_mu pool has its own seed (pool_seed), so every student seed shares it; the reflow family
@@ -623,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
                         "writes the Kendall tau between fd and fd_net2")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
+    p.add_argument("--student-compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode of the students (default: default; reduce-overhead = CUDA graphs)")
     p.add_argument("--jobs", type=int, default=1,
                    help="run the methods part as this many worker processes at once, one per variant (one "
                         "H200: 7 for the seven)")
@@ -636,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.teacher_steps = args.teacher_steps
         if args.distill_steps is not None:
             cfg.distill_steps = args.distill_steps
+        if args.student_compile_mode is not None:
+            cfg.student_compile_mode = args.student_compile_mode
         parts = PARTS if args.parts == "all" else tuple(x.strip() for x in args.parts.split(","))
         unknown = sorted(set(parts) - set(PARTS))
         require(not unknown, f"--parts: unknown part(s) {unknown}; expected {', '.join(PARTS)}")
@@ -692,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "methods":
                 worker_argv = ["--data", args.data, "--out", str(run), "--teacher-steps", str(cfg.teacher_steps),
                                "--distill-steps", str(cfg.distill_steps), "--threads", str(args.threads),
+                               "--student-compile-mode", cfg.student_compile_mode,
                                *(["--tiny"] if args.tiny else []), *(["--allow-cpu"] if args.allow_cpu else [])]
                 part_methods(run, spec, cfg, device, names, seeds, jobs=args.jobs, worker_argv=worker_argv,
                              threads=args.threads)

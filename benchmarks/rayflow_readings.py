@@ -125,6 +125,8 @@ def _config(args: argparse.Namespace):
     cfg = fm.BenchConfig.dry_run() if args.tiny else fm.BenchConfig()
     if args.steps is not None:
         cfg.distill_steps = int(args.steps)
+    if args.student_compile_mode is not None:
+        cfg.student_compile_mode = args.student_compile_mode
     if args.teacher_steps is not None:
         cfg.teacher_steps = int(args.teacher_steps)
     elif args.sd_init == "linear" and not args.tiny:
@@ -281,7 +283,8 @@ def worker_command(args: argparse.Namespace, job: Job) -> list[str]:
             "--threads", str(args.threads), "--sd-init", args.sd_init, "--teacher", args.teacher,
             "--job", job.name] + (["--tiny"] if args.tiny else []) + \
         (["--allow-cpu"] if args.allow_cpu else []) + ([] if args.steps is None else ["--steps", str(args.steps)]) + \
-        ([] if args.teacher_steps is None else ["--teacher-steps", str(args.teacher_steps)])
+        ([] if args.teacher_steps is None else ["--teacher-steps", str(args.teacher_steps)]) + \
+        ([] if args.student_compile_mode is None else ["--student-compile-mode", args.student_compile_mode])
 
 
 def _schedule(jobs: list[Job], args: argparse.Namespace, outcome: dict[str, str],
@@ -573,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the student rows in priority order, TEACHER:READING:SEED,... (default: every --seeds x "
                         "--teachers x --readings, seed by seed)")
     p.add_argument("--steps", type=int, default=None, help="student updates, shared by every row (default 2000)")
+    p.add_argument("--student-compile-mode", default=None, choices=fm.COMPILE_MODES,
+                   help="torch.compile mode of the students (reduce-overhead = CUDA graphs: BENCHMARKS §6.3)")
     p.add_argument("--teacher-steps", type=int, default=None,
                    help="sd teacher updates (default 2000 fine-tuning with --sd-init linear, 8000 from scratch)")
     p.add_argument("--sd-init", choices=("linear", "scratch"), default="linear",

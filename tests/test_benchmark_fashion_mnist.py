@@ -63,6 +63,10 @@ def test_a_finished_part_is_skipped_and_a_changed_config_refused(bench, fm_dir, 
     capsys.readouterr()
     assert bench.main([*args[:-1], "5"]) == 2
     assert "made with another configuration" in capsys.readouterr().err
+    # the students' compile mode is part of the configuration too (CUDA graphs change what a run measures)
+    assert json.loads((run / "bench_config.json").read_text())["student_compile_mode"] == "default"
+    assert bench.main([*args, "--student-compile-mode", "reduce-overhead"]) == 2
+    assert "made with another configuration" in capsys.readouterr().err
 
 
 def test_the_committed_teacher_loads_and_samples(tmp_path):

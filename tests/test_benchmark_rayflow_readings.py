@@ -252,3 +252,16 @@ def test_rows_option_and_merge(bench):
            {"teacher": "linear", "reading": "start", "seed": 1, "nfe": 1, "fd": 9.0}]
     new = [{"teacher": "linear", "reading": "start", "seed": 1, "nfe": 1, "fd": 2.0}]
     assert bench.merge_rows(new, old) == [old[0], new[0]]
+
+
+def test_a_workers_command_carries_the_students_compile_mode(bench, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(data="D", out=str(tmp_path), threads=1, sd_init="linear", teacher="T", tiny=True,
+                              allow_cpu=True, steps=None, teacher_steps=None, student_compile_mode=None)
+    job = bench.Job("student", "linear", "start", 0)
+    assert "--student-compile-mode" not in bench.worker_command(args, job)
+    args.student_compile_mode = "reduce-overhead"
+    cmd = bench.worker_command(args, job)
+    assert cmd[cmd.index("--student-compile-mode") + 1] == "reduce-overhead"
+    assert bench._config(args).student_compile_mode == "reduce-overhead"

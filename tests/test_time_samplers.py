@@ -126,6 +126,21 @@ def test_global_stein_sampler_draws_the_mixture_law_with_its_weights():
     torch.testing.assert_close(w, (1.0 / (T * law[t])).clamp(max=s.weight_clip).float())
 
 
+def test_global_ksd_gradient_in_closed_form_is_autograds():
+    """The global sampler's KSD step sets its gradient in closed form; it must be autograd's of :meth:`ksd2`."""
+    s = SteinSampler(T, warmup=5)
+    train_on_profile(s, 30, 0.2, 0.1)
+    loss = s._ksd2_and_grad_global()
+    grads = [p.grad.clone() for p in (s.net.head.weight, s.net.head.bias)]
+    s.opt.zero_grad(set_to_none=True)
+    reference = s.ksd2(None)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-10, atol=0)
+    for mine, auto in zip(grads, (s.net.head.weight.grad, s.net.head.bias.grad)):
+        assert float(auto.abs().max()) > 0
+        torch.testing.assert_close(mine, auto, rtol=1e-9, atol=1e-15)
+
+
 def test_stein_sampler_with_features_concentrates_too():
     s = SteinSampler(T, num_features=2, warmup=10)
     g = train_on_profile(s, 40, 0.7, 0.06, features=2)

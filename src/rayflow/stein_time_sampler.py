@@ -258,6 +258,31 @@ class SteinSampler(TimestepDistribution):
         ws = w * score
         return ((ws @ k) * ws + 2 * (ws @ B) * w + (w @ A) * w).sum(-1).mean()
 
+    def _ksd2_and_grad_global(self) -> torch.Tensor:
+        """:meth:`ksd2` of the global density, with the gradient of its logits set in closed form (no autograd).
+
+        ``KSD^2 = (s∘w)^T k (s∘w) + 2 (s∘w)^T B w + w^T A w`` with ``w = pi ⊗ v`` (``v`` the quadrature weights,
+        ``s`` the target score at the nodes; ``k``, ``A`` symmetric), so
+        ``dKSD^2/dw = 2 s∘(k (s∘w)) + 2 s∘(B w) + 2 B^T (s∘w) + 2 A w``; then ``d/dpi_g = sum_q v_q (d/dw)_{g,q}``
+        and, through ``pi = softmax(l)``, ``d/dl = pi ∘ (d/dpi - <pi, d/dpi>)``. The head's weight and bias both
+        receive ``d/dl`` (its input is 1).
+        """
+        head = self.net.head
+        with torch.no_grad():
+            pi = torch.softmax(head.weight[:, 0] + head.bias, 0)
+            w = (pi[:, None] * self._node_w).reshape(-1)
+            s = self.target_score(self._nodes, None)
+            k, B, A = self._kernel_parts()
+            ws = s * w
+            k_ws, B_w, A_w = k @ ws, B @ w, A @ w
+            loss = ws @ k_ws + 2 * (ws @ B_w) + w @ A_w
+            grad_w = 2 * (s * k_ws + s * B_w + B.T @ ws + A_w)
+            grad_pi = (grad_w.reshape(self.G, -1) * self._node_w).sum(1)
+            grad_logits = pi * (grad_pi - (pi * grad_pi).sum())
+            head.weight.grad = grad_logits[:, None].clone()
+            head.bias.grad = grad_logits.clone()
+            return loss
+
     def _kernel_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if getattr(self, "_parts", None) is None:
             d = self._nodes[:, None] - self._nodes[None, :]
@@ -281,8 +306,11 @@ class SteinSampler(TimestepDistribution):
             sub = feats[torch.randperm(feats.shape[0], generator=g)[: self.instances]]
         for _ in range(self.ksd_steps):
             self.opt.zero_grad(set_to_none=True)
-            loss = self.ksd2(sub)
-            loss.backward()
+            if self.F == 0:
+                loss = self._ksd2_and_grad_global()  # closed form: this runs on the host every training step
+            else:
+                loss = self.ksd2(sub)
+                loss.backward()
             self.opt.step()
         return {"ts_ksd": loss.detach()}  # a tensor: the trainer reads logs once per log interval
 

@@ -13,7 +13,8 @@ linear schedule, ``a_T = 0.0064``); ``sd`` = the same network on Stable Diffusio
 a quarter of a from-scratch teacher's cost, so it fits beside the students) or trained from scratch for 8000
 (``--sd-init scratch``); ``--sd-teacher DIR`` reuses one from an earlier call. Both are scored by the committed
 feature net with the benchmark's own scoring path (:class:`rayflow.comparison.Scorer`), against the 10 000 test
-images; ``fd`` is the multi-layer view (``FD_VIEW``), rayflow's default when section 7 was measured.
+images; ``fd`` is rayflow's default (the early view of the committed autoencoder pair, ``fd_net2`` under its second
+network) unless ``--fd-view multilayer`` asks for the view section 7 was measured with.
 
 One command runs every part as a graph of worker processes on the GPU(s) (``--jobs`` long ones at a time, over
 ``--gpus``): the sd teacher (part ``teacher-sd``), each teacher's 50-step DDIM and 25-step DPM-Solver++ rows
@@ -66,10 +67,13 @@ def _load_fashion_mnist():
 
 
 fm = _load_fashion_mnist()
-# BENCHMARKS section 7's committed fd is the multi-layer view of the committed classifier (the default then), and
-# --merge joins an earlier call's rows: this benchmark keeps that view explicitly (rows say so in feature_view)
-# rather than mixing two meanings of fd; its --feature-net stays the classifier it was scored with
-fm.FD_VIEW = "multilayer"
+#: how the rows' fd is computed (``--fd-view``): ``early`` on the committed autoencoder pair is rayflow's default
+#: fd since issue #11, the metric issue #14's targets are stated in; BENCHMARKS section 7's committed rows were
+#: scored with the ``multilayer`` view of the committed classifier (``--fd-view multilayer --feature-net
+#: benchmarks/checkpoints/fashion-mnist-feature-net``). A run directory and ``--merge`` never mix the two.
+FD_VIEWS = ("early", "multilayer")
+#: rows written before they carried ``feature_view`` (BENCHMARKS section 7) were scored with the multi-layer view
+LEGACY_VIEW = "multilayer"
 
 from rayflow.checkpoint import read_json, write_json_atomic  # noqa: E402
 from rayflow.data import load_dataset  # noqa: E402
@@ -284,7 +288,8 @@ def worker_command(args: argparse.Namespace, job: Job) -> list[str]:
             "--job", job.name] + (["--tiny"] if args.tiny else []) + \
         (["--allow-cpu"] if args.allow_cpu else []) + ([] if args.steps is None else ["--steps", str(args.steps)]) + \
         ([] if args.teacher_steps is None else ["--teacher-steps", str(args.teacher_steps)]) + \
-        ([] if args.student_compile_mode is None else ["--student-compile-mode", args.student_compile_mode])
+        ([] if args.student_compile_mode is None else ["--student-compile-mode", args.student_compile_mode]) + \
+        ["--fd-view", args.fd_view]
 
 
 def _schedule(jobs: list[Job], args: argparse.Namespace, outcome: dict[str, str],
@@ -470,9 +475,19 @@ def plot_time_sampler(out: Path, teachers: list[str], readings: list[str], path:
     return drawn
 
 
+def scored_with(rows: list[dict]) -> set[tuple[str | None, str]]:
+    """The (feature network, view) pairs that scored ``rows``."""
+    return {(r.get("feature_net"), r.get("feature_view", LEGACY_VIEW)) for r in rows}
+
+
 def merge_rows(new: list[dict], old: list[dict]) -> list[dict]:
     """``new`` rows, plus the rows of ``old`` (an earlier call's results) that ``new`` does not measure again:
-    one row per (teacher, reading, seed, NFE), so seeds measured in different calls are summarised together."""
+    one row per (teacher, reading, seed, NFE), so seeds measured in different calls are summarised together.
+    Rows scored by another feature network or view are refused: their ``fd`` means something else."""
+    require(not new or not old or scored_with(new) == scored_with(old),
+            f"--merge: the earlier rows were scored with {sorted(scored_with(old), key=str)}, these with "
+            f"{sorted(scored_with(new), key=str)}; their fd columns are not comparable (use another --results "
+            "file, or --fd-view/--feature-net as the earlier call did)")
     key = lambda r: (r["teacher"], r["reading"], r["seed"], r["nfe"])  # noqa: E731
     have = {key(r) for r in new}
     return [r for r in old if key(r) not in have] + new
@@ -595,8 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-s", type=float, default=150.0, help="estimated seconds of the sd teacher's training")
     p.add_argument("--teacher", default=str(REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"),
                    help="the linear-schedule teacher (default: the committed one; ignored with --tiny)")
-    p.add_argument("--feature-net", default=str(REPO / "benchmarks" / "checkpoints" / "fashion-mnist-feature-net"),
-                   help="the feature classifier of the scores (default: the committed one; ignored with --tiny)")
+    p.add_argument("--fd-view", choices=FD_VIEWS, default="early",
+                   help="early: rayflow's default fd (issue #11); multilayer: the fd of BENCHMARKS section 7")
+    p.add_argument("--feature-net-2", default=str(fm.FEATURE_NET_2),
+                   help="the second network of fd_net2 (default: the committed autoencoder pair's second)")
+    p.add_argument("--feature-net", default=str(fm.FEATURE_NET),
+                   help="the feature network of fd (default: the committed autoencoder pair's first; with "
+                        "--fd-view multilayer, section 7 used benchmarks/checkpoints/fashion-mnist-feature-net; "
+                        "ignored with --tiny)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--merge", default=None,
                    help="an earlier call's rayflow_readings.json whose rows the report keeps where this run has none "
@@ -610,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # KIND:TEACHER[:READING[:SEED]], a worker
     args = p.parse_args(argv)
     try:
+        fm.FD_VIEW = args.fd_view  # workers too: they score what they train
         cfg = _config(args)
         parts = PARTS if args.parts == "all" else tuple(_list(args.parts, PARTS, "parts"))
         teachers = _list(args.teachers, TEACHERS, "teachers")
@@ -648,11 +670,14 @@ def main(argv: list[str] | None = None) -> int:
             load_dataset(spec, split="test")  # refuse a wrong path before any work
         out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / "bench_config.json"
-        cfg_now = {**json.loads(json.dumps(cfg.__dict__)), "sd_init": args.sd_init}
+        cfg_now = {**json.loads(json.dumps(cfg.__dict__)), "sd_init": args.sd_init, "fd_view": args.fd_view}
         if cfg_path.exists():
-            require(read_json(cfg_path) == cfg_now,
+            old = read_json(cfg_path)
+            old.setdefault("fd_view", LEGACY_VIEW)  # run directories from before --fd-view
+            old.setdefault("student_compile_mode", "default")  # ... and before --student-compile-mode
+            require(old == cfg_now,
                     f"{cfg_path}: this run directory was made with another configuration (--steps, --tiny, "
-                    "--teacher-steps, --sd-init); use another --out")
+                    "--teacher-steps, --sd-init, --fd-view, --student-compile-mode); use another --out")
         else:
             write_json_atomic(cfg_now, cfg_path)
         # the linear teacher: the committed one (or, --tiny, a tiny one); --sd-init linear fine-tunes it
@@ -660,8 +685,9 @@ def main(argv: list[str] | None = None) -> int:
                                                and not fm.done(teacher_run(out, "sd"), "teacher_train"))
         for t in [] if report_only else teachers:
             run = teacher_run(out, t)
-            if not args.tiny and not (run / "feature-net" / "feature_net.safetensors").exists():
-                fm.adopt(args.feature_net, run / "feature-net", ("feature_net.safetensors", "feature_net.json"))
+            if not args.tiny:  # a run directory keeps the networks it was scored with (a changed one is refused)
+                fm.adopt_feature_net(args.feature_net, run / "feature-net")
+                fm.adopt_feature_net(args.feature_net_2, run / "feature-net-2")
         sd_run = teacher_run(out, "sd")
         if args.sd_teacher and "sd" in teachers and not report_only and not fm.done(sd_run, "teacher_train"):
             fm.adopt(args.sd_teacher, sd_run / "teacher", ("model.safetensors", "config.json"))

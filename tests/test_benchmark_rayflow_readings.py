@@ -254,14 +254,32 @@ def test_rows_option_and_merge(bench):
     assert bench.merge_rows(new, old) == [old[0], new[0]]
 
 
-def test_a_workers_command_carries_the_students_compile_mode(bench, tmp_path):
+def test_a_workers_command_carries_the_students_compile_mode_and_the_fd_view(bench, tmp_path):
     import argparse
 
     args = argparse.Namespace(data="D", out=str(tmp_path), threads=1, sd_init="linear", teacher="T", tiny=True,
-                              allow_cpu=True, steps=None, teacher_steps=None, student_compile_mode=None)
+                              allow_cpu=True, steps=None, teacher_steps=None, student_compile_mode=None,
+                              fd_view="multilayer")
     job = bench.Job("student", "linear", "start", 0)
-    assert "--student-compile-mode" not in bench.worker_command(args, job)
+    cmd = bench.worker_command(args, job)
+    assert "--student-compile-mode" not in cmd and cmd[cmd.index("--fd-view") + 1] == "multilayer"
     args.student_compile_mode = "reduce-overhead"
     cmd = bench.worker_command(args, job)
     assert cmd[cmd.index("--student-compile-mode") + 1] == "reduce-overhead"
     assert bench._config(args).student_compile_mode == "reduce-overhead"
+
+
+def test_merge_refuses_rows_scored_with_another_network_or_view(bench):
+    def row(seed, net="net-a", view="early"):
+        r = {"teacher": "linear", "reading": "start", "seed": seed, "nfe": 1, "fd": 1.0, "feature_net": net}
+        return {**r, "feature_view": view} if view is not None else r
+
+    assert len(bench.merge_rows([row(1)], [row(0), row(1)])) == 2  # same metric: seed 0 kept, seed 1 replaced
+    with pytest.raises(bench.RayflowError, match="not comparable"):
+        bench.merge_rows([row(1)], [row(0, view="multilayer")])
+    with pytest.raises(bench.RayflowError, match="not comparable"):
+        bench.merge_rows([row(1)], [row(0, net="net-b")])
+    # rows from before feature_view (BENCHMARKS section 7) were scored with the multi-layer view
+    assert len(bench.merge_rows([row(1, view="multilayer")], [row(0, view=None)])) == 2
+    with pytest.raises(bench.RayflowError, match="not comparable"):
+        bench.merge_rows([row(1)], [row(0, view=None)])

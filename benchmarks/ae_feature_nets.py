@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from rayflow.checkpoint import write_json_atomic  # noqa: E402
 from rayflow.data import load_dataset  # noqa: E402
 from rayflow.errors import RayflowError, require  # noqa: E402
 from rayflow.metrics import classifier_accuracy, save_feature_net, train_feature_net  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             # after each network, re-read: another process (--nets 1 and --nets 2 side by side) may have written
             # its entry meanwhile
             nets = json.loads(results.read_text()).get("nets", {}) if results.exists() else {}
-            results.write_text(json.dumps({"nets": {**nets, **mine}}, indent=2) + "\n")
+            write_json_atomic({"nets": {**nets, **mine}}, results)  # a reader never sees half a file
     except RayflowError as e:
         print(f"rayflow: error: {e}", file=sys.stderr)
         return 2

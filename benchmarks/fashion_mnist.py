@@ -81,12 +81,12 @@ def tiny_options() -> dict[str, dict[str, str]]:
 #: the distilled variants: the seven of the issue and opt-in RayFlow ablations
 VARIANTS = variants()
 #: the seven rows the benchmark exists for; the rest are opt-in ablations (``--methods``)
-ISSUE_VARIANTS = ("rayflow", "rayflow-no-time-sampler", "rayflow-no-instance-target", "proreflow-ii", "perflow",
-                  "reflow", "rectified-diffusion")
+ISSUE_VARIANTS = ("rayflow", "rayflow-learned-time-sampler", "rayflow-no-instance-target", "proreflow-ii",
+                  "perflow", "reflow", "rectified-diffusion")
 TINY_OPTIONS = tiny_options()
 #: variants whose teacher targets equal another's reuse its cache (each still reports the teacher NFEs it needs)
 SHARED_CACHE: dict[str, str] = {name: "rayflow" for name in (
-    "rayflow-no-time-sampler", "rayflow-epsilon-head", "rayflow-matched-start")}
+    "rayflow-learned-time-sampler", "rayflow-epsilon-head", "rayflow-matched-start")}
 PARTS = ("teacher", "reference", "samplers", "methods", "speed", "report")
 #: the committed feature networks of the default fd and fd_net2 (benchmarks/ae_feature_nets.py; issue 11). Rows of
 #: runs before the switch were scored with the classifiers benchmarks/checkpoints/fashion-mnist-feature-net{,-2}
@@ -591,8 +591,11 @@ def part_report(run: Path, cfg: BenchConfig, results: Path) -> None:
     for grid in sorted((run / "grids").glob("*.png")):
         if "@seed" not in grid.stem:  # one grid per variant is enough to look at
             shutil.copyfile(grid, results / f"fashion_mnist_grid_{grid.stem}.png")
-    sampler_plot = run / "students" / "rayflow" / "time_sampler.png"
-    if sampler_plot.exists():
+    # the learned Time Sampler's density: its own variant since uniform t became RayFlow's default (issue #14);
+    # runs from before then learned it in the plain "rayflow" variant
+    sampler_plot = next((p for p in (run / "students" / name / "time_sampler.png"
+                                     for name in ("rayflow-learned-time-sampler", "rayflow")) if p.exists()), None)
+    if sampler_plot is not None:
         shutil.copyfile(sampler_plot, results / "fashion_mnist_time_sampler.png")
     print("regenerate any row's samples with:")
     print(f"  teacher rows: rayflow sample --model {run}/teacher --sampler SAMPLER --steps N --num {cfg.num_eval} "

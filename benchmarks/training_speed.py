@@ -66,7 +66,7 @@ TEACHER = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"
 #: the methods timed, with pools small enough for the time budget (the rate does not depend on the pool size)
 _METHOD_ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "rayflow": ("rayflow", {"pool_size": "8192"}),
-    "rayflow-no-time-sampler": ("rayflow", {"pool_size": "8192", "time_sampler": "uniform"}),
+    "rayflow-learned-time-sampler": ("rayflow", {"pool_size": "8192", "time_sampler": "learned"}),
     "reflow": ("reflow", {"pool_size": "4096"}),
     "rectified-diffusion": ("rectified-diffusion", {"pool_size": "4096"}),
     "perflow": ("perflow", {"pool_size": "4096"}),

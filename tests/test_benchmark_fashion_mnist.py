@@ -176,10 +176,10 @@ with open(events, "a") as f:
 
 def test_job_plan_waits_only_for_a_shared_cache(bench):
     cfg = bench.BenchConfig()
-    plan = bench.job_plan([("reflow", 0), ("rayflow-no-time-sampler", 0), ("rayflow", 0), ("rayflow", 1),
+    plan = bench.job_plan([("reflow", 0), ("rayflow-learned-time-sampler", 0), ("rayflow", 0), ("rayflow", 1),
                            ("reflow", 1)], cfg)
     assert plan == [(("rayflow", 0), None), (("reflow", 0), None), (("reflow", 1), None),  # own caches
-                    (("rayflow-no-time-sampler", 0), ("rayflow", 0)), (("rayflow", 1), ("rayflow", 0))]
+                    (("rayflow-learned-time-sampler", 0), ("rayflow", 0)), (("rayflow", 1), ("rayflow", 0))]
 
 
 def test_parallel_workers_run_side_by_side_and_a_failure_keeps_the_rest(bench, tmp_path, capsys):
@@ -187,7 +187,7 @@ def test_parallel_workers_run_side_by_side_and_a_failure_keeps_the_rest(bench, t
     (run / "rows").mkdir(parents=True)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    units = [("rayflow", 0), ("rayflow-no-time-sampler", 0), ("reflow", 0), ("perflow", 0)]
+    units = [("rayflow", 0), ("rayflow-learned-time-sampler", 0), ("reflow", 0), ("perflow", 0)]
     with pytest.raises(bench.RayflowError, match=r"1 job\(s\) failed \(reflow\)"):
         bench.run_parallel(run, bench.BenchConfig(), units, jobs=4, worker_argv=["--out", str(run)], threads=1,
                            script=script)
@@ -195,12 +195,13 @@ def test_parallel_workers_run_side_by_side_and_a_failure_keeps_the_rest(bench, t
     assert "FAILED reflow (exit 3)" in out and "simulated failure in reflow" in out
     events = [line.split() for line in (run / "events.txt").read_text().splitlines()]
     when = {(kind, name): float(t) for kind, name, t in events}
-    assert ("end", "perflow") in when and ("end", "rayflow-no-time-sampler") in when and ("end", "reflow") not in when
+    assert ("end", "perflow") in when and ("end", "rayflow-learned-time-sampler") in when
+    assert ("end", "reflow") not in when
     # the variant that reads RayFlow's cache started only after RayFlow's student began training ...
-    assert when[("start", "rayflow-no-time-sampler")] > when[("start", "rayflow")] + 0.5
+    assert when[("start", "rayflow-learned-time-sampler")] > when[("start", "rayflow")] + 0.5
     # ... and the others did not wait: they ran beside RayFlow
     assert when[("start", "perflow")] < when[("end", "rayflow")]
     timing = json.loads((run / "rows" / "timing_methods.json").read_text())
-    assert set(timing) == {"rayflow", "rayflow-no-time-sampler", "reflow", "perflow", "parallel_jobs",
+    assert set(timing) == {"rayflow", "rayflow-learned-time-sampler", "reflow", "perflow", "parallel_jobs",
                            "threads_per_job"} and timing["parallel_jobs"] == 4
     assert (run / "logs" / "methods-reflow.log").read_text().strip() == "simulated failure in reflow"

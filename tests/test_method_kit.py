@@ -83,7 +83,7 @@ def test_builtin_presets_come_from_the_methods():
     try:
         v = bench.variants()
         assert v["proreflow-ii"] == ("proreflow", {"preset": "II"})
-        assert v["rayflow-no-time-sampler"] == ("rayflow", {"time_sampler": "uniform"})
+        assert v["rayflow-learned-time-sampler"] == ("rayflow", {"time_sampler": "learned"})
         assert set(bench.ISSUE_VARIANTS) <= set(v)
     finally:
         sys.modules.pop("bench_fm_kit", None)

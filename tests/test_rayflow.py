@@ -331,7 +331,7 @@ def _train(**kw):
 
 def test_distilled_student_beats_ddim_at_one_step(tmp_path):
     ds = load_dataset(MOG)
-    method = _small_method()
+    method = _small_method(time_sampler="learned")  # the paper's T_theta, so its density log is checked below
     small = ModelConfig(kind="mlp", sample_shape=(8,), hidden=64, depth=2)
     result = distill(method, "exact", ds, tmp_path / "s", _train(), cache_dir=tmp_path / "cache",
                      student_model=small, progress=False)

@@ -46,7 +46,8 @@ class RayFlow(Method):
     tiny_options = {"pool_size": "64", "teacher_steps": "2"}
     benchmark_variants = {
         "rayflow": {},
-        "rayflow-no-time-sampler": {"time_sampler": "uniform"},
+        # the paper's learned Time Sampler T_theta (the default until issue #14 measured uniform t ahead)
+        "rayflow-learned-time-sampler": {"time_sampler": "learned"},
         "rayflow-no-instance-target": {"instance_target": "false"},
         # the teacher's epsilon head kept (the exact init, RayFlow's default until the flow head): the head ablation
         "rayflow-epsilon-head": {"network_prediction": "epsilon"},

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -81,20 +82,26 @@ from rayflow.errors import RayflowError, require  # noqa: E402
 from rayflow.evaluation import plot_metric_vs_nfe  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 
-#: reading name -> (method, options). RayFlow rows are issue #14's readings (methods/rayflow/readings.py);
-#: the peers keep their defaults. "-uniform-t" rows pair with their learned-Time-Sampler row, seed by seed.
+#: reading name -> (method, options). RayFlow rows are issue #14's readings (methods/rayflow/readings.py), each
+#: with its reading and Time Sampler named, so a row means what it meant when it was measured whatever the
+#: defaults; the peers keep their defaults. "-uniform-t" rows pair with their learned-Time-Sampler row, seed by seed.
 READINGS: dict[str, tuple[str, dict[str, str]]] = {
-    "average": ("rayflow", {}),  # K = 8 points a_k x0 + s_k eps (the reconstruction; the default before #14)
-    "trajectory": ("rayflow", {"eps_mu_reading": "trajectory"}),
-    "start": ("rayflow", {"eps_mu_reading": "start"}),
-    "trajectory-consistency": ("rayflow", {"eps_mu_reading": "trajectory", "consistency_weight": "1"}),
-    "start-consistency": ("rayflow", {"eps_mu_reading": "start", "consistency_weight": "1"}),
-    "start-sigma": ("rayflow", {"eps_mu_reading": "start", "sigma": "0.05"}),
-    "average-uniform-t": ("rayflow", {"time_sampler": "uniform"}),
+    # K = 8 points a_k x0 + s_k eps (the reconstruction; the default before #14)
+    "average": ("rayflow", {"eps_mu_reading": "average", "time_sampler": "learned"}),
+    "trajectory": ("rayflow", {"eps_mu_reading": "trajectory", "time_sampler": "learned"}),
+    "start": ("rayflow", {"eps_mu_reading": "start", "time_sampler": "learned"}),
+    "trajectory-consistency": ("rayflow", {"eps_mu_reading": "trajectory", "consistency_weight": "1",
+                                           "time_sampler": "learned"}),
+    "start-consistency": ("rayflow", {"eps_mu_reading": "start", "consistency_weight": "1",
+                                      "time_sampler": "learned"}),
+    "start-sigma": ("rayflow", {"eps_mu_reading": "start", "sigma": "0.05", "time_sampler": "learned"}),
+    "average-uniform-t": ("rayflow", {"eps_mu_reading": "average", "time_sampler": "uniform"}),
     "trajectory-uniform-t": ("rayflow", {"eps_mu_reading": "trajectory", "time_sampler": "uniform"}),
+    # RayFlow's defaults since this script's 3-seed run (docs/rayflow.md §5.6)
     "start-uniform-t": ("rayflow", {"eps_mu_reading": "start", "time_sampler": "uniform"}),
-    "start-no-reweight": ("rayflow", {"eps_mu_reading": "start", "reweight": "false"}),
-    "start-conditioned-t": ("rayflow", {"eps_mu_reading": "start", "time_sampler_features": "true"}),
+    "start-no-reweight": ("rayflow", {"eps_mu_reading": "start", "reweight": "false", "time_sampler": "learned"}),
+    "start-conditioned-t": ("rayflow", {"eps_mu_reading": "start", "time_sampler_features": "true",
+                                        "time_sampler": "learned"}),
     "reflow": ("reflow", {}),
     "rectified-diffusion": ("rectified-diffusion", {}),
     "perflow": ("perflow", {}),
@@ -401,6 +408,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def _decimals(value: float, significant: int = 3) -> int:
+    """Decimal places that show ``value`` to ``significant`` digits (0.0319 -> 4, 4.76 -> 2, 123 -> 0)."""
+    return max(0, significant - 1 - math.floor(math.log10(abs(value)))) if value else significant
+
+
 def summarise(rows: list[dict]) -> str:
     """Markdown: FD mean ± std over seeds per (teacher, reading, NFE), the ratio of the best reading to the
     teacher's 50-step DDIM FD, and the Time Sampler's paired seed difference (``X-uniform-t`` minus ``X``)."""
@@ -410,7 +422,8 @@ def summarise(rows: list[dict]) -> str:
         ref = next((r["fd"] for r in trows if r["reading"] == "teacher ddim-50"), None)
         nfes = sorted({r["nfe"] for r in trows if r["seed"] is not None})
         readings = list(dict.fromkeys(r["reading"] for r in trows if r["seed"] is not None))
-        lines += [f"## teacher `{t}`" + (f" (50-step DDIM FD {ref:.3f})" if ref is not None else ""), "",
+        title = f"## teacher `{t}`" + (f" (50-step DDIM FD {ref:.{_decimals(ref)}f})" if ref is not None else "")
+        lines += [title, "",
                   "| reading | seeds | " + " | ".join(f"FD @{n}" for n in nfes) + " | teacher NFE |",
                   "|---|---:|" + "---:|" * len(nfes) + "---:|"]
         for name in readings:
@@ -422,8 +435,9 @@ def summarise(rows: list[dict]) -> str:
                     continue
                 m, s = _mean_std(v)
                 n_seeds = len(v)
-                spread = f" ± {s:.3f}" if len(v) > 1 else ""  # one seed has no spread to show
-                cells.append(f"{m:.3f}{spread}" + (f" ({m / ref:.2f}×)" if ref else ""))
+                d = _decimals(m)  # FDs span 0.01-6: three significant digits, the spread at least one
+                spread = f" ± {s:.{max(d, _decimals(s, 1))}f}" if len(v) > 1 else ""  # one seed has no spread
+                cells.append(f"{m:.{d}f}{spread}" + (f" ({m / ref:.2f}×)" if ref else ""))
                 tnfe = next(r["teacher_nfe"] for r in trows if r["reading"] == name)
             lines.append(f"| {name} | {n_seeds} | " + " | ".join(cells) + f" | {tnfe} |")
         pairs = [(n[: -len("-uniform-t")], n) for n in readings if n.endswith("-uniform-t")

@@ -117,7 +117,7 @@ def test_report_reads_the_students_rows_seed_by_seed(bench, tmp_path, capsys, mo
     assert all({"reading", "teacher", "seed", "nfe", "fd", "kid", "accuracy", "teacher_nfe"} <= set(r)
                for r in students)
     md = (res / "rayflow_readings.md").read_text()
-    assert "| trajectory | 2 | 1.500 ± 0.707 (3.00×)" in md
+    assert "| trajectory | 2 | 1.50 ± 0.71 (3.00×)" in md
     assert "- 1 NFE: +0.3000 ± 0.2828 over 2 seed(s): +0.5000, +0.1000" in md
     for name in ("rayflow_readings_fd_sd.png", "rayflow_readings_fd_trajectory.png",
                  "rayflow_readings_time_sampler.png"):

@@ -39,7 +39,8 @@ def epsilon_teacher(teacher: Denoiser, schedule: VPSchedule) -> Denoiser:
 @register
 class RayFlow(Method):
     """RayFlow (CVPR 2025): each instance gets its own straight ray from data to a teacher-averaged noise
-    eps_mu; the student learns it in a few steps; a learned Time Sampler picks the training timesteps."""
+    eps_mu; the student learns it in a few steps; the paper's learned Time Sampler picks the training timesteps
+    with ``time_sampler=learned`` (uniform t by default: docs/rayflow.md §5.6 measured it ahead)."""
 
     name = "rayflow"
     display_name = "RayFlow"

@@ -22,7 +22,9 @@ For the Fashion-MNIST benchmark's network (the committed teacher, a 4.2 M-parame
 * **a torch.profiler summary of one step** (CPU ms, GPU ms, kernel launches, dtype copies per step) of the
   old-style eager step (autocast over float32 weights, foreach AdamW, a host read of the loss and gradient
   norm every step, the EMA rebuilt by name) and of the Trainer's step now (row ``profile``), and of the Trainer's
-  step replayed from CUDA graphs (row ``profile-graphs``).
+  step replayed from CUDA graphs (row ``profile-graphs``); with ``--profile-steps N``, the same summary of N
+  steps of every training row's own step (key ``profile`` in its row), taken after its timed steps: where one
+  method's step spends the GPU time another's does not.
 
 Rows go to ``benchmarks/results/training_speed.json`` as they finish (with the command, hardware and
 versions); a row that fails is recorded with its error and the script goes on.
@@ -30,6 +32,7 @@ versions); a row that fails is recorded with its error and the script goes on.
     python benchmarks/training_speed.py                      # one H200: about 5 minutes
     python benchmarks/training_speed.py --rows teacher,rayflow --append   # redo some rows, keep the others
     python benchmarks/training_speed.py --rows teacher-pool --pool-size 60000 --gen-batch 2048 --append
+    python benchmarks/training_speed.py --rows rayflow-graphs,reflow-graphs --profile-steps 10   # where the time goes
     python benchmarks/training_speed.py --tiny --allow-cpu   # a dry run of every row on a CPU (seconds)
 """
 
@@ -170,6 +173,48 @@ class StepTimer:
             self.rate = self.measure * per_step / (time.perf_counter() - self.t_start)
 
 
+def profile_summary(prof: Any, label: str, steps: int, device: torch.device) -> dict[str, Any]:
+    """Per-step means of a torch.profiler run over ``steps`` training steps: CPU and GPU ms, kernel launches, dtype
+    copies, host reads of device values, device waits, and the ten ops that took the most GPU time."""
+    events = prof.key_averages()
+    cpu_us = sum(e.self_cpu_time_total for e in events)
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
+    copies = sum(e.count for e in events if e.key in ("aten::_to_copy",))
+    # host reads of device values (.item(), float(t), bool(t)) and explicit waits for the device
+    reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+    waits = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                     "cudaEventSynchronize"))
+    return {"what": label, "cpu_ms_per_step": round(cpu_us / 1000 / steps, 2),
+            "gpu_ms_per_step": round(gpu_us / 1000 / steps, 2) if device.type == "cuda" else None,
+            "kernel_launches_per_step": round(launches / steps, 1),
+            "dtype_copies_per_step": round(copies / steps, 1),
+            "host_reads_per_step": round(reads / steps, 2), "device_waits_per_step": round(waits / steps, 2),
+            # where the GPU time goes: the next thing to speed up
+            "top_gpu_ops_ms_per_step": {
+                e.key[:80]: round((getattr(e, "self_device_time_total", 0) or 0) / 1000 / steps, 3)
+                for e in sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:10]
+                if (getattr(e, "self_device_time_total", 0) or 0) > 0}}
+
+
+def profiler_hook(start: int, steps: int, device: torch.device, activities: list[Any],
+                  state: dict[str, Any]) -> Callable[[Trainer, int], None]:
+    """A :class:`StepTimer` hook that runs torch.profiler over the Trainer's steps ``start .. start + steps``
+    (counted from the run's first step) and leaves the profile in ``state["prof"]``."""
+    from torch.profiler import profile
+
+    def hook(trainer: Trainer, done: int) -> None:
+        if done == start:
+            sync(device)
+            state["prof"] = profile(activities=activities)
+            state["prof"].__enter__()
+        elif done == start + steps and "prof" in state:
+            sync(device)
+            state["prof"].__exit__(None, None, None)
+
+    return hook
+
+
 def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device: torch.device, warmup: int,
               measure: int, compile_model: bool, bf16: bool, cuda_graphs: bool = False) -> float:
     """samples/s of the plainest loop doing the Trainer's work: the objective's loss, backward, clipping, fused
@@ -233,6 +278,10 @@ class Bench:
         self.bf16 = self.device.type == "cuda"
         self.compile = self.device.type == "cuda"
         self.warmup, self.measure = (1, 1) if self.tiny else (args.warmup, args.measure)
+        # --profile-steps N: the training rows profile N steps after a gap step following the timed ones, so the
+        # profiler never runs inside the timed window; their Trainer runs N + 1 steps more
+        self.profile_steps = max(0, getattr(args, "profile_steps", 0))
+        self.extra_steps = self.profile_steps + 1 if self.profile_steps else 0
         self.batch = 4 if self.tiny else 256
         self.out = Path(args.out)
         self.results = Path(args.results)
@@ -347,8 +396,17 @@ class Bench:
                    roofline_share=self.roofline(self.inference_rate, fc.get_total_flops()))
         return out
 
+    def activities(self) -> list[Any]:
+        from torch.profiler import ProfilerActivity
+
+        return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+
     def _train_row(self, trainer_run: Callable[[StepTimer], None], lr: float) -> dict[str, Any]:
         timer = StepTimer(self.warmup, self.measure)
+        profiled: dict[str, Any] = {}
+        if self.profile_steps:
+            timer.hook = profiler_hook(self.warmup + self.measure + 1, self.profile_steps, self.device,
+                                       self.activities(), profiled)
         Trainer.callbacks.append(timer)
         reset_peak(self.device)
         t0 = time.perf_counter()
@@ -366,12 +424,16 @@ class Bench:
         bare = bare_loop(model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
                          cuda_graphs=trainer.cuda_graphs)
         rate = timer.rate
+        extra: dict[str, Any] = {}
+        if self.profile_steps:
+            require("prof" in profiled, "the profiler did not run (the Trainer stopped before its profiled steps)")
+            extra["profile"] = profile_summary(profiled["prof"], "Trainer step", self.profile_steps, self.device)
         return {"samples_per_s": None if rate is None else round(rate, 1), "bare_samples_per_s": round(bare, 1),
                 "trainer_over_bare": None if rate is None else round(rate / bare, 3),
                 "roofline_share": self.roofline(rate, flops), "bare_roofline_share": self.roofline(bare, flops),
                 "flops_per_sample": flops, "peak_memory_gib": peak,
                 "bare_peak_memory_gib": peak_memory_gib(self.device),
-                "total_s": round(total, 1), "train_s": round(timer.train_seconds, 1),
+                "total_s": round(total, 1), "train_s": round(timer.train_seconds, 1), **extra,
                 "_timer": timer}
 
     def row_teacher(self, compile_mode: str = "default") -> dict[str, Any]:
@@ -386,7 +448,7 @@ class Bench:
             objective = EpsilonObjective(self.dataset.x, self.dataset.labels, schedule, self.batch,
                                          label_dropout=0.1, num_classes=model_cfg.num_classes)
             Trainer(build_model(model_cfg), objective,
-                    self.train_config(self.warmup + self.measure, 3e-4, compile_mode),
+                    self.train_config(self.warmup + self.measure + self.extra_steps, 3e-4, compile_mode),
                     self.out / "teacher-training", {"kind": "speed-teacher"}).train()
 
         row = self._train_row(run, 3e-4)
@@ -401,7 +463,7 @@ class Bench:
             options.update(TINY_OPTIONS.get(method_name, {}))
         method = get_method(method_name).from_options(options)
         # ProReflow splits the steps over its stages: give its last stage enough to be measured
-        steps = (self.warmup + self.measure) * (3 if method_name == "proreflow" else 1)
+        steps = (self.warmup + self.measure + self.extra_steps) * (3 if method_name == "proreflow" else 1)
         compile_mode = "reduce-overhead" if name in GRAPH_ROWS else "default"
         result: dict[str, Any] = {}
 
@@ -541,37 +603,16 @@ class Bench:
         """torch.profiler over a few steps of the old-style eager step and of the Trainer's step (teacher loss);
         ``compile_mode="reduce-overhead"``: the Trainer's step replayed from CUDA graphs only (row ``profile-graphs``:
         does the host still take longer than the GPU?)."""
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import profile
 
         model_cfg = ModelConfig.from_dict(self.teacher_config["model"])
         schedule = VPSchedule.from_config(self.teacher_config["schedule"])
         steps = 1 if self.tiny else 10
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        activities = self.activities()
 
         def objective() -> EpsilonObjective:
             return EpsilonObjective(self.dataset.x, self.dataset.labels, schedule, self.batch, label_dropout=0.1,
                                     num_classes=model_cfg.num_classes)
-
-        def summarise(prof: Any, label: str) -> dict[str, Any]:
-            events = prof.key_averages()
-            cpu_us = sum(e.self_cpu_time_total for e in events)
-            gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
-            launches = sum(e.count for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
-            copies = sum(e.count for e in events if e.key in ("aten::_to_copy",))
-            # host reads of device values (.item(), float(t), bool(t)) and explicit waits for the device
-            reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
-            waits = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                                             "cudaEventSynchronize"))
-            return {"what": label, "cpu_ms_per_step": round(cpu_us / 1000 / steps, 2),
-                    "gpu_ms_per_step": round(gpu_us / 1000 / steps, 2) if self.device.type == "cuda" else None,
-                    "kernel_launches_per_step": round(launches / steps, 1),
-                    "dtype_copies_per_step": round(copies / steps, 1),
-                    "host_reads_per_step": round(reads / steps, 2), "device_waits_per_step": round(waits / steps, 2),
-                    # where the GPU time goes: the next thing to speed up
-                    "top_gpu_ops_ms_per_step": {
-                        e.key[:80]: round((getattr(e, "self_device_time_total", 0) or 0) / 1000 / steps, 3)
-                        for e in sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:10]
-                        if (getattr(e, "self_device_time_total", 0) or 0) > 0}}
 
         def old_style() -> dict[str, Any]:
             """The step as it was: eager fp32 weights under autocast, foreach AdamW, EMA dicts rebuilt per step,
@@ -603,22 +644,12 @@ class Bench:
                 for k in range(self.warmup, self.warmup + steps):
                     step(k)
                 sync(self.device)
-            return summarise(prof, "old-style eager step")
+            return profile_summary(prof, "old-style eager step", steps, self.device)
 
         def new_style() -> dict[str, Any]:
             state: dict[str, Any] = {}
-
-            def hook(trainer: Trainer, done: int) -> None:
-                if done == self.warmup:
-                    sync(trainer.device)
-                    state["prof"] = profile(activities=activities)
-                    state["prof"].__enter__()
-                elif done == self.warmup + steps and "prof" in state:
-                    sync(trainer.device)
-                    state["prof"].__exit__(None, None, None)
-
             timer = StepTimer(self.warmup, steps)
-            timer.hook = hook
+            timer.hook = profiler_hook(self.warmup, steps, self.device, activities, state)
             Trainer.callbacks.append(timer)
             try:
                 shutil.rmtree(self.out / "profile-training", ignore_errors=True)
@@ -634,7 +665,8 @@ class Bench:
                                                       else "")
             label = "Trainer step (" + ("torch.compile, fused AdamW, channels-last, bf16" if self.compile
                                         else "eager, CPU") + suffix + ")"
-            return {**summarise(state["prof"], label), "compile_mode": compile_mode, "cuda_graphs": graphs}
+            return {**profile_summary(state["prof"], label, steps, self.device), "compile_mode": compile_mode,
+                    "cuda_graphs": graphs}
 
         if compile_mode == "default":
             self.record("old-style eager step", old_style, key="profile")
@@ -670,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)} (default all)")
     p.add_argument("--warmup", type=int, default=30, help="Trainer steps before timing (compilation included)")
     p.add_argument("--measure", type=int, default=150, help="Trainer steps timed")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="also profile this many Trainer steps of every training row, after the timed ones (each row "
+                        "gets a 'profile' entry: CPU/GPU ms, launches, the top GPU ops)")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration, to check the script end to end")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (only sensible with --tiny)")
     p.add_argument("--pool-size", type=int, default=60000,

@@ -98,6 +98,21 @@ def test_teacher_pool_rows_and_a_graphs_row_on_a_cpu(bench, data_dir, tmp_path, 
     assert err.count("reflow-graphs: measured without CUDA graphs") == 1 and "Traceback" not in err
 
 
+def test_profile_steps_profile_each_training_row_after_its_timed_steps(bench, data_dir, tmp_path):
+    """--profile-steps N: every training row carries a profiler summary of N steps run after the timed ones (a CPU
+    profile here: no GPU columns), and the Trainer ran the N + 1 extra steps that needs."""
+    doc = _run(bench, data_dir, tmp_path, "teacher,reflow", "--profile-steps", "2")
+    rows = {r["what"]: r for r in doc["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    for what in ("teacher training", "reflow student training"):
+        prof = rows[what]["profile"]
+        assert prof["what"] == "Trainer step" and prof["cpu_ms_per_step"] > 0 and prof["gpu_ms_per_step"] is None
+        assert prof["host_reads_per_step"] >= 0 and prof["top_gpu_ops_ms_per_step"] == {}
+        assert rows[what]["samples_per_s"] > 0  # the timed window is untouched by the profiler
+    log = (tmp_path / "run" / "teacher-training" / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["step"] == 1 + 1 + 2 + 1  # --tiny: warmup 1, measure 1, a gap step, 2 profiled
+
+
 def test_refusals(bench, data_dir, tmp_path, capsys, monkeypatch):
     for flag, value in (("--gen-batch", "0"), ("--gen-batch", "big"), ("--pool-size", "0")):
         assert bench.main(["--tiny", "--allow-cpu", "--data", str(data_dir), flag, value]) == 2

@@ -200,15 +200,20 @@ def profile_summary(prof: Any, label: str, steps: int, device: torch.device) -> 
 def profiler_hook(start: int, steps: int, device: torch.device, activities: list[Any],
                   state: dict[str, Any]) -> Callable[[Trainer, int], None]:
     """A :class:`StepTimer` hook that runs torch.profiler over the Trainer's steps ``start .. start + steps``
-    (counted from the run's first step) and leaves the profile in ``state["prof"]``."""
+    (counted from each Trainer run's first step) and leaves the profile in ``state["prof"]``. A method with
+    several stages (ProReflow) is profiled in each; the last stage's profile is kept, and one cut short by the
+    end of its stage is closed before the next opens."""
     from torch.profiler import profile
 
     def hook(trainer: Trainer, done: int) -> None:
         if done == start:
+            if state.pop("open", False):
+                state["prof"].__exit__(None, None, None)
             sync(device)
             state["prof"] = profile(activities=activities)
             state["prof"].__enter__()
-        elif done == start + steps and "prof" in state:
+            state["open"] = True
+        elif done == start + steps and state.pop("open", False):
             sync(device)
             state["prof"].__exit__(None, None, None)
 
@@ -426,7 +431,8 @@ class Bench:
         rate = timer.rate
         extra: dict[str, Any] = {}
         if self.profile_steps:
-            require("prof" in profiled, "the profiler did not run (the Trainer stopped before its profiled steps)")
+            require("prof" in profiled and not profiled.get("open"),
+                    "the profiler did not run to its end (the Trainer stopped before its profiled steps)")
             extra["profile"] = profile_summary(profiled["prof"], "Trainer step", self.profile_steps, self.device)
         return {"samples_per_s": None if rate is None else round(rate, 1), "bare_samples_per_s": round(bare, 1),
                 "trainer_over_bare": None if rate is None else round(rate / bare, 3),

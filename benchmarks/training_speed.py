@@ -508,7 +508,7 @@ class Bench:
         target is >= 0.7), and the host seconds spent drawing RayFlow's per-row noise (one generator per row, in
         threads), during which the GPU waits.
         """
-        from rayflow.methods.kit import PairSpec, make_pairs
+        from rayflow.methods.kit import make_pairs
         from rayflow.methods.rayflow import targets as rayflow_targets
         from rayflow.methods.rayflow.method import epsilon_teacher
 
@@ -531,11 +531,7 @@ class Bench:
                 teacher = epsilon_teacher(ctx.teacher, ctx.schedule)
                 pool = method.build_pool(ctx, teacher, method.needed_sources()[0], None)
                 return next(iter(pool.values())).shape[0]
-            c = method.config  # Reflow.distill's first pool
-            pool = make_pairs(ctx, PairSpec("reflow-pairs", c.pool_size, seed=11, desc="reflow: teacher pairs",
-                                            solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
-                                            label_dropout=c.label_dropout))
-            return len(pool)
+            return len(make_pairs(ctx, method.pair_spec()))  # Reflow.distill's first pool
 
         def fixed() -> dict[str, Any]:
             t0 = time.perf_counter()

@@ -194,12 +194,16 @@ class Reflow(Method):
         return ctx.train_stage(self, ctx.build_student(cfg, init), objective, steps, out_dir,
                                {"model": cfg.to_dict(), **extra})
 
+    def pair_spec(self) -> PairSpec:
+        """The teacher pairs 2-RF trains on: ``pool_size`` ODE solves from fresh noise."""
+        c = self.config
+        return PairSpec("reflow-pairs", c.pool_size, seed=11, desc="reflow: teacher pairs", solver=c.pair_solver,
+                        steps=c.pair_steps, spacing=c.pair_spacing, label_dropout=c.label_dropout)
+
     def distill(self, ctx: DistillContext) -> DistillResult:
         cfg = self._student_config(ctx)
         c = self.config
-        pool = make_pairs(ctx, PairSpec("reflow-pairs", c.pool_size, seed=11, desc="reflow: teacher pairs",
-                                        solver=c.pair_solver, steps=c.pair_steps, spacing=c.pair_spacing,
-                                        label_dropout=c.label_dropout))
+        pool = make_pairs(ctx, self.pair_spec())
         total = ctx.train.max_steps
         reflow_steps = total - int(round(total * c.distill_fraction)) if c.one_step_distill else total
         obj = ReflowObjective(pool, ctx.schedule, ctx.train.batch_size, cfg.prediction_type, c.loss, c.huber_c,

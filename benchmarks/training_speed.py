@@ -39,8 +39,11 @@ versions); a row that fails is recorded with its error and the script goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
+import os
 import platform
 import shutil
 import sys
@@ -138,12 +141,57 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+class TimingLock:
+    """Several processes measuring on one GPU, one at a time: each compiles and warms up in parallel with the
+    others, then holds an exclusive ``flock`` on ``path`` over its timed (and profiled) steps, so no other
+    process's kernels share the GPU while it is timed. The first time, it also waits (at most ``ready_timeout_s``)
+    until ``ready`` processes have reached their timed steps, so nobody is timed while another still compiles.
+    Without ``path`` it does nothing. Re-entrant: a nested acquire of the same process is a no-op."""
+
+    def __init__(self, path: str | None, ready: int = 1, ready_timeout_s: float = 300.0) -> None:
+        self.path, self.ready, self.ready_timeout_s = path, max(1, ready), ready_timeout_s
+        self._fd: int | None = None
+        self._depth = 0
+        self._waited = path is None
+
+    def _barrier(self) -> None:
+        assert self.path is not None
+        Path(f"{self.path}.ready.{os.getpid()}.{id(self)}").touch()
+        t0 = time.time()
+        parent = Path(self.path).parent
+        name = Path(self.path).name
+        while len(list(parent.glob(f"{name}.ready.*"))) < self.ready and time.time() - t0 < self.ready_timeout_s:
+            time.sleep(0.5)
+        self._waited = True
+
+    def __enter__(self) -> TimingLock:
+        if self.path is None:
+            return self
+        if not self._waited:
+            self._barrier()
+        if self._depth == 0:
+            self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.path is None or self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class StepTimer:
     """A Trainer callback that times steps ``warmup .. warmup + measure`` of each Trainer run (synchronising
     the device only at those two steps) and keeps the last trainer it saw, for the bare loop to reuse."""
 
-    def __init__(self, warmup: int, measure: int) -> None:
+    def __init__(self, warmup: int, measure: int, lock: TimingLock | None = None) -> None:
         self.warmup, self.measure = warmup, measure
+        self.lock = lock  # held from the first timed step to the end of the Trainer run (profiled steps included)
         self.trainer: Trainer | None = None
         self.start_step = 0
         self.t_start: float | None = None
@@ -160,8 +208,12 @@ class StepTimer:
         if event == "end":
             sync(trainer.device)
             self.train_seconds += time.perf_counter() - self._t_run
+            if self.lock is not None:
+                self.lock.__exit__(None, None, None)
             return
         done = step - self.start_step
+        if done == self.warmup and self.lock is not None:
+            self.lock.__enter__()
         if self.hook is not None:
             self.hook(trainer, done)
         if done == self.warmup:
@@ -173,12 +225,25 @@ class StepTimer:
             self.rate = self.measure * per_step / (time.perf_counter() - self.t_start)
 
 
+def _gpu_us(event: Any) -> float:
+    return getattr(event, "self_device_time_total", 0) or 0
+
+
+def trace_name(trainer: Trainer) -> str:
+    """A file name for a Trainer run's trace: its method and stage, from the run config."""
+    method = trainer.run_config.get("method")
+    parts = [method.get("name") if isinstance(method, dict) else trainer.run_config.get("kind"),
+             trainer.run_config.get("stage")]
+    return "-".join(str(p) for p in parts if p) or "run"
+
+
 def profile_summary(prof: Any, label: str, steps: int, device: torch.device) -> dict[str, Any]:
     """Per-step means of a torch.profiler run over ``steps`` training steps: CPU and GPU ms, kernel launches, dtype
     copies, host reads of device values, device waits, and the ten ops that took the most GPU time."""
     events = prof.key_averages()
+    top = [e for e in sorted(events, key=lambda e: -_gpu_us(e))[:10] if _gpu_us(e) > 0]
     cpu_us = sum(e.self_cpu_time_total for e in events)
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    gpu_us = sum(_gpu_us(e) for e in events)
     launches = sum(e.count for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
     copies = sum(e.count for e in events if e.key in ("aten::_to_copy",))
     # host reads of device values (.item(), float(t), bool(t)) and explicit waits for the device
@@ -190,11 +255,9 @@ def profile_summary(prof: Any, label: str, steps: int, device: torch.device) -> 
             "kernel_launches_per_step": round(launches / steps, 1),
             "dtype_copies_per_step": round(copies / steps, 1),
             "host_reads_per_step": round(reads / steps, 2), "device_waits_per_step": round(waits / steps, 2),
-            # where the GPU time goes: the next thing to speed up
-            "top_gpu_ops_ms_per_step": {
-                e.key[:80]: round((getattr(e, "self_device_time_total", 0) or 0) / 1000 / steps, 3)
-                for e in sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:10]
-                if (getattr(e, "self_device_time_total", 0) or 0) > 0}}
+            # where the GPU time goes: the next thing to speed up (and in how many calls)
+            "top_gpu_ops_ms_per_step": {e.key[:80]: round(_gpu_us(e) / 1000 / steps, 3) for e in top},
+            "top_gpu_ops_calls_per_step": {e.key[:80]: round(e.count / steps, 1) for e in top}}
 
 
 def profiler_hook(start: int, steps: int, device: torch.device, activities: list[Any],
@@ -221,18 +284,22 @@ def profiler_hook(start: int, steps: int, device: torch.device, activities: list
 
 
 def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device: torch.device, warmup: int,
-              measure: int, compile_model: bool, bf16: bool, cuda_graphs: bool = False) -> float:
+              measure: int, compile_model: bool, bf16: bool, cuda_graphs: bool = False,
+              compile_mode: str = "reduce-overhead", lock: TimingLock | None = None,
+              channels_last: bool | None = None) -> float:
     """samples/s of the plainest loop doing the Trainer's work: the objective's loss, backward, clipping, fused
     AdamW, a foreach EMA, the objective's ``after_step``; the same compile setting (``cuda_graphs``: torch.compile's
-    ``reduce-overhead`` mode); one generator; no logging, checks or checkpoints."""
+    ``compile_mode``, one that replays CUDA graphs); one generator; no logging, checks or checkpoints. ``lock``: the
+    timed steps hold it (other processes of the same measurement wait). ``channels_last``: as the Trainer had it
+    (None: on a GPU for a convolutional network, the Trainer's default)."""
     model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
-    if device.type == "cuda" and has_convolutions(model):
+    if channels_last if channels_last is not None else (device.type == "cuda" and has_convolutions(model)):
         to_channels_last(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
     ema = [p.detach().clone() for p in params]
-    net = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None) if compile_model else model
+    net = torch.compile(model, mode=compile_mode if cuda_graphs else None) if compile_model else model
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step(k: int) -> None:
@@ -252,12 +319,13 @@ def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device
 
     for k in range(warmup):
         step(k)
-    sync(device)
-    t0 = time.perf_counter()
-    for k in range(warmup, warmup + measure):
-        step(k)
-    sync(device)
-    return measure * train.batch_size / (time.perf_counter() - t0)
+    with lock if lock is not None else contextlib.nullcontext():
+        sync(device)
+        t0 = time.perf_counter()
+        for k in range(warmup, warmup + measure):
+            step(k)
+        sync(device)
+        return measure * train.batch_size / (time.perf_counter() - t0)
 
 
 def train_flops_per_sample(model: torch.nn.Module, objective: Any, device: torch.device, batch: int,
@@ -300,6 +368,9 @@ class Bench:
             old = read_json(self.results)
             self.doc["rows"], self.doc["profile"] = list(old.get("rows", [])), list(old.get("profile", []))
             self.doc["command"] = "; ".join(x for x in (old.get("command"), self.doc["command"]) if x)
+        self.lock = TimingLock(args.timing_lock, args.ready, args.ready_timeout)
+        self.doc["settings"] = {"graphs_mode": args.graphs_mode, "cudnn_benchmark": bool(args.cudnn_benchmark),
+                                "bare_loop": not args.no_bare, "channels_last": args.channels_last}
         self.matmul: float | None = None
         self.inference_rate: float | None = None
         self.inference_flops: float | None = None
@@ -361,7 +432,8 @@ class Bench:
     def train_config(self, steps: int, lr: float, compile_mode: str = "default") -> TrainConfig:
         return TrainConfig(max_steps=steps, batch_size=self.batch, lr=lr, ema_decay=0.999, grad_clip=1.0,
                            checkpoint_every=0, log_every=max(1, steps // 2), progress=False,
-                           mixed_precision="bf16" if self.bf16 else "no", compile="auto", compile_mode=compile_mode)
+                           mixed_precision="bf16" if self.bf16 else "no", compile="auto", compile_mode=compile_mode,
+                           channels_last=self.args.channels_last)
 
     def roofline(self, samples_per_s: float | None, flops: float) -> float | None:
         if samples_per_s is None or not self.matmul:
@@ -407,7 +479,7 @@ class Bench:
         return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
 
     def _train_row(self, trainer_run: Callable[[StepTimer], None], lr: float) -> dict[str, Any]:
-        timer = StepTimer(self.warmup, self.measure)
+        timer = StepTimer(self.warmup, self.measure, self.lock)
         profiled: dict[str, Any] = {}
         if self.profile_steps:
             timer.hook = profiler_hook(self.warmup + self.measure + 1, self.profile_steps, self.device,
@@ -426,19 +498,25 @@ class Bench:
         obj, model = trainer.objective, trainer.raw_model
         flops = train_flops_per_sample(model, obj, self.device, self.batch, self.bf16)
         reset_peak(self.device)
-        bare = bare_loop(model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
-                         cuda_graphs=trainer.cuda_graphs)
+        bare = None if self.args.no_bare else bare_loop(
+            model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
+            cuda_graphs=trainer.cuda_graphs, compile_mode=trainer.config.compile_mode, lock=self.lock,
+            channels_last=trainer.channels_last)
         rate = timer.rate
         extra: dict[str, Any] = {}
         if self.profile_steps:
             require("prof" in profiled and not profiled.get("open"),
                     "the profiler did not run to its end (the Trainer stopped before its profiled steps)")
             extra["profile"] = profile_summary(profiled["prof"], "Trainer step", self.profile_steps, self.device)
-        return {"samples_per_s": None if rate is None else round(rate, 1), "bare_samples_per_s": round(bare, 1),
-                "trainer_over_bare": None if rate is None else round(rate / bare, 3),
+            if self.args.trace:  # the whole timeline, for chrome://tracing or Perfetto
+                Path(self.args.trace).mkdir(parents=True, exist_ok=True)
+                profiled["prof"].export_chrome_trace(str(Path(self.args.trace) / f"{trace_name(trainer)}.json"))
+        return {"samples_per_s": None if rate is None else round(rate, 1),
+                "bare_samples_per_s": None if bare is None else round(bare, 1),
+                "trainer_over_bare": None if rate is None or bare is None else round(rate / bare, 3),
                 "roofline_share": self.roofline(rate, flops), "bare_roofline_share": self.roofline(bare, flops),
                 "flops_per_sample": flops, "peak_memory_gib": peak,
-                "bare_peak_memory_gib": peak_memory_gib(self.device),
+                "bare_peak_memory_gib": None if bare is None else peak_memory_gib(self.device),
                 "total_s": round(total, 1), "train_s": round(timer.train_seconds, 1), **extra,
                 "_timer": timer}
 
@@ -470,7 +548,7 @@ class Bench:
         method = get_method(method_name).from_options(options)
         # ProReflow splits the steps over its stages: give its last stage enough to be measured
         steps = (self.warmup + self.measure + self.extra_steps) * (3 if method_name == "proreflow" else 1)
-        compile_mode = "reduce-overhead" if name in GRAPH_ROWS else "default"
+        compile_mode = self.args.graphs_mode if name in GRAPH_ROWS else "default"
         result: dict[str, Any] = {}
 
         def run(timer: StepTimer) -> None:
@@ -685,14 +763,14 @@ class Bench:
         if "teacher" in rows:
             self.record("teacher training", self.row_teacher)
         if "teacher-graphs" in rows:
-            self.record("teacher training, CUDA graphs", lambda: self.row_teacher("reduce-overhead"))
+            self.record("teacher training, CUDA graphs", lambda: self.row_teacher(self.args.graphs_mode))
         for name in METHODS:
             if name in rows:
                 self.record(f"{name} student training", lambda name=name: self.row_method(name))
         if "profile" in rows:
             self.row_profile()
         if "profile-graphs" in rows:
-            self.row_profile("reduce-overhead")
+            self.row_profile(self.args.graphs_mode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -715,6 +793,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows per teacher call for pools (distill's gen_batch): auto (2048 on CUDA) or an integer")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of an existing --results file (a run split with --rows over several calls)")
+    p.add_argument("--graphs-mode", default="reduce-overhead", choices=("reduce-overhead", "max-autotune"),
+                   help="torch.compile mode of the CUDA-graph rows (-graphs, profile-graphs): Trainer and bare loop")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True (cuDNN times its algorithms once per shape)")
+    p.add_argument("--no-bare", action="store_true",
+                   help="skip the bare loops (rows then have only the Trainer's rate)")
+    p.add_argument("--channels-last", default="auto", choices=("auto", "yes", "no"),
+                   help="TrainConfig.channels_last of every training row (the bare loop follows the Trainer)")
+    p.add_argument("--trace", default=None,
+                   help="with --profile-steps: also write each row's profile as a Chrome trace in this directory")
+    p.add_argument("--timing-lock", default=None,
+                   help="a lock file shared by several processes measuring on one GPU: each times its steps alone")
+    p.add_argument("--ready", type=int, default=1,
+                   help="with --timing-lock: wait until this many processes reach their timed steps before the first")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds --ready waits at most")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -735,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if args.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         Bench(args).run(rows)
     except RayflowError as exc:
         print(f"training_speed: error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -101,16 +102,75 @@ def test_teacher_pool_rows_and_a_graphs_row_on_a_cpu(bench, data_dir, tmp_path, 
 def test_profile_steps_profile_each_training_row_after_its_timed_steps(bench, data_dir, tmp_path):
     """--profile-steps N: every training row carries a profiler summary of N steps run after the timed ones (a CPU
     profile here: no GPU columns), and the Trainer ran the N + 1 extra steps that needs."""
-    doc = _run(bench, data_dir, tmp_path, "teacher,reflow", "--profile-steps", "2")
+    doc = _run(bench, data_dir, tmp_path, "teacher,reflow", "--profile-steps", "2", "--trace",
+               str(tmp_path / "traces"), "--channels-last", "no")
     rows = {r["what"]: r for r in doc["rows"]}
     assert all("error" not in r for r in rows.values()), rows
     for what in ("teacher training", "reflow student training"):
         prof = rows[what]["profile"]
         assert prof["what"] == "Trainer step" and prof["cpu_ms_per_step"] > 0 and prof["gpu_ms_per_step"] is None
         assert prof["host_reads_per_step"] >= 0 and prof["top_gpu_ops_ms_per_step"] == {}
+        assert prof["top_gpu_ops_calls_per_step"] == {}
         assert rows[what]["samples_per_s"] > 0  # the timed window is untouched by the profiler
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["reflow-2-rectified-flow.json",
+                                                                  "speed-teacher.json"]
+    assert doc["settings"]["channels_last"] == "no"
     log = (tmp_path / "run" / "teacher-training" / "train_log.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["step"] == 1 + 1 + 2 + 1  # --tiny: warmup 1, measure 1, a gap step, 2 profiled
+
+
+def test_no_bare_and_a_timing_lock(bench, data_dir, tmp_path):
+    """--no-bare leaves the bare columns empty; --timing-lock wraps the timed steps in the lock (here one process,
+    --ready 1: it goes straight on) and the settings are recorded with the rows."""
+    lock = tmp_path / "gpu.lock"
+    doc = _run(bench, data_dir, tmp_path, "teacher", "--no-bare", "--timing-lock", str(lock), "--ready", "1",
+               "--graphs-mode", "max-autotune")
+    row = doc["rows"][0]
+    assert row["samples_per_s"] > 0 and row["bare_samples_per_s"] is None and row["trainer_over_bare"] is None
+    assert doc["settings"] == {"graphs_mode": "max-autotune", "cudnn_benchmark": False, "bare_loop": False,
+                               "channels_last": "auto"}
+    assert lock.exists() and len(list(tmp_path.glob("gpu.lock.ready.*"))) == 1
+
+
+def test_timing_lock_lets_one_holder_at_a_time(bench, tmp_path):
+    """Two holders of the same lock file (separate opens, as two processes would have) never overlap, a nested
+    acquire by the holder does not deadlock, and the ready barrier lets go once enough holders have arrived."""
+    import threading
+
+    path = str(tmp_path / "gpu.lock")
+    events: list[str] = []
+    first_in = threading.Event()
+
+    def hold(name: str, signal: threading.Event | None) -> None:
+        lock = bench.TimingLock(path)
+        with lock:
+            with lock:  # re-entrant
+                events.append(f"{name} in")
+                if signal is not None:
+                    signal.set()
+                    time.sleep(0.3)
+                events.append(f"{name} out")
+
+    a = threading.Thread(target=hold, args=("a", first_in))
+    b = threading.Thread(target=lambda: (first_in.wait(10), hold("b", None)))
+    a.start()
+    b.start()
+    a.join(20)
+    b.join(20)
+    assert events == ["a in", "a out", "b in", "b out"]
+    ready = [bench.TimingLock(str(tmp_path / "other.lock"), ready=2, ready_timeout_s=30.0) for _ in range(2)]
+    t0 = time.perf_counter()
+
+    def arrive(lock) -> None:
+        with lock:
+            pass
+
+    threads = [threading.Thread(target=arrive, args=(lock,)) for lock in ready]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert time.perf_counter() - t0 < 10 and len(list(tmp_path.glob("other.lock.ready.*"))) == 2
 
 
 def test_refusals(bench, data_dir, tmp_path, capsys, monkeypatch):

@@ -290,3 +290,27 @@ def test_a_time_sampler_a_step_late_resumes_exactly(tmp_path, monkeypatch, one_t
             == json.loads((tmp_path / "b" / "time_sampler.json").read_text()))
     assert any(not torch.equal(v, w) for v, w in zip(now.student.network.state_dict().values(),
                                                      straight.student.network.state_dict().values()))
+
+
+def test_a_fixed_time_density_is_fed_no_losses(tmp_path, monkeypatch, one_thread):
+    """RayFlow's default (uniform t) learns nothing from the losses: its step stashes none (on a GPU: no pinned
+    copy, no event and no wait for it a step later), and its density is still logged."""
+    import json
+
+    from rayflow.methods.rayflow.objective import RayFlowObjective
+
+    stashed: list[int] = []
+    real_stash = RayFlowObjective._stash
+    monkeypatch.setattr(RayFlowObjective, "_stash", lambda self, *a: stashed.append(1) or real_stash(self, *a))
+    student = ModelConfig(kind="mlp", sample_shape=(4,), num_classes=3, hidden=32, depth=2)
+    train = TrainConfig(max_steps=6, batch_size=16, lr=1e-3, ema_decay=0.9, checkpoint_every=0, log_every=0,
+                        progress=False)
+    for sampler, expect in (("uniform", 0), ("loss-history", 6)):
+        stashed.clear()
+        out = tmp_path / sampler
+        distill(get_method("rayflow").from_options({"pool_size": "64", "teacher_steps": "2",
+                                                    "time_sampler": sampler}),
+                "exact", MOG, out, train, student_model=student, progress=False)
+        assert len(stashed) == expect, sampler
+        log = json.loads((out / "time_sampler.json").read_text())
+        assert log["sampler"] == sampler and log["snapshots"][0]["step"] == 1

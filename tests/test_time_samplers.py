@@ -201,3 +201,9 @@ def test_plot_writes_a_png(tmp_path):
     snaps = [{"step": i, "probs": downsample(s.probs()), "target": downsample(s.target_probs())} for i in (1, 5)]
     path = plot_time_distribution(snaps, tmp_path / "ts.png", T)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_the_samplers_that_learn_are_adaptive():
+    """``adaptive``: whether ``update`` learns from the losses (RayFlow skips copying them for the others)."""
+    assert {name: build_time_sampler(name, T).adaptive for name in TIME_SAMPLERS} == {
+        name: name in ("learned", "loss-history") for name in TIME_SAMPLERS}

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from rayflow.caches import build_or_load, model_fingerprint
+from rayflow.devices import DeviceCache
 from rayflow.errors import require
 from rayflow.models.base import Condition, Denoiser, drop_labels, with_guidance
 from rayflow.models.counting import CountingDenoiser
@@ -78,7 +79,8 @@ class Pairs:
     def get(self, key: str) -> torch.Tensor | None:
         return self.tensors.get(key)
 
-    _on_device: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _on_device: DeviceCache[dict[str, torch.Tensor]] = field(default_factory=DeviceCache, init=False, repr=False,
+                                                             compare=False)
 
     def to(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self.tensors.items() if k != "nfe"}
@@ -87,10 +89,9 @@ class Pairs:
         """``batch_size`` items drawn uniformly with replacement, on ``generator``'s device (where the pool is
         copied once, on first use, so a training step indexes device memory instead of copying)."""
         dev = generator.device
-        if self._on_device is None or next(iter(self._on_device.values())).device != dev:
-            self._on_device = self.to(dev)
+        pool = self._on_device.get(dev, self.to)
         idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=dev)
-        return {k: v[idx] for k, v in self._on_device.items()}
+        return {k: v[idx] for k, v in pool.items()}
 
 
 def distributed(accelerator: Any) -> tuple[int, int, Callable[[], None] | None]:

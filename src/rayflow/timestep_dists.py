@@ -129,6 +129,12 @@ class TimestepDistribution:
         pass
 
     # -- shared
+    @property
+    def adaptive(self) -> bool:
+        """Whether :meth:`update` learns from the losses fed back (a fixed density needs none: its callers can skip
+        copying them to the host)."""
+        return type(self).update is not TimestepDistribution.update
+
     def _weights(self, q_t: torch.Tensor) -> torch.Tensor:
         """``p(t)/q(t)`` with ``p = 1/T``, clipped (a tiny ``q`` must not blow up one step's gradient)."""
         return (1.0 / (self.T * q_t.double().clamp(min=1e-300))).clamp(max=self.weight_clip).float()

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from rayflow import pairs as P
+from rayflow.devices import DeviceCache
 from rayflow.errors import require
 from rayflow.losses import regression_loss
 from rayflow.methods import register
@@ -113,9 +114,9 @@ class PhasedObjective:
         dev = generator.device
         b = self.pool.batch(self.batch_size, generator)
         k = b["window"].to(dev)
-        if getattr(self, "_bounds", None) is None or self._bounds.device != k.device:
-            self._bounds = self.boundaries.to(k.device)  # copied once: the phase maths stays on the device
-        t_s, t_e = self._bounds[k], self._bounds[k + 1]
+        # copied once: the phase maths stays on the device
+        bounds = self.__dict__.setdefault("_bounds", DeviceCache()).get(dev, self.boundaries.to)
+        t_s, t_e = bounds[k], bounds[k + 1]
         u = torch.rand(self.batch_size, generator=generator, device=dev).double()
         t = t_e + 1 + torch.floor(u * (t_s - t_e))
         x_s, x_e = b["z_start"], b["z_end"]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from rayflow import pairs as P
+from rayflow.devices import DeviceCache
 from rayflow.errors import require
 from rayflow.losses import aligned_velocity_loss, regression_loss
 from rayflow.methods.base import DistillContext, Method
@@ -145,10 +146,8 @@ class WindowObjective:
 
     def _boundaries_on(self, device: torch.device) -> torch.Tensor:
         """The window boundaries on ``device``, copied there once."""
-        cached = getattr(self, "_bounds", None)
-        if cached is None or cached.device != device:
-            cached = self._bounds = self.boundaries.to(device)
-        return cached
+        cache = self.__dict__.setdefault("_bounds", DeviceCache())
+        return cache.get(device, self.boundaries.to)
 
 
 def train_windows(ctx: DistillContext, method: Method, objective: Any, steps: int, out_dir, init: Denoiser | None,

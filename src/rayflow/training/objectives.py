@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rayflow.checkpoint import unwrap_denoiser
+from rayflow.devices import DeviceCache
 from rayflow.errors import require
 from rayflow.models.base import Denoiser, drop_labels
 from rayflow.schedules import VPSchedule, convert_prediction, expand_like
@@ -85,17 +86,16 @@ class EpsilonObjective:
         self.batch_size = int(batch_size)
         self.label_dropout = float(label_dropout)
         self.num_classes = int(num_classes)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: DeviceCache[tuple[torch.Tensor, torch.Tensor | None]] = DeviceCache()
 
     def _data_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = str(device)
-        if key not in self._cache:
-            x = self.dataset_x
-            small = x.numel() * x.element_size() <= (1 << 30)  # keep big data sets where they are
-            x = x.to(device) if small else x
-            y = self.labels.to(x.device) if self.labels is not None else None
-            self._cache = {key: (x, y)}
-        return self._cache[key]
+        return self._cache.get(device, self._copy_to)
+
+    def _copy_to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.dataset_x
+        small = x.numel() * x.element_size() <= (1 << 30)  # keep big data sets where they are
+        x = x.to(device) if small else x
+        return x, self.labels.to(x.device) if self.labels is not None else None
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device

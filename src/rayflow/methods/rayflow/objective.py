@@ -100,7 +100,8 @@ class RayFlowObjective:
             cons = consistency_residual(self.ray, model, traj[0], traj[1], eps_mu, cond, self.schedule).mean()
             loss = loss + self.cfg.targets.consistency_weight * cons
             logs["loss_consistency"] = cons.detach()
-        self._stash(t, per.detach(), feats)
+        if self.time_sampler.adaptive:  # a fixed density learns nothing: no copy of the losses, no wait for them
+            self._stash(t, per.detach(), feats)
         return LossOutput(loss, logs)
 
     def _stash(self, t: torch.Tensor, per: torch.Tensor, feats: torch.Tensor | None) -> None:
@@ -127,6 +128,10 @@ class RayFlowObjective:
 
     def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, Any]:
         logs: dict[str, Any] = {}
+        if not self.time_sampler.adaptive:  # nothing to learn; the (constant) density is still logged
+            if (step + 1) % self.snapshot_every == 0 or step == 0:
+                self.snapshots.append(self.snapshot(step + 1, None))
+            return logs
         if len(self._queued) > 1:  # the GPU path: the previous step's losses
             t, per, feats, event = self._queued.pop(0)
             event.synchronize()  # long done unless the GPU is more than a step behind

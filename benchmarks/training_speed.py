@@ -64,7 +64,7 @@ from rayflow.distillation import distill, distill_context, load_teacher, train_t
 from rayflow.errors import RayflowError, require  # noqa: E402
 from rayflow.methods import get_method  # noqa: E402
 from rayflow.models import ModelConfig, build_model, prepare_frozen_teacher, to_channels_last  # noqa: E402
-from rayflow.models.speed import FrozenTeacher, has_convolutions  # noqa: E402
+from rayflow.models.speed import FrozenTeacher, compile_network, has_convolutions  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import EpsilonObjective, TrainConfig, Trainer  # noqa: E402
 
@@ -286,12 +286,13 @@ def profiler_hook(start: int, steps: int, device: torch.device, activities: list
 def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device: torch.device, warmup: int,
               measure: int, compile_model: bool, bf16: bool, cuda_graphs: bool = False,
               compile_mode: str = "reduce-overhead", lock: TimingLock | None = None,
-              channels_last: bool | None = None) -> float:
+              channels_last: bool | None = None, force_layout: bool = False) -> float:
     """samples/s of the plainest loop doing the Trainer's work: the objective's loss, backward, clipping, fused
     AdamW, a foreach EMA, the objective's ``after_step``; the same compile setting (``cuda_graphs``: torch.compile's
     ``compile_mode``, one that replays CUDA graphs); one generator; no logging, checks or checkpoints. ``lock``: the
     timed steps hold it (other processes of the same measurement wait). ``channels_last``: as the Trainer had it
-    (None: on a GPU for a convolutional network, the Trainer's default)."""
+    (None: on a GPU for a convolutional network, the Trainer's default); ``force_layout``: as the Trainer had it
+    (TrainConfig.layout_optimization)."""
     model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
     if channels_last if channels_last is not None else (device.type == "cuda" and has_convolutions(model)):
         to_channels_last(model)
@@ -299,7 +300,10 @@ def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
     ema = [p.detach().clone() for p in params]
-    net = torch.compile(model, mode=compile_mode if cuda_graphs else None) if compile_model else model
+    if compile_model:  # as the Trainer compiles (its layout setting included)
+        net = compile_network(model, compile_mode if cuda_graphs else "default", force_layout=force_layout)
+    else:
+        net = model
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step(k: int) -> None:
@@ -370,7 +374,8 @@ class Bench:
             self.doc["command"] = "; ".join(x for x in (old.get("command"), self.doc["command"]) if x)
         self.lock = TimingLock(args.timing_lock, args.ready, args.ready_timeout)
         self.doc["settings"] = {"graphs_mode": args.graphs_mode, "cudnn_benchmark": bool(args.cudnn_benchmark),
-                                "bare_loop": not args.no_bare, "channels_last": args.channels_last}
+                                "bare_loop": not args.no_bare, "channels_last": args.channels_last,
+                                "layout_optimization": args.layout_optimization}
         self.matmul: float | None = None
         self.inference_rate: float | None = None
         self.inference_flops: float | None = None
@@ -433,7 +438,7 @@ class Bench:
         return TrainConfig(max_steps=steps, batch_size=self.batch, lr=lr, ema_decay=0.999, grad_clip=1.0,
                            checkpoint_every=0, log_every=max(1, steps // 2), progress=False,
                            mixed_precision="bf16" if self.bf16 else "no", compile="auto", compile_mode=compile_mode,
-                           channels_last=self.args.channels_last)
+                           channels_last=self.args.channels_last, layout_optimization=self.args.layout_optimization)
 
     def roofline(self, samples_per_s: float | None, flops: float) -> float | None:
         if samples_per_s is None or not self.matmul:
@@ -501,7 +506,7 @@ class Bench:
         bare = None if self.args.no_bare else bare_loop(
             model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
             cuda_graphs=trainer.cuda_graphs, compile_mode=trainer.config.compile_mode, lock=self.lock,
-            channels_last=trainer.channels_last)
+            channels_last=trainer.channels_last, force_layout=getattr(trainer, "force_layout", False))
         rate = timer.rate
         extra: dict[str, Any] = {}
         if self.profile_steps:
@@ -801,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the bare loops (rows then have only the Trainer's rate)")
     p.add_argument("--channels-last", default="auto", choices=("auto", "yes", "no"),
                    help="TrainConfig.channels_last of every training row (the bare loop follows the Trainer)")
+    p.add_argument("--layout-optimization", default="force", choices=("force", "inductor"),
+                   help="TrainConfig.layout_optimization of every training row (the bare loop follows the Trainer)")
     p.add_argument("--trace", default=None,
                    help="with --profile-steps: also write each row's profile as a Chrome trace in this directory")
     p.add_argument("--timing-lock", default=None,

@@ -229,3 +229,36 @@ def test_pool_noise_drawn_in_threads_is_each_rows_own_draw():
     for threads in (None, 1, 3, 7):
         assert torch.equal(_noise_from_seeds(seeds, (1, 2, 3), threads=threads), want), threads
     assert _noise_from_seeds(seeds[:0], (4,)).shape == (0, 4)
+
+
+def test_compile_network_forces_inductor_layout_optimisation_for_that_model_only(monkeypatch):
+    """``compile_network``: the compile mode's own inductor options plus ``force_layout_optimization`` (passed as
+    this compilation's options, not set process-wide), or a plain ``torch.compile(mode=...)`` without it."""
+    import torch._inductor.config as inductor_config
+
+    from rayflow.models.speed import compile_network
+
+    calls: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    net = torch.nn.Conv2d(1, 1, 1)
+    assert compile_network(net, "reduce-overhead", force_layout=True) is net
+    assert compile_network(net, "default", force_layout=True) is net
+    compile_network(net, "reduce-overhead")
+    compile_network(net)
+    assert calls == [{"options": {"triton.cudagraphs": True, "force_layout_optimization": True}},
+                     {"options": {"force_layout_optimization": True}},
+                     {"mode": "reduce-overhead"}, {"mode": None}]
+    assert inductor_config.force_layout_optimization is False
+
+
+def test_the_trainer_forces_layout_optimisation_only_for_compiled_cuda_convolutional_networks(tmp_path, capsys):
+    """On this CPU the Trainer never forces it; ``layout_optimization`` is validated."""
+    from rayflow.schedules import VPSchedule
+    from rayflow.training import EpsilonObjective, TrainConfig, Trainer
+
+    cfg = ModelConfig(kind="unet", sample_shape=(1, 8, 8), channels=(4, 8), layers_per_block=1)
+    objective = EpsilonObjective(torch.randn(8, 1, 8, 8), None, VPSchedule.linear(), batch_size=4)
+    train = TrainConfig(max_steps=1, batch_size=4, lr=1e-3, checkpoint_every=0, log_every=0, progress=False)
+    assert not Trainer(build_model(cfg), objective, train, tmp_path / "t", {"kind": "teacher"}).force_layout
+    with pytest.raises(RayflowError, match="layout_optimization must be one of force, inductor"):
+        TrainConfig(layout_optimization="always")

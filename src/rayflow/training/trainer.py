@@ -18,7 +18,13 @@ import torch
 from rayflow.checkpoint import save_model_dir, unwrap_denoiser
 from rayflow.errors import RayflowError, require
 from rayflow.models.base import Denoiser
-from rayflow.models.speed import allow_recompiles, resolve_channels_last, to_channels_last
+from rayflow.models.speed import (
+    allow_recompiles,
+    compile_network,
+    has_convolutions,
+    resolve_channels_last,
+    to_channels_last,
+)
 from rayflow.training.config import (
     _CUDA_GRAPH_MODES,
     TrainConfig,
@@ -136,9 +142,12 @@ class Trainer(CheckpointMixin):
             mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
         #: the step is replayed from CUDA graphs: each step must tell torch that a new iteration begins
         self.cuda_graphs = self.compiled and mode in _CUDA_GRAPH_MODES
+        #: inductor's layout optimisation forced (TrainConfig.layout_optimization): CUDA convolutional networks
+        self.force_layout = (self.compiled and config.layout_optimization == "force" and self.device.type == "cuda"
+                             and has_convolutions(model))
         if self.compiled:
             allow_recompiles()  # a new Trainer of an already compiled network class must not find torch's limit spent
-            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+            self.model = compile_network(self.model, mode, force_layout=self.force_layout)
         self.mixed_precision = str(accelerator.mixed_precision)
         self.loss_history: list[float] = []  # interval mean losses, for the divergence check
         self.stats: dict[str, float] = {}  # filled by train(): steps, samples, seconds of the last run

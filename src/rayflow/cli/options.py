@@ -30,6 +30,9 @@ def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr:
     g.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode; reduce-overhead replays each step from CUDA graphs (GPU only)")
+    g.add_argument("--layout-optimization", default="force", choices=["force", "inductor"],
+                   help="compiled convolutional networks on CUDA: force Inductor's channels-last layout optimisation "
+                        "(default), or leave it to Inductor's heuristic")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -42,7 +45,7 @@ def _train_config(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.checkpoints_total_limit,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision, compile=args.compile, compile_mode=args.compile_mode,
-        progress=not args.no_progress,
+        layout_optimization=args.layout_optimization, progress=not args.no_progress,
     )
 
 

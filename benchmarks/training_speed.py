@@ -26,6 +26,12 @@ For the Fashion-MNIST benchmark's network (the committed teacher, a 4.2 M-parame
   steps of every training row's own step (key ``profile`` in its row), taken after its timed steps: where one
   method's step spends the GPU time another's does not.
 
+Settings for finding where a step's time goes: ``--trace DIR`` (each profiled row also as a Chrome trace),
+``--channels-last``, ``--layout-optimization``, ``--cudnn-benchmark``, ``--graphs-mode max-autotune``, ``--no-bare``.
+Several variants in one GPU session: one process each with ``--timing-lock PATH --ready N``; they compile side by
+side and time (and profile) their steps one at a time, after all N have compiled or ``--ready-timeout`` seconds
+(counted from each process's own arrival: a slow-compiling variant holds the others that long).
+
 Rows go to ``benchmarks/results/training_speed.json`` as they finish (with the command, hardware and
 versions); a row that fails is recorded with its error and the script goes on.
 
@@ -34,6 +40,10 @@ versions); a row that fails is recorded with its error and the script goes on.
     python benchmarks/training_speed.py --rows teacher-pool --pool-size 60000 --gen-batch 2048 --append
     python benchmarks/training_speed.py --rows rayflow-graphs,reflow-graphs --profile-steps 10   # where the time goes
     python benchmarks/training_speed.py --tiny --allow-cpu   # a dry run of every row on a CPU (seconds)
+    # two variants side by side, timed one after the other:
+    python benchmarks/training_speed.py --rows teacher-graphs --no-bare --timing-lock /tmp/gpu.lock --ready 2 &
+    python benchmarks/training_speed.py --rows teacher-graphs --no-bare --timing-lock /tmp/gpu.lock --ready 2 \
+        --layout-optimization inductor --results /tmp/inductor.json --out /tmp/inductor &
 """
 
 from __future__ import annotations

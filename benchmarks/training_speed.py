@@ -516,7 +516,7 @@ class Bench:
         bare = None if self.args.no_bare else bare_loop(
             model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
             cuda_graphs=trainer.cuda_graphs, compile_mode=trainer.config.compile_mode, lock=self.lock,
-            channels_last=trainer.channels_last, force_layout=getattr(trainer, "force_layout", False))
+            channels_last=trainer.channels_last, force_layout=trainer.force_layout)
         rate = timer.rate
         extra: dict[str, Any] = {}
         if self.profile_steps:

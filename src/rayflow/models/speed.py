@@ -171,7 +171,7 @@ def compile_network(model: nn.Module, mode: str = "default", force_layout: bool 
     Inductor lays every convolution's activations out channels-last through the forward and the backward graph
     only when a heuristic finds the network worth it; it skips networks with few or narrow convolutions, and
     then each convolution pays layout copies (the Fashion-MNIST UNet: 3.1 ms of its 13.4 ms GPU step in 52
-    strided copies; forced, 10.4 ms). The option goes to this model's compilation only (``options=``), not to
+    strided copies; forced, 10.8 ms). The option goes to this model's compilation only (``options=``), not to
     the process's inductor config.
     """
     mode = mode or "default"

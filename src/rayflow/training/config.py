@@ -14,8 +14,9 @@ from rayflow.errors import RayflowError, require
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "yes", "no")
-#: torch.compile modes of the student (``default`` = torch's); the first two replay the step from CUDA graphs
+#: Inductor's layout optimisation for compiled convolutional networks on CUDA: forced, or left to its heuristic
 LAYOUT_OPTIMIZATION_CHOICES = ("force", "inductor")
+#: torch.compile modes of the student (``default`` = torch's); the first two replay the step from CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 CHANNELS_LAST_CHOICES = ("auto", "yes", "no")
@@ -56,7 +57,7 @@ class TrainConfig:
     # inductor's layout optimisation (every convolution's activations channels-last through forward and backward)
     # when compiling a convolutional network on CUDA: "force" = always | "inductor" = its own heuristic, which
     # skips networks with few or narrow convolutions; forcing it took the Fashion-MNIST UNet's step from 13.4 to
-    # 10.4 ms of GPU time, the layout copies gone (BENCHMARKS §6.4)
+    # 10.8 ms of GPU time, most layout copies gone (BENCHMARKS §6.4)
     layout_optimization: str = "force"
 
     def __post_init__(self) -> None:

@@ -109,13 +109,13 @@ class PhasedObjective:
                  loss: str = "huber", huber_c: float = 1e-3) -> None:
         self.pool, self.boundaries, self.schedule, self.batch_size = pool, boundaries, schedule, batch_size
         self.loss, self.huber_c = loss, huber_c
+        self._bounds: DeviceCache[torch.Tensor] = DeviceCache()  # copied once: the phase maths stays on the device
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
         b = self.pool.batch(self.batch_size, generator)
         k = b["window"].to(dev)
-        # copied once: the phase maths stays on the device
-        bounds = self.__dict__.setdefault("_bounds", DeviceCache()).get(dev, self.boundaries.to)
+        bounds = self._bounds.get(dev, self.boundaries.to)
         t_s, t_e = bounds[k], bounds[k + 1]
         u = torch.rand(self.batch_size, generator=generator, device=dev).double()
         t = t_e + 1 + torch.floor(u * (t_s - t_e))

@@ -115,6 +115,7 @@ class WindowObjective:
         self.batch_size, self.parameterization = batch_size, parameterization
         self.loss_space, self.alpha, self.loss, self.huber_c = loss_space, alpha, loss, huber_c
         self.weighting = weighting
+        self._bounds: DeviceCache[torch.Tensor] = DeviceCache()
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:
         dev = generator.device
@@ -146,8 +147,7 @@ class WindowObjective:
 
     def _boundaries_on(self, device: torch.device) -> torch.Tensor:
         """The window boundaries on ``device``, copied there once."""
-        cache = self.__dict__.setdefault("_bounds", DeviceCache())
-        return cache.get(device, self.boundaries.to)
+        return self._bounds.get(device, self.boundaries.to)
 
 
 def train_windows(ctx: DistillContext, method: Method, objective: Any, steps: int, out_dir, init: Denoiser | None,

@@ -129,7 +129,7 @@ class RayFlowObjective:
     def after_step(self, model: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, Any]:
         logs: dict[str, Any] = {}
         if not self.time_sampler.adaptive:  # nothing to learn; the (constant) density is still logged
-            if (step + 1) % self.snapshot_every == 0 or step == 0:
+            if self._snapshot_due(step):
                 self.snapshots.append(self.snapshot(step + 1, None))
             return logs
         if len(self._queued) > 1:  # the GPU path: the previous step's losses
@@ -140,12 +140,16 @@ class RayFlowObjective:
             t, per, feats = self._pending
             self._pending = None
             logs = self.time_sampler.update(t, per, feats, generator)
-            if (step + 1) % self.snapshot_every == 0 or step == 0:
+            if self._snapshot_due(step):
                 self.snapshots.append(self.snapshot(step + 1, feats))
         elif step == 0 and self._queued:  # GPU: the first update comes a step later; record the start anyway
             self._queued[0][3].synchronize()
             self.snapshots.append(self.snapshot(1, self._queued[0][2]))
         return logs
+
+    def _snapshot_due(self, step: int) -> bool:
+        """The density is logged after the first step and every ``snapshot_every`` steps."""
+        return (step + 1) % self.snapshot_every == 0 or step == 0
 
     def snapshot(self, step: int, feats: torch.Tensor | None) -> dict[str, Any]:
         probs = self.time_sampler.probs(feats)

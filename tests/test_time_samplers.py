@@ -153,6 +153,35 @@ def test_stein_sampler_with_features_concentrates_too():
         s.sample(4, g, None)
 
 
+def test_conditioned_draws_carry_their_own_instances_bin_weight():
+    """Each conditioned draw's ``p/q`` is its instance's mixture mass of the drawn bin, computed here from the
+    mixture's CDF (the sampler reads it from a precomputed table of component bin masses)."""
+    s = SteinSampler(T, num_features=2, warmup=5)
+    g = train_on_profile(s, 10, 0.4, 0.1, features=2)
+    f = torch.randn(64, 2, generator=g)
+    t, w = s.sample(64, g, f)
+    with torch.no_grad():
+        log_pi = s.net(f.double(), 64)  # [n, G]
+        edges = torch.logit(torch.linspace(0, 1, T + 1, dtype=torch.float64))
+        lo, hi = (((edges[idx][:, None] - s.centres[None]) / (s.width * math.sqrt(2))) for idx in (t, t + 1))
+        mass = (log_pi.exp() * 0.5 * (torch.erf(hi) - torch.erf(lo))).sum(1)
+    q_t = (1 - s.uniform_mix) * mass + s.uniform_mix / T
+    torch.testing.assert_close(w, (1.0 / (T * q_t)).clamp(max=s.weight_clip).float())
+
+
+def test_error_model_fit_from_the_basis_table_is_the_direct_fit():
+    """``update`` feeds the error model ``phi(u)`` from a table over the timestep grid: the same fit."""
+    a, b = SteinSampler(T, warmup=0), SteinSampler(T, warmup=0)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        t = torch.randint(0, T, (128,), generator=g)
+        u, log_loss = (t.double() + 0.5) / T, torch.randn(128, generator=g, dtype=torch.float64)
+        a.error.fit(u, log_loss, None)
+        b.error.fit(u, log_loss, None, b._basis_t[t])
+    torch.testing.assert_close(a.error.beta, b.error.beta, rtol=1e-12, atol=1e-12)
+    assert float(a.error.beta.abs().max()) > 0
+
+
 def test_ksd_quadratic_form_matches_the_stein_kernel():
     s = SteinSampler(T, warmup=0, components=12, quadrature=3)
     train_on_profile(s, 5, 0.3, 0.1)

@@ -51,8 +51,11 @@ class _ErrorModel:
         f1 = torch.cat([torch.ones_like(features[..., :1]), features], -1)  # [..., F+1]
         return (basis[..., :, None] * f1[..., None, :]).flatten(-2)
 
-    def fit(self, u: torch.Tensor, log_loss: torch.Tensor, features: torch.Tensor | None) -> None:
-        X = self._design(self._phi(u.double())[0], None if features is None else features.double())
+    def fit(self, u: torch.Tensor, log_loss: torch.Tensor, features: torch.Tensor | None,
+            basis: torch.Tensor | None = None) -> None:
+        """Add one batch (``basis``: ``phi(u)`` if the caller has it, e.g. from a table over the timestep grid)."""
+        basis = self._phi(u.double())[0] if basis is None else basis
+        X = self._design(basis, None if features is None else features.double())
         self.A = self.decay * self.A + X.T @ X
         self.b = self.decay * self.b + X.T @ log_loss.double()
         self.n = self.decay * self.n + u.numel()
@@ -169,6 +172,17 @@ class SteinSampler(TimestepDistribution):
         self.error = _ErrorModel(num_basis, self.F, decay, ridge)
         self.updates = 0
         self._edges = _logit(torch.linspace(0, 1, self.T + 1, dtype=torch.float64))  # -inf .. inf
+        # Tables of what never changes, so the global sampler's per-step host work (an update and a draw every
+        # training step) is a few small matrix products (BENCHMARKS §6.5):
+        # - each component's mass in each timestep bin: the mixture's bin masses are then pi @ bin_mass
+        z = (self._edges[None, :] - self.centres[:, None]) / self.width
+        cdf = _normal_cdf(z)
+        self._bin_mass = cdf[:, 1:] - cdf[:, :-1]  # [G, T]
+        # - the error model's basis at every timestep's u = (t + 1/2) / T
+        self._basis_t = self.error._phi((torch.arange(self.T, dtype=torch.float64) + 0.5) / self.T)[0]
+        # - u, u(1 - u) and the basis' derivative at the quadrature nodes (where the target score is needed)
+        u = torch.sigmoid(self._nodes)
+        self._node_u, self._node_dbasis = u, self.error._phi(u)[1]
 
     @property
     def active(self) -> bool:
@@ -181,11 +195,6 @@ class SteinSampler(TimestepDistribution):
                 f"learned time sampler: expected features of shape [{n}, {self.F}]")
         return features.detach().double().cpu()
 
-    def _cdf(self, y: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-        """Mixture CDF at ``y`` ``[n, E]`` for weights ``log_pi`` ``[n, G]``."""
-        z = (y[:, None, :] - self.centres[None, :, None]) / self.width
-        return (log_pi.exp()[..., None] * _normal_cdf(z)).sum(1)
-
     def _with_uniform(self, mass: torch.Tensor) -> torch.Tensor:
         return (1 - self.uniform_mix) * mass.clamp(min=0) + self.uniform_mix / self.T
 
@@ -197,14 +206,12 @@ class SteinSampler(TimestepDistribution):
             return self._global_probs()
         n = 1 if features is None else features.shape[0]
         feats = None if self.F == 0 or features is None else features.detach().double().cpu()
-        cdf = self._cdf(self._edges[None].expand(n, -1), self.net(feats, n))
-        return self._with_uniform(cdf[:, 1:] - cdf[:, :-1]).mean(0)
+        return self._with_uniform(self.net(feats, n).exp() @ self._bin_mass).mean(0)
 
     def _global_probs(self) -> torch.Tensor:
-        # the global density changes only in update(): computed once per update, not per snapshot
+        # the global density changes only in update(): computed once per update, not per draw or snapshot
         if getattr(self, "_probs_cache", None) is None:
-            cdf = self._cdf(self._edges[None], self.net(None, 1))
-            self._probs_cache = self._with_uniform(cdf[:, 1:] - cdf[:, :-1])[0]
+            self._probs_cache = self._with_uniform(self.net(None, 1)[0].exp() @ self._bin_mass)
         return self._probs_cache
 
     @torch.no_grad()
@@ -226,8 +233,7 @@ class SteinSampler(TimestepDistribution):
         t = self._to_timesteps(torch.sigmoid(y))
         uniform = torch.rand(n, generator=g) < self.uniform_mix
         t = torch.where(uniform, torch.randint(0, self.T, (n,), generator=g), t)
-        cdf = self._cdf(torch.stack([self._edges[t], self._edges[t + 1]], -1), log_pi)
-        return t, self._weights(self._with_uniform(cdf[:, 1] - cdf[:, 0]))
+        return t, self._weights(self._with_uniform((log_pi.exp() * self._bin_mass[:, t].T).sum(-1)))
 
     def target_score(self, y: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """``d/dy log q*(y)`` for ``q*(u) ∝ xi(u) p(u)`` (``p`` uniform) pushed to ``y = logit(u)``.
@@ -271,7 +277,8 @@ class SteinSampler(TimestepDistribution):
         with torch.no_grad():
             pi = torch.softmax(head.weight[:, 0] + head.bias, 0)
             w = (pi[:, None] * self._node_w).reshape(-1)
-            s = self.target_score(self._nodes, None)
+            u = self._node_u  # target_score(nodes) from the tables: d log xi/du = dphi(u) @ beta
+            s = (self._node_dbasis @ self.error.beta) * u * (1 - u) + (1 - 2 * u)
             k, B, A = self._kernel_parts()
             ws = s * w
             k_ws, B_w, A_w = k @ ws, B @ w, A @ w
@@ -296,7 +303,7 @@ class SteinSampler(TimestepDistribution):
         t = t.detach().cpu().long()
         feats = self._check_features(features, t.shape[0])
         u = (t.double() + 0.5) / self.T
-        self.error.fit(u, torch.log(losses.detach().double().cpu().clamp(min=1e-12)), feats)
+        self.error.fit(u, torch.log(losses.detach().double().cpu().clamp(min=1e-12)), feats, self._basis_t[t])
         self.updates += 1
         self._probs_cache = None
         if not self.active:

@@ -118,6 +118,8 @@ class BenchConfig:
     #: the students' TrainConfig.compile_mode: "reduce-overhead" replays each step from CUDA graphs (2x faster for one
     #: process on an H200, BENCHMARKS §6.3, but every worker then keeps its graphs' memory)
     student_compile_mode: str = "default"
+    #: the teacher's TrainConfig.compile_mode (one process: "reduce-overhead" is the fast one, BENCHMARKS §6.4)
+    teacher_compile_mode: str = "default"
 
     @classmethod
     def dry_run(cls) -> BenchConfig:
@@ -158,7 +160,8 @@ def part_teacher(run: Path, spec: str, cfg: BenchConfig, schedule: VPSchedule | 
         layers_per_block=cfg.layers_per_block)
     train = TrainConfig(max_steps=cfg.teacher_steps, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
                         warmup_steps=min(500, cfg.teacher_steps // 10), ema_decay=0.9995, seed=cfg.seed,
-                        checkpoint_every=2000, compile="auto", mixed_precision="auto")
+                        checkpoint_every=2000, compile="auto", compile_mode=cfg.teacher_compile_mode,
+                        mixed_precision="auto")
     t0 = time.time()
     train_teacher(spec, run / "teacher", train, model=model, schedule=schedule or VPSchedule.linear(),
                   label_dropout=0.1, init_from=init_from)
@@ -633,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-steps", type=int, default=None)
     p.add_argument("--student-compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode of the students (default: default; reduce-overhead = CUDA graphs)")
+    p.add_argument("--teacher-compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode of the teacher's training (default: default; reduce-overhead: graphs)")
     p.add_argument("--jobs", type=int, default=1,
                    help="run the methods part as this many worker processes at once, one per variant (one "
                         "H200: 7 for the seven)")
@@ -648,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.distill_steps = args.distill_steps
         if args.student_compile_mode is not None:
             cfg.student_compile_mode = args.student_compile_mode
+        if args.teacher_compile_mode is not None:
+            cfg.teacher_compile_mode = args.teacher_compile_mode
         parts = PARTS if args.parts == "all" else tuple(x.strip() for x in args.parts.split(","))
         unknown = sorted(set(parts) - set(PARTS))
         require(not unknown, f"--parts: unknown part(s) {unknown}; expected {', '.join(PARTS)}")
@@ -705,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                 worker_argv = ["--data", args.data, "--out", str(run), "--teacher-steps", str(cfg.teacher_steps),
                                "--distill-steps", str(cfg.distill_steps), "--threads", str(args.threads),
                                "--student-compile-mode", cfg.student_compile_mode,
+                               "--teacher-compile-mode", cfg.teacher_compile_mode,
                                *(["--tiny"] if args.tiny else []), *(["--allow-cpu"] if args.allow_cpu else [])]
                 part_methods(run, spec, cfg, device, names, seeds, jobs=args.jobs, worker_argv=worker_argv,
                              threads=args.threads)

@@ -369,7 +369,7 @@ class Bench:
         # profiler never runs inside the timed window; their Trainer runs N + 1 steps more
         self.profile_steps = max(0, getattr(args, "profile_steps", 0))
         self.extra_steps = self.profile_steps + 1 if self.profile_steps else 0
-        self.batch = 4 if self.tiny else 256
+        self.batch = 4 if self.tiny else args.batch
         self.out = Path(args.out)
         self.results = Path(args.results)
         self.doc: dict[str, Any] = {
@@ -465,7 +465,10 @@ class Bench:
         t = torch.full((bs,), 999.0, device=self.device)
         c = torch.arange(bs, device=self.device) % 10
         out: dict[str, Any] = {"batch": bs}
-        for label, kw in (("eager", {}), ("compiled_graphs", {"cuda_graphs": True})):
+        variants: tuple[tuple[str, dict[str, Any]], ...] = (
+            ("eager", {}), ("compiled_graphs_inductor_layout", {"cuda_graphs": True}),
+            ("compiled_graphs", {"cuda_graphs": True, "force_layout": self.args.layout_optimization == "force"}))
+        for label, kw in variants:
             teacher = prepare_frozen_teacher(copy.deepcopy(net), self.device,
                                              dtype=torch.bfloat16 if self.bf16 else None, **kw)
             with torch.no_grad():
@@ -825,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready", type=int, default=1,
                    help="with --timing-lock: wait until this many processes reach their timed steps before the first")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds --ready waits at most")
+    p.add_argument("--batch", type=int, default=256,
+                   help="training batch (the issue's rows: 256; a larger one tells whether a step is bound by the "
+                        "GPU or by the host)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -832,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(rows) - set(ROWS))
         require(not unknown, f"--rows: unknown row(s) {unknown}; expected {', '.join(ROWS)}")
         require(args.warmup >= 1 and args.measure >= 1, "--warmup and --measure must be >= 1")
+        require(args.batch >= 1, f"--batch must be >= 1, got {args.batch}")
         require(args.pool_size >= 1, f"--pool-size must be >= 1, got {args.pool_size}")
         if args.gen_batch != "auto":
             require(args.gen_batch.isdigit() and int(args.gen_batch) >= 1,

@@ -165,8 +165,10 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
             break
 
 
-def compile_network(model: nn.Module, mode: str = "default", force_layout: bool = False) -> nn.Module:
-    """``torch.compile(model, mode=mode)``; ``force_layout``: with inductor's layout optimisation forced on.
+def compile_network(model: nn.Module, mode: str = "default", force_layout: bool = False,
+                    dynamic: bool | None = None) -> nn.Module:
+    """``torch.compile(model, mode=mode, dynamic=dynamic)``; ``force_layout``: with inductor's layout optimisation
+    forced on.
 
     Inductor lays every convolution's activations out channels-last through the forward and the backward graph
     only when a heuristic finds the network worth it; it skips networks with few or narrow convolutions, and
@@ -176,11 +178,11 @@ def compile_network(model: nn.Module, mode: str = "default", force_layout: bool 
     """
     mode = mode or "default"
     if not force_layout:
-        return torch.compile(model, mode=None if mode == "default" else mode)
+        return torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic)
     from torch._inductor import list_mode_options
 
     options = {**list_mode_options(mode), "force_layout_optimization": True}  # "default" -> no options
-    return torch.compile(model, options=options)
+    return torch.compile(model, options=options, dynamic=dynamic)
 
 
 def release_compiled_state() -> None:
@@ -212,6 +214,7 @@ def prepare_frozen_teacher(
     cuda_graphs: bool | str = False,
     channels_last: str = "auto",
     static_batch: int | str = "auto",
+    force_layout: bool = False,
 ) -> Denoiser:
     """Make ``model`` a frozen teacher on ``device``: eval mode, no gradients, and on CUDA its speed settings.
 
@@ -224,6 +227,8 @@ def prepare_frozen_teacher(
       skipped with a one-line notice, and a compiled call that fails (a compiler error) falls back to the eager
       network for the rest of the run, with a one-line notice. ``"auto"`` (for either) means on CUDA, off
       elsewhere, without a notice.
+    * ``force_layout``: compile with inductor's layout optimisation forced on (:func:`compile_network`), for
+      convolutional networks.
 
     The network is modified in place (moved, cast); take any copy of its weights (a student's initialisation)
     before calling this. Returns ``model`` itself when nothing but eval/no-grad/device applies.
@@ -255,7 +260,8 @@ def prepare_frozen_teacher(
     fn: nn.Module | None = None
     if compile or cuda_graphs:
         allow_recompiles()
-        fn = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+        fn = compile_network(model, "reduce-overhead" if cuda_graphs else "default",
+                             force_layout=force_layout and has_convolutions(model), dynamic=False)
     return FrozenTeacher(model, dtype or torch.float32, fn, cuda_graphs=cuda_graphs, static_batch=static_batch)
 
 

@@ -28,9 +28,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src" / "rayflow")
 #: the Time Samplers keep their state on the host by design; on a GPU their input is the step's timesteps (drawn
 #: on the host) and pinned copies of its losses, read a step later (see the module doc)
 OFF_PATH = ("timestep_dists.py", "stein_time_sampler.py")
-#: reads that happen only for CPU tensors: ``alpha_bar`` range-checks CPU timesteps on the host and device
+#: reads that happen only for CPU tensors: the schedule range-checks CPU timesteps on the host and device
 #: timesteps with an asynchronous device assert (``torch._assert_async``)
-CPU_ONLY = (("schedules.py", "alpha_bar"),)
+CPU_ONLY = (("schedules.py", "_check_range"),)
 
 
 class ReadCounter:

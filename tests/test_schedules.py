@@ -73,6 +73,25 @@ def test_alpha_bar_interpolation_and_data_end(linear_schedule):
         s.alpha_bar(1000.5)
 
 
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+def test_integer_timesteps_read_the_table_bit_for_bit(name):
+    """Integer timesteps (a training step's draws) read precomputed ``alpha_bar``, ``a``, ``s`` tables; every value
+    must equal the interpolating path's at the same whole number, bit for bit, ``t = -1`` (clean) included."""
+    sched = VPSchedule.from_name(name)
+    T = sched.num_train_timesteps
+    t = torch.cat([torch.tensor([-3, -1]), torch.arange(T), torch.tensor([T - 1, 0])])
+    for dtype in (torch.int64, torch.int32):
+        ti, tf = t.to(dtype), t.double()
+        for fn in (sched.alpha_bar, sched.a, sched.s):
+            got = fn(ti)
+            assert got.dtype == torch.float64
+            assert torch.equal(got, fn(tf)), fn.__name__
+    assert float(sched.a(-1)) == 1.0 and float(sched.s(-1)) == 0.0
+    assert torch.equal(sched.a(T - 1), sched.a(float(T - 1)))  # a Python int reads the table too
+    with pytest.raises(RayflowError, match="past the schedule's last timestep"):
+        sched.a(torch.tensor([0, T]))
+
+
 def test_snr_identities(linear_schedule):
     t = torch.tensor([0.0, 10.0, 500.0, 999.0])
     s = linear_schedule

@@ -47,6 +47,10 @@ def expand_like(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return coef.reshape(coef.shape[0], *([1] * (x.ndim - 1)))
 
 
+#: dtypes read as whole timesteps (table lookups, no interpolation)
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 class VPSchedule:
     """A discrete variance-preserving schedule, ``alpha_bar_t`` for ``t = 0 .. T-1``.
 
@@ -152,6 +156,36 @@ class VPSchedule:
             cache[key] = (self._log_ac.to(device), self.alphas_cumprod.to(device))
         return cache[key]
 
+    def _integer_tables_on(self, device: torch.device) -> torch.Tensor:
+        """``[alpha_bar, a, s]`` (float64 rows) at the integer timesteps ``-1, 0, ..., T-1`` (column ``t + 1``)
+        on ``device``: a training step's timesteps are integers, and one lookup replaces the ~20 small kernels of
+        the fractional path per coefficient (host time that shows once the network replays from CUDA graphs)."""
+        cache = self.__dict__.setdefault("_integer_tables", {})
+        key = str(device)
+        if key not in cache:
+            ac = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # t = -1: clean
+            cache[key] = torch.stack([ac, ac.sqrt(), (1.0 - ac).clamp(min=0).sqrt()]).to(device)
+        return cache[key]
+
+    def _check_range(self, t: torch.Tensor) -> None:
+        T = self.num_train_timesteps
+        if t.device.type == "cpu":
+            if bool(torch.any(t > T - 1 + 1e-6)):
+                raise RayflowError(f"timestep {float(t.max()):g} is past the schedule's last timestep {T - 1}")
+        else:
+            # a host read here would stall every training step on the GPU; timesteps on a device come from the
+            # objectives' own draws, so the range check runs asynchronously there (a device-side assert)
+            torch._assert_async(torch.all(t <= T - 1 + 1e-6), "timestep past the schedule's last timestep")
+
+    def _lookup(self, row: int, t: torch.Tensor | float | int) -> torch.Tensor | None:
+        """Row ``row`` of :meth:`_integer_tables_on` at integer ``t`` (``t < 0`` reads ``t = -1``); None when ``t``
+        is fractional (a float), which takes the interpolating path."""
+        t = torch.as_tensor(t)
+        if t.dtype not in _INTEGER_DTYPES:
+            return None
+        self._check_range(t)
+        return self._integer_tables_on(t.device)[row][t.clamp(min=-1).long() + 1]
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
@@ -161,16 +195,17 @@ class VPSchedule:
         return self.num_train_timesteps
 
     def alpha_bar(self, t: torch.Tensor | float | int) -> torch.Tensor:
-        """``alpha_bar_t`` (float64) for integer or fractional ``t`` in ``[-1, T-1]``; ``t < 0`` gives 1."""
+        """``alpha_bar_t`` (float64) for integer or fractional ``t`` in ``[-1, T-1]``; ``t < 0`` gives 1.
+
+        Integer ``t`` (an integer dtype) reads the table; a fractional one interpolates ``log alpha_bar``
+        linearly between its neighbours (the table's own values at whole numbers).
+        """
+        table = self._lookup(0, t)
+        if table is not None:
+            return table
         t = torch.as_tensor(t, dtype=torch.float64)
         T = self.num_train_timesteps
-        if t.device.type == "cpu":
-            if bool(torch.any(t > T - 1 + 1e-6)):
-                raise RayflowError(f"timestep {float(t.max()):g} is past the schedule's last timestep {T - 1}")
-        else:
-            # a host read here would stall every training step on the GPU; timesteps on a device come from the
-            # objectives' own draws, so the range check runs asynchronously there (a device-side assert)
-            torch._assert_async(torch.all(t <= T - 1 + 1e-6), "timestep past the schedule's last timestep")
+        self._check_range(t)
         tc = t.clamp(0, T - 1)
         lo = tc.floor().long().clamp(max=T - 2)
         frac = tc - lo.to(torch.float64)
@@ -182,11 +217,13 @@ class VPSchedule:
 
     def a(self, t: torch.Tensor | float | int) -> torch.Tensor:
         """Signal coefficient ``a_t = sqrt(alpha_bar_t)``."""
-        return self.alpha_bar(t).sqrt()
+        table = self._lookup(1, t)
+        return self.alpha_bar(t).sqrt() if table is None else table
 
     def s(self, t: torch.Tensor | float | int) -> torch.Tensor:
         """Noise coefficient ``s_t = sqrt(1 - alpha_bar_t)``."""
-        return (1.0 - self.alpha_bar(t)).clamp(min=0).sqrt()
+        table = self._lookup(2, t)
+        return (1.0 - self.alpha_bar(t)).clamp(min=0).sqrt() if table is None else table
 
     def snr(self, t: torch.Tensor | float | int) -> torch.Tensor:
         """``SNR_t = alpha_bar_t / (1 - alpha_bar_t)`` (infinite at ``t = -1``)."""

@@ -73,8 +73,8 @@ class RayFlowObjective:
         feats = instance_features(x0, eps_mu) if self.conditioned else None
         t, w = self.time_sampler.sample(b, generator, feats)  # t ~ q(t), w = p(t) / q(t)
         z = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev, x0.dtype)
-        a = expand_like(self.schedule.a(t.double()).to(x0.dtype), x0)  # expand_like moves it to x0's device
-        s = expand_like(self.schedule.s(t.double()).to(x0.dtype), x0)
+        a = expand_like(self.schedule.a(t).to(x0.dtype), x0)  # integer t: a table read; moved to x0's device
+        s = expand_like(self.schedule.s(t).to(x0.dtype), x0)
         x_t = ray_point(x0, eps_mu, a, s, rc.sigma, z)  # the ray process at t
         if cond is not None and rc.label_dropout > 0 and self.num_classes > 0:
             cond = drop_labels(cond, rc.label_dropout, self.num_classes, generator)

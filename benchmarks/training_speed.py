@@ -302,7 +302,7 @@ def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device
     ``compile_mode``, one that replays CUDA graphs); one generator; no logging, checks or checkpoints. ``lock``: the
     timed steps hold it (other processes of the same measurement wait). ``channels_last``: as the Trainer had it
     (None: on a GPU for a convolutional network, the Trainer's default); ``force_layout``: as the Trainer had it
-    (TrainConfig.layout_optimization)."""
+    (TrainConfig.layout_optimization); the kernel tuning is the Trainer's config's."""
     model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
     if channels_last if channels_last is not None else (device.type == "cuda" and has_convolutions(model)):
         to_channels_last(model)
@@ -311,7 +311,8 @@ def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device
                             **({"fused": True} if device.type == "cuda" else {}))
     ema = [p.detach().clone() for p in params]
     if compile_model:  # as the Trainer compiles (its layout setting included)
-        net = compile_network(model, compile_mode if cuda_graphs else "default", force_layout=force_layout)
+        net = compile_network(model, compile_mode if cuda_graphs else "default", force_layout=force_layout,
+                              kernel_tuning=train.kernel_tuning if device.type == "cuda" else "none")
     else:
         net = model
     gen = torch.Generator(device=device).manual_seed(0)
@@ -385,7 +386,7 @@ class Bench:
         self.lock = TimingLock(args.timing_lock, args.ready, args.ready_timeout)
         self.doc["settings"] = {"graphs_mode": args.graphs_mode, "cudnn_benchmark": bool(args.cudnn_benchmark),
                                 "bare_loop": not args.no_bare, "channels_last": args.channels_last,
-                                "layout_optimization": args.layout_optimization}
+                                "layout_optimization": args.layout_optimization, "kernel_tuning": args.kernel_tuning}
         self.matmul: float | None = None
         self.inference_rate: float | None = None
         self.inference_flops: float | None = None
@@ -448,7 +449,8 @@ class Bench:
         return TrainConfig(max_steps=steps, batch_size=self.batch, lr=lr, ema_decay=0.999, grad_clip=1.0,
                            checkpoint_every=0, log_every=max(1, steps // 2), progress=False,
                            mixed_precision="bf16" if self.bf16 else "no", compile="auto", compile_mode=compile_mode,
-                           channels_last=self.args.channels_last, layout_optimization=self.args.layout_optimization)
+                           channels_last=self.args.channels_last, layout_optimization=self.args.layout_optimization,
+                           kernel_tuning=self.args.kernel_tuning)
 
     def roofline(self, samples_per_s: float | None, flops: float) -> float | None:
         if samples_per_s is None or not self.matmul:
@@ -467,7 +469,8 @@ class Bench:
         out: dict[str, Any] = {"batch": bs}
         variants: tuple[tuple[str, dict[str, Any]], ...] = (
             ("eager", {}), ("compiled_graphs_inductor_layout", {"cuda_graphs": True}),
-            ("compiled_graphs", {"cuda_graphs": True, "force_layout": self.args.layout_optimization == "force"}))
+            ("compiled_graphs", {"cuda_graphs": True, "force_layout": self.args.layout_optimization == "force",
+                                 "kernel_tuning": self.args.kernel_tuning}))
         for label, kw in variants:
             teacher = prepare_frozen_teacher(copy.deepcopy(net), self.device,
                                              dtype=torch.bfloat16 if self.bf16 else None, **kw)
@@ -821,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="TrainConfig.channels_last of every training row (the bare loop follows the Trainer)")
     p.add_argument("--layout-optimization", default="force", choices=("force", "inductor"),
                    help="TrainConfig.layout_optimization of every training row (the bare loop follows the Trainer)")
+    p.add_argument("--kernel-tuning", default="none", choices=("none", "coordinate-descent"),
+                   help="TrainConfig.kernel_tuning of every row (the bare loop and the compiled teacher follow it)")
     p.add_argument("--trace", default=None,
                    help="with --profile-steps: also write each row's profile as a Chrome trace in this directory")
     p.add_argument("--timing-lock", default=None,

@@ -128,7 +128,7 @@ def test_no_bare_and_a_timing_lock(bench, data_dir, tmp_path):
     row = doc["rows"][0]
     assert row["samples_per_s"] > 0 and row["bare_samples_per_s"] is None and row["trainer_over_bare"] is None
     assert doc["settings"] == {"graphs_mode": "max-autotune", "cudnn_benchmark": False, "bare_loop": False,
-                               "channels_last": "auto", "layout_optimization": "force"}
+                               "channels_last": "auto", "layout_optimization": "force", "kernel_tuning": "none"}
     assert lock.exists() and len(list(tmp_path.glob("gpu.lock.ready.*"))) == 1
 
 

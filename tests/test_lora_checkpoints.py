@@ -65,8 +65,9 @@ def test_cli_checkpoint_limit_and_accumulation_reach_the_train_config(capsys):
     assert cfg.keep_checkpoints == 3 == cfg.checkpoints_total_limit and cfg.gradient_accumulation_steps == 4
     assert cfg.layout_optimization == "force"  # the default; the flag reaches the config
     args = build_parser().parse_args(["distill", "--method", "reflow", "--teacher", "t", "--data", "d", "--out", "o",
-                                      "--layout-optimization", "inductor"])
+                                      "--layout-optimization", "inductor", "--kernel-tuning", "coordinate-descent"])
     assert _train_config(args).layout_optimization == "inductor"
+    assert _train_config(args).kernel_tuning == "coordinate-descent" and cfg.kernel_tuning == "none"
     assert main(["distill", "--method", "reflow", "--teacher", "t", "--data", "d", "--out", "o",
                  "--checkpoints-total-limit", "0"]) == 2
     assert "rayflow: error:" in capsys.readouterr().err

@@ -246,11 +246,15 @@ def test_compile_network_forces_inductor_layout_optimisation_for_that_model_only
     compile_network(net, "reduce-overhead")
     compile_network(net)
     compile_network(net, "reduce-overhead", force_layout=True, dynamic=False)  # the frozen teacher's static shapes
+    compile_network(net, "default", kernel_tuning="coordinate-descent")
+    with pytest.raises(RayflowError, match="kernel_tuning must be none or coordinate-descent"):
+        compile_network(net, kernel_tuning="max")
     assert calls == [{"options": {"triton.cudagraphs": True, "force_layout_optimization": True}, "dynamic": None},
                      {"options": {"force_layout_optimization": True}, "dynamic": None},
                      {"mode": "reduce-overhead", "dynamic": None}, {"mode": None, "dynamic": None},
-                     {"options": {"triton.cudagraphs": True, "force_layout_optimization": True}, "dynamic": False}]
-    assert inductor_config.force_layout_optimization is False
+                     {"options": {"triton.cudagraphs": True, "force_layout_optimization": True}, "dynamic": False},
+                     {"options": {"coordinate_descent_tuning": True}, "dynamic": None}]
+    assert inductor_config.force_layout_optimization is False and inductor_config.coordinate_descent_tuning is False
 
 
 def test_the_trainer_forces_layout_optimisation_only_for_compiled_cuda_convolutional_networks(tmp_path, capsys):
@@ -264,3 +268,5 @@ def test_the_trainer_forces_layout_optimisation_only_for_compiled_cuda_convoluti
     assert not Trainer(build_model(cfg), objective, train, tmp_path / "t", {"kind": "teacher"}).force_layout
     with pytest.raises(RayflowError, match="layout_optimization must be one of force, inductor"):
         TrainConfig(layout_optimization="always")
+    with pytest.raises(RayflowError, match="kernel_tuning must be one of none, coordinate-descent"):
+        TrainConfig(kernel_tuning="autotune")

@@ -201,7 +201,8 @@ def distill_context(
     teacher_dtype = torch.bfloat16 if resolve_mixed_precision(train, device) == "bf16" else None
     frozen = prepare_frozen_teacher(net, device, dtype=teacher_dtype, compile=teacher_compile,
                                     cuda_graphs=teacher_compile, static_batch=gen_batch,
-                                    force_layout=train.layout_optimization == "force")
+                                    force_layout=train.layout_optimization == "force",
+                                    kernel_tuning=train.kernel_tuning)
     eps_teacher = as_epsilon(frozen, schedule)
     counting = CountingDenoiser(eps_teacher)
     out_dir = Path(out_dir)

@@ -33,6 +33,9 @@ def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr:
     g.add_argument("--layout-optimization", default="force", choices=["force", "inductor"],
                    help="compiled convolutional networks on CUDA: force Inductor's channels-last layout optimisation "
                         "(default), or leave it to Inductor's heuristic")
+    g.add_argument("--kernel-tuning", default="none", choices=["none", "coordinate-descent"],
+                   help="compiled networks on CUDA: tune Inductor's generated kernels by coordinate descent (faster "
+                        "steps for minutes more compilation)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -45,7 +48,8 @@ def _train_config(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.checkpoints_total_limit,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision, compile=args.compile, compile_mode=args.compile_mode,
-        layout_optimization=args.layout_optimization, progress=not args.no_progress,
+        layout_optimization=args.layout_optimization, kernel_tuning=args.kernel_tuning,
+        progress=not args.no_progress,
     )
 
 

@@ -166,23 +166,27 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
 
 
 def compile_network(model: nn.Module, mode: str = "default", force_layout: bool = False,
-                    dynamic: bool | None = None) -> nn.Module:
+                    dynamic: bool | None = None, kernel_tuning: str = "none") -> nn.Module:
     """``torch.compile(model, mode=mode, dynamic=dynamic)``; ``force_layout``: with inductor's layout optimisation
-    forced on.
+    forced on; ``kernel_tuning="coordinate-descent"``: with inductor's coordinate-descent tuning of its generated
+    kernels (their block sizes chosen by timing neighbouring configurations on the device).
 
     Inductor lays every convolution's activations out channels-last through the forward and the backward graph
     only when a heuristic finds the network worth it; it skips networks with few or narrow convolutions, and
     then each convolution pays layout copies (the Fashion-MNIST UNet: 3.1 ms of its 13.4 ms GPU step in 52
     strided copies; forced, 10.8 ms). The option goes to this model's compilation only (``options=``), not to
-    the process's inductor config.
+    the process's inductor config; so does the tuning.
     """
     mode = mode or "default"
-    if not force_layout:
+    require(kernel_tuning in ("none", "coordinate-descent"),
+            f"kernel_tuning must be none or coordinate-descent, got {kernel_tuning!r}")
+    extra = {**({"force_layout_optimization": True} if force_layout else {}),
+             **({"coordinate_descent_tuning": True} if kernel_tuning == "coordinate-descent" else {})}
+    if not extra:
         return torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic)
     from torch._inductor import list_mode_options
 
-    options = {**list_mode_options(mode), "force_layout_optimization": True}  # "default" -> no options
-    return torch.compile(model, options=options, dynamic=dynamic)
+    return torch.compile(model, options={**list_mode_options(mode), **extra}, dynamic=dynamic)  # default: {}
 
 
 def release_compiled_state() -> None:
@@ -215,6 +219,7 @@ def prepare_frozen_teacher(
     channels_last: str = "auto",
     static_batch: int | str = "auto",
     force_layout: bool = False,
+    kernel_tuning: str = "none",
 ) -> Denoiser:
     """Make ``model`` a frozen teacher on ``device``: eval mode, no gradients, and on CUDA its speed settings.
 
@@ -228,7 +233,7 @@ def prepare_frozen_teacher(
       network for the rest of the run, with a one-line notice. ``"auto"`` (for either) means on CUDA, off
       elsewhere, without a notice.
     * ``force_layout``: compile with inductor's layout optimisation forced on (:func:`compile_network`), for
-      convolutional networks.
+      convolutional networks; ``kernel_tuning``: see :func:`compile_network`.
 
     The network is modified in place (moved, cast); take any copy of its weights (a student's initialisation)
     before calling this. Returns ``model`` itself when nothing but eval/no-grad/device applies.
@@ -261,7 +266,8 @@ def prepare_frozen_teacher(
     if compile or cuda_graphs:
         allow_recompiles()
         fn = compile_network(model, "reduce-overhead" if cuda_graphs else "default",
-                             force_layout=force_layout and has_convolutions(model), dynamic=False)
+                             force_layout=force_layout and has_convolutions(model), dynamic=False,
+                             kernel_tuning=kernel_tuning)
     return FrozenTeacher(model, dtype or torch.float32, fn, cuda_graphs=cuda_graphs, static_batch=static_batch)
 
 

@@ -16,6 +16,9 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "yes", "no")
 #: Inductor's layout optimisation for compiled convolutional networks on CUDA: forced, or left to its heuristic
 LAYOUT_OPTIMIZATION_CHOICES = ("force", "inductor")
+#: Inductor's tuning of its generated (Triton) kernels when compiling on CUDA: none, or coordinate descent over each
+#: kernel's launch configuration (minutes more compilation; BENCHMARKS §6.5)
+KERNEL_TUNING_CHOICES = ("none", "coordinate-descent")
 #: torch.compile modes of the student (``default`` = torch's); the first two replay the step from CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -59,6 +62,10 @@ class TrainConfig:
     # skips networks with few or narrow convolutions; forcing it took the Fashion-MNIST UNet's step from 13.4 to
     # 10.8 ms of GPU time, most layout copies gone (BENCHMARKS §6.4)
     layout_optimization: str = "force"
+    # Inductor's kernel tuning when compiling on CUDA: "none" | "coordinate-descent" (each generated pointwise and
+    # reduction kernel's block sizes tuned by timing them: the Fashion-MNIST UNet trained 6 % faster and sampled
+    # 14 % faster, for about four minutes more compilation, BENCHMARKS §6.5)
+    kernel_tuning: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,6 +99,8 @@ class TrainConfig:
         require(self.layout_optimization in LAYOUT_OPTIMIZATION_CHOICES,
                 f"layout_optimization must be one of {', '.join(LAYOUT_OPTIMIZATION_CHOICES)}, "
                 f"got {self.layout_optimization!r}")
+        require(self.kernel_tuning in KERNEL_TUNING_CHOICES,
+                f"kernel_tuning must be one of {', '.join(KERNEL_TUNING_CHOICES)}, got {self.kernel_tuning!r}")
 
     @property
     def checkpoints_total_limit(self) -> int:

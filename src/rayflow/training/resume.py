@@ -32,7 +32,7 @@ from rayflow.training.config import TrainConfig
 #: for the speed settings, only in the last bits)
 RESUME_MUTABLE_TRAIN_KEYS = ("max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
                              "compile", "channels_last", "divergence_factor", "compile_mode",
-                             "layout_optimization")
+                             "layout_optimization", "kernel_tuning")
 #: train-config keys that may change on resume with a one-line notice: the remedies for a diverged run
 RESUME_NOTICE_TRAIN_KEYS = ("lr", "warmup_steps", "lr_schedule", "grad_clip")
 CHECKPOINTS = "checkpoints"

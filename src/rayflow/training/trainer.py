@@ -147,7 +147,9 @@ class Trainer(CheckpointMixin):
                              and has_convolutions(model))
         if self.compiled:
             allow_recompiles()  # a new Trainer of an already compiled network class must not find torch's limit spent
-            self.model = compile_network(self.model, mode, force_layout=self.force_layout)
+            # the tuning times Triton kernels: a CUDA setting (the CPU backend generates C++)
+            self.model = compile_network(self.model, mode, force_layout=self.force_layout,
+                                         kernel_tuning=config.kernel_tuning if self.device.type == "cuda" else "none")
         self.mixed_precision = str(accelerator.mixed_precision)
         self.loss_history: list[float] = []  # interval mean losses, for the divergence check
         self.stats: dict[str, float] = {}  # filled by train(): steps, samples, seconds of the last run

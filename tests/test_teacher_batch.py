@@ -3,6 +3,7 @@ graphs replay; pools hold the same values whatever the generation batch, and cos
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,7 @@ def test_the_trainer_forces_layout_optimisation_only_for_compiled_cuda_convoluti
         TrainConfig(layout_optimization="always")
     with pytest.raises(RayflowError, match="kernel_tuning must be one of none, coordinate-descent"):
         TrainConfig(kernel_tuning="autotune")
+    capsys.readouterr()
+    tuned = dataclasses.replace(train, kernel_tuning="coordinate-descent")
+    Trainer(build_model(cfg), objective, tuned, tmp_path / "u", {"kind": "teacher"})  # a GPU setting: a notice
+    assert "kernel_tuning=coordinate-descent tunes Inductor's GPU kernels: ignored on cpu" in capsys.readouterr().err

@@ -140,6 +140,9 @@ class Trainer(CheckpointMixin):
             _notice(f"compile_mode={mode} does not combine with gradient_accumulation_steps > 1: compiling "
                     "without CUDA graphs")
             mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        if config.kernel_tuning != "none" and self.device.type != "cuda":
+            _notice(f"kernel_tuning={config.kernel_tuning} tunes Inductor's GPU kernels: ignored on "
+                    f"{self.device.type}")
         #: the step is replayed from CUDA graphs: each step must tell torch that a new iteration begins
         self.cuda_graphs = self.compiled and mode in _CUDA_GRAPH_MODES
         #: inductor's layout optimisation forced (TrainConfig.layout_optimization): CUDA convolutional networks
@@ -147,7 +150,6 @@ class Trainer(CheckpointMixin):
                              and has_convolutions(model))
         if self.compiled:
             allow_recompiles()  # a new Trainer of an already compiled network class must not find torch's limit spent
-            # the tuning times Triton kernels: a CUDA setting (the CPU backend generates C++)
             self.model = compile_network(self.model, mode, force_layout=self.force_layout,
                                          kernel_tuning=config.kernel_tuning if self.device.type == "cuda" else "none")
         self.mixed_precision = str(accelerator.mixed_precision)

@@ -248,7 +248,7 @@ def test_compile_network_forces_inductor_layout_optimisation_for_that_model_only
     compile_network(net)
     compile_network(net, "reduce-overhead", force_layout=True, dynamic=False)  # the frozen teacher's static shapes
     compile_network(net, "default", kernel_tuning="coordinate-descent")
-    with pytest.raises(RayflowError, match="kernel_tuning must be none or coordinate-descent"):
+    with pytest.raises(RayflowError, match="kernel_tuning must be one of none, coordinate-descent"):
         compile_network(net, kernel_tuning="max")
     assert calls == [{"options": {"triton.cudagraphs": True, "force_layout_optimization": True}, "dynamic": None},
                      {"options": {"force_layout_optimization": True}, "dynamic": None},

@@ -180,7 +180,7 @@ class SteinSampler(TimestepDistribution):
         self._bin_mass = cdf[:, 1:] - cdf[:, :-1]  # [G, T]
         # - the error model's basis at every timestep's u = (t + 1/2) / T
         self._basis_t = self.error._phi((torch.arange(self.T, dtype=torch.float64) + 0.5) / self.T)[0]
-        # - u, u(1 - u) and the basis' derivative at the quadrature nodes (where the target score is needed)
+        # - u and the basis' derivative at the quadrature nodes (where the target score is needed)
         u = torch.sigmoid(self._nodes)
         self._node_u, self._node_dbasis = u, self.error._phi(u)[1]
 

@@ -18,6 +18,8 @@ from rayflow.errors import require
 from rayflow.models.base import Condition, Denoiser
 
 CHANNELS_LAST_CHOICES = ("auto", "yes", "no")
+#: Inductor's tuning of the kernels it generates (TrainConfig.kernel_tuning)
+KERNEL_TUNING_CHOICES = ("none", "coordinate-descent")
 
 
 def _notice(message: str) -> None:
@@ -178,8 +180,8 @@ def compile_network(model: nn.Module, mode: str = "default", force_layout: bool 
     the process's inductor config; so does the tuning.
     """
     mode = mode or "default"
-    require(kernel_tuning in ("none", "coordinate-descent"),
-            f"kernel_tuning must be none or coordinate-descent, got {kernel_tuning!r}")
+    require(kernel_tuning in KERNEL_TUNING_CHOICES,
+            f"kernel_tuning must be one of {', '.join(KERNEL_TUNING_CHOICES)}, got {kernel_tuning!r}")
     extra = {**({"force_layout_optimization": True} if force_layout else {}),
              **({"coordinate_descent_tuning": True} if kernel_tuning == "coordinate-descent" else {})}
     if not extra:

@@ -2,7 +2,8 @@
 
 Once the network's forward and backward replay from CUDA graphs, each remaining eager operator of a step costs
 host time (a Python call and a kernel launch). This counts the ATen operators the teacher's objective
-(:class:`rayflow.training.EpsilonObjective`) and RayFlow's timestep coefficients dispatch per step, with the
+(:class:`rayflow.training.EpsilonObjective`), the timestep coefficients and RayFlow's VP-matched point (where its
+student is evaluated, :func:`rayflow.schedulers.vp_matched`) dispatch per step, with the
 network replaced by an identity, so the count is the objective's own. Counted with ``torch.profiler`` on the
 CPU; on a GPU each of these is a kernel launch or a cheaper view op.
 
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from rayflow.schedulers import vp_matched  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import EpsilonObjective  # noqa: E402
 
@@ -52,6 +54,7 @@ def main() -> int:
     rows = {
         "teacher objective (EpsilonObjective), one call": count_ops(lambda: objective(net, 0, g)),
         "a(t) and s(t) at 256 integer timesteps": count_ops(lambda: (sched.a(t), sched.s(t))),
+        "RayFlow's VP-matched point (vp_matched) at 256 integer timesteps": count_ops(lambda: vp_matched(sched, t)),
     }
     out = {what: {"aten_ops": sum(c.values()), "top": dict(c.most_common(8))} for what, c in rows.items()}
     print(json.dumps(out, indent=1))

@@ -22,6 +22,7 @@ from rayflow.schedulers import (
     load_scheduler,
     schedule_fields,
     schedule_from_fields,
+    vp_matched,
 )
 from rayflow.schedules import VPSchedule
 
@@ -113,3 +114,12 @@ def test_schedulers_refuse_misuse():
     assert set(SCHEDULERS) == {"RayFlowScheduler", "FlowEulerScheduler", "PiecewiseFlowScheduler",
                                "GridDDIMScheduler"}
     assert FlowEulerScheduler().init_noise_sigma == 1.0
+
+
+def test_vp_matched_reads_integer_timesteps_from_the_table_bit_for_bit():
+    """A training step's integer ray timesteps take the schedule's table; the VP-matched point must be the one the
+    fractional path gives at the same whole numbers."""
+    sched = VPSchedule.linear()
+    t = torch.arange(-1, 1000)
+    for got, ref in zip(vp_matched(sched, t), vp_matched(sched, t.double())):
+        assert got.dtype == torch.float64 and torch.equal(got, ref)

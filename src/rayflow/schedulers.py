@@ -142,7 +142,7 @@ def vp_matched(schedule: VPSchedule, t: torch.Tensor) -> tuple[torch.Tensor, ...
     (``(1+a)/(1-a)`` times), so ``t' <= t``; below the schedule's first step (``a'^2 > alpha_bar_0``, only for
     ``a_t`` within ~1% of 1) ``t'`` is clamped to 0 and the network sees slightly more signal than it expects.
     """
-    a = schedule.a(torch.as_tensor(t, dtype=torch.float64))  # on t's device
+    a = schedule.a(torch.as_tensor(t))  # on t's device (float64; integer timesteps read the schedule's table)
     c = 1.0 / torch.sqrt(a * a + (1 - a) ** 2)
     a2, s2 = c * a, c * (1 - a)
     return c, a2, s2, schedule.timestep_from_alpha_bar(a2 * a2)

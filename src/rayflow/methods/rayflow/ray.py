@@ -83,8 +83,9 @@ class RayParameterization:
 
     def __call__(self, network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition = None,
                  prediction_type: str | None = None) -> torch.Tensor:
-        # the schedule is read where t lives (host timesteps from a Time Sampler, or device ones): no copy back
-        t = torch.as_tensor(t, dtype=torch.float64).flatten().expand(x.shape[0])
+        # the schedule is read where t lives (host timesteps from a Time Sampler, or device ones): no copy back;
+        # integer timesteps (a training draw) stay integers, so the schedule reads its table
+        t = torch.as_tensor(t).flatten().expand(x.shape[0])
         c, a2, s2, t2 = vp_matched(self.schedule, t)
         c, a2, s2 = (expand_like(v, x) for v in (c, a2, s2))
         xv = c * x

@@ -30,7 +30,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src" / "rayflow")
 OFF_PATH = ("timestep_dists.py", "stein_time_sampler.py")
 #: reads that happen only for CPU tensors: the schedule range-checks CPU timesteps on the host and device
 #: timesteps with an asynchronous device assert (``torch._assert_async``)
-CPU_ONLY = (("schedules.py", "_check_range"),)
+CPU_ONLY = (("schedules.py", "check_timesteps"),)
 
 
 class ReadCounter:

@@ -119,7 +119,12 @@ def test_schedulers_refuse_misuse():
 def test_vp_matched_reads_integer_timesteps_from_the_table_bit_for_bit():
     """A training step's integer ray timesteps take the schedule's table; the VP-matched point must be the one the
     fractional path gives at the same whole numbers."""
-    sched = VPSchedule.linear()
-    t = torch.arange(-1, 1000)
-    for got, ref in zip(vp_matched(sched, t), vp_matched(sched, t.double())):
-        assert got.dtype == torch.float64 and torch.equal(got, ref)
+    draws = torch.randint(0, 1000, (256,), generator=torch.Generator().manual_seed(1))
+    for name in ("linear", "scaled_linear", "cosine"):
+        sched = VPSchedule.from_name(name)
+        t = torch.cat([torch.arange(-1, 1000), draws])
+        for dtype in (torch.int64, torch.int32):
+            for got, ref in zip(vp_matched(sched, t.to(dtype)), vp_matched(sched, t.double()), strict=True):
+                assert got.dtype == torch.float64 and torch.equal(got, ref), name
+    with pytest.raises(RayflowError, match="past the schedule's last timestep"):
+        vp_matched(sched, torch.tensor([3, 1000]))

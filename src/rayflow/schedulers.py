@@ -29,6 +29,7 @@ reproduce the trained sampler exactly.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput as Schedule
 from rayflow.errors import RayflowError, require
 from rayflow.models.base import Condition, Denoiser, with_guidance
 from rayflow.samplers import make_timesteps
-from rayflow.schedules import VPSchedule, expand_like, timestep_to_flow_time, to_x0_eps
+from rayflow.schedules import INTEGER_TIMESTEP_DTYPES, VPSchedule, expand_like, timestep_to_flow_time, to_x0_eps
 from rayflow.windows import (
     WindowPoint,
     piecewise_timesteps,
@@ -134,6 +135,10 @@ def _coef(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- RayFlow
+#: each schedule's VP-matched points at its integer timesteps -1 .. T-1, per device (see :func:`vp_matched`)
+_VP_MATCHED_TABLES: weakref.WeakKeyDictionary[VPSchedule, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 def vp_matched(schedule: VPSchedule, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The VP point with the ray point's SNR: ``(c, a', s', t')`` (float64, ``[B]``) for ray timesteps ``t``.
 
@@ -141,8 +146,19 @@ def vp_matched(schedule: VPSchedule, t: torch.Tensor) -> tuple[torch.Tensor, ...
     ``a'/s' = a/(1-a)``), ``t' = alpha_bar^{-1}(a'^2)``. The ray's SNR is higher than VP's at the same ``t``
     (``(1+a)/(1-a)`` times), so ``t' <= t``; below the schedule's first step (``a'^2 > alpha_bar_0``, only for
     ``a_t`` within ~1% of 1) ``t'`` is clamped to 0 and the network sees slightly more signal than it expects.
+    Integer ``t`` (a training step's draws) reads a table of all four, computed once per schedule and device by
+    the fractional path on the host (the same values there, bit for bit; tested).
     """
-    a = schedule.a(torch.as_tensor(t))  # on t's device (float64; integer timesteps read the schedule's table)
+    t = torch.as_tensor(t)
+    if t.dtype in INTEGER_TIMESTEP_DTYPES:  # a training step's draws: four table reads (the host's values)
+        schedule.check_timesteps(t)
+        tables = _VP_MATCHED_TABLES.setdefault(schedule, {})
+        key = str(t.device)
+        if key not in tables:
+            tables[key] = torch.stack(vp_matched(schedule, torch.arange(-1, schedule.num_train_timesteps,
+                                                                        dtype=torch.float64))).to(t.device)
+        return tuple(tables[key][:, t.clamp(min=-1).long() + 1])
+    a = schedule.a(t.double())  # on t's device
     c = 1.0 / torch.sqrt(a * a + (1 - a) ** 2)
     a2, s2 = c * a, c * (1 - a)
     return c, a2, s2, schedule.timestep_from_alpha_bar(a2 * a2)

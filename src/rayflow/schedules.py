@@ -48,7 +48,7 @@ def expand_like(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 
 
 #: dtypes read as whole timesteps (table lookups, no interpolation)
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INTEGER_TIMESTEP_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class VPSchedule:
@@ -167,7 +167,9 @@ class VPSchedule:
             cache[key] = torch.stack([ac, ac.sqrt(), (1.0 - ac).clamp(min=0).sqrt()]).to(device)
         return cache[key]
 
-    def _check_range(self, t: torch.Tensor) -> None:
+    def check_timesteps(self, t: torch.Tensor) -> None:
+        """Refuse timesteps past ``T - 1``: at once for host tensors (a one-line :class:`RayflowError`), with an
+        asynchronous device-side assert for device tensors."""
         T = self.num_train_timesteps
         if t.device.type == "cpu":
             if bool(torch.any(t > T - 1 + 1e-6)):
@@ -181,9 +183,9 @@ class VPSchedule:
         """Row ``row`` of :meth:`_integer_tables_on` at integer ``t`` (``t < 0`` reads ``t = -1``); None when ``t``
         is fractional (a float), which takes the interpolating path."""
         t = torch.as_tensor(t)
-        if t.dtype not in _INTEGER_DTYPES:
+        if t.dtype not in INTEGER_TIMESTEP_DTYPES:
             return None
-        self._check_range(t)
+        self.check_timesteps(t)
         return self._integer_tables_on(t.device)[row][t.clamp(min=-1).long() + 1]
 
     @property
@@ -205,7 +207,7 @@ class VPSchedule:
             return table
         t = torch.as_tensor(t, dtype=torch.float64)
         T = self.num_train_timesteps
-        self._check_range(t)
+        self.check_timesteps(t)
         tc = t.clamp(0, T - 1)
         lo = tc.floor().long().clamp(max=T - 2)
         frac = tc - lo.to(torch.float64)

@@ -4,8 +4,10 @@ Once the network's forward and backward replay from CUDA graphs, each remaining 
 host time (a Python call and a kernel launch). This counts the ATen operators the teacher's objective
 (:class:`rayflow.training.EpsilonObjective`), the timestep coefficients and RayFlow's VP-matched point (where its
 student is evaluated, :func:`rayflow.schedulers.vp_matched`) dispatch per step, with the
-network replaced by an identity, so the count is the objective's own. Counted with ``torch.profiler`` on the
-CPU; on a GPU each of these is a kernel launch or a cheaper view op.
+network replaced by an identity, so the count is the objective's own; then one call of each method's objective
+(built by ``distill`` on the exact Gaussian-mixture teacher, batch 256). Counted with ``torch.profiler`` on the
+CPU, nested operators included (``aten::to`` and the ``aten::copy_`` it calls count twice); on a GPU each is a
+kernel launch, a cheaper view op or host work.
 
     python benchmarks/host_ops.py
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,12 +28,54 @@ from rayflow.schedulers import vp_matched  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import EpsilonObjective  # noqa: E402
 
+#: each method's objective at its defaults (small pools), on the exact Gaussian-mixture teacher
+METHODS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("rayflow", {"pool_size": "512", "teacher_steps": "2"}),
+    ("rayflow", {"pool_size": "512", "teacher_steps": "2", "time_sampler": "learned"}),
+    ("reflow", {"pool_size": "512"}),
+    ("rectified-diffusion", {"pool_size": "512"}),
+    ("perflow", {"pool_size": "512", "solver_steps": "2"}),
+)
+MOG = "mog:dim=4,modes=3,conditional=true,n=1024,seed=1"
+
 
 class _Identity(torch.nn.Module):
     prediction_type = "epsilon"
+    num_classes = 3
 
     def forward(self, x, t, c=None):  # noqa: D102 - the network's place in the step
         return x
+
+
+def method_rows() -> dict[str, collections.Counter]:
+    """One call of each method's objective (batch 256, the network an identity), built as ``distill`` builds it."""
+    from rayflow.distillation import distill
+    from rayflow.methods import get_method
+    from rayflow.models import ModelConfig
+    from rayflow.training import TrainConfig, Trainer
+
+    grabbed: dict[str, object] = {}
+
+    def grab(trainer, event, step):
+        if event == "end":
+            grabbed["objective"] = trainer.objective
+
+    rows: dict[str, collections.Counter] = {}
+    Trainer.callbacks.append(grab)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, options in METHODS:
+                label = f"{name} objective ({options.get('time_sampler', 'default')} t), one call"
+                train = TrainConfig(max_steps=1, batch_size=256, lr=1e-4, checkpoint_every=0, log_every=0,
+                                    progress=False)
+                distill(get_method(name).from_options(options), "exact", MOG, Path(tmp) / label, train,
+                        student_model=ModelConfig(kind="mlp", sample_shape=(4,), num_classes=3, hidden=16, depth=1),
+                        progress=False)
+                objective, g = grabbed.pop("objective"), torch.Generator().manual_seed(0)
+                rows[label] = count_ops(lambda: objective(_Identity(), 1, g))  # noqa: B023 - called right here
+    finally:
+        Trainer.callbacks.remove(grab)
+    return rows
 
 
 def count_ops(fn) -> collections.Counter:
@@ -43,7 +88,14 @@ def count_ops(fn) -> collections.Counter:
                                if e.key.startswith("aten::"))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import platform
+    import subprocess
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=None, help="also write the counts as JSON here (with the commit)")
+    args = p.parse_args(argv)
     sched = VPSchedule.linear()
     x = torch.randn(512, 1, 32, 32)
     labels = torch.arange(512) % 10
@@ -55,9 +107,17 @@ def main() -> int:
         "teacher objective (EpsilonObjective), one call": count_ops(lambda: objective(net, 0, g)),
         "a(t) and s(t) at 256 integer timesteps": count_ops(lambda: (sched.a(t), sched.s(t))),
         "RayFlow's VP-matched point (vp_matched) at 256 integer timesteps": count_ops(lambda: vp_matched(sched, t)),
+        **method_rows(),
     }
     out = {what: {"aten_ops": sum(c.values()), "top": dict(c.most_common(8))} for what, c in rows.items()}
     print(json.dumps(out, indent=1))
+    if args.results:
+        here = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        doc = {"command": "python benchmarks/host_ops.py", "commit": commit, "torch": torch.__version__,
+               "python": platform.python_version(), "rows": out}
+        Path(args.results).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

@@ -27,7 +27,9 @@ For the Fashion-MNIST benchmark's network (the committed teacher, a 4.2 M-parame
   method's step spends the GPU time another's does not.
 
 Settings for finding where a step's time goes: ``--trace DIR`` (each profiled row also as a Chrome trace),
-``--channels-last``, ``--layout-optimization``, ``--cudnn-benchmark``, ``--graphs-mode max-autotune``, ``--no-bare``.
+``--channels-last``, ``--layout-optimization``, ``--kernel-tuning``, ``--cudnn-benchmark``, ``--graphs-mode
+max-autotune``, ``--no-bare``, ``--batch`` (a step that trains more samples per second at a larger batch was bound
+by the host, not the GPU).
 Several variants in one GPU session: one process each with ``--timing-lock PATH --ready N``; they compile side by
 side and time (and profile) their steps one at a time, after all N have compiled or ``--ready-timeout`` seconds
 (counted from each process's own arrival: a slow-compiling variant holds the others that long).
@@ -459,7 +461,8 @@ class Bench:
 
     # ------------------------------------------------------------------ rows
     def row_inference(self) -> dict[str, Any]:
-        """1-NFE rate of the frozen teacher: eager bf16 and compiled with CUDA graphs (batch 2048)."""
+        """1-NFE rate of the frozen teacher: eager bf16, and compiled with CUDA graphs (batch 2048) twice: with
+        Inductor's layout heuristic and with the layout as the training rows have it (``--layout-optimization``)."""
         net, _, _ = load_teacher(str(self.teacher_dir), self.dataset)
         bs = 8 if self.tiny else 2048
         shape = tuple(self.teacher_config["model"]["sample_shape"])
@@ -468,7 +471,8 @@ class Bench:
         c = torch.arange(bs, device=self.device) % 10
         out: dict[str, Any] = {"batch": bs}
         variants: tuple[tuple[str, dict[str, Any]], ...] = (
-            ("eager", {}), ("compiled_graphs_inductor_layout", {"cuda_graphs": True}),
+            ("eager", {}),
+            ("compiled_graphs_inductor_layout", {"cuda_graphs": True, "kernel_tuning": self.args.kernel_tuning}),
             ("compiled_graphs", {"cuda_graphs": True, "force_layout": self.args.layout_optimization == "force",
                                  "kernel_tuning": self.args.kernel_tuning}))
         for label, kw in variants:

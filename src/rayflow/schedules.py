@@ -25,6 +25,7 @@ Prediction types, for any affine path ``x = a x0 + s eps`` (VP or not):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -150,22 +151,26 @@ class VPSchedule:
         """``(log alpha_bar, alpha_bar)`` on ``device``, copied there once (not once per call and step)."""
         if device.type == "cpu":
             return self._log_ac, self.alphas_cumprod
-        cache = self.__dict__.setdefault("_device_tables", {})
+        return self._per_device("_device_tables", device,
+                                lambda d: (self._log_ac.to(d), self.alphas_cumprod.to(d)))
+
+    def _per_device(self, name: str, device: torch.device, make: Callable[[torch.device], Any]) -> Any:
+        """``make(device)``, made once per device and kept on the schedule under ``name``."""
+        cache = self.__dict__.setdefault(name, {})
         key = str(device)
         if key not in cache:
-            cache[key] = (self._log_ac.to(device), self.alphas_cumprod.to(device))
+            cache[key] = make(device)
         return cache[key]
 
     def _integer_tables_on(self, device: torch.device) -> torch.Tensor:
         """``[alpha_bar, a, s]`` (float64 rows) at the integer timesteps ``-1, 0, ..., T-1`` (column ``t + 1``)
         on ``device``: a training step's timesteps are integers, and one lookup replaces the ~20 small kernels of
         the fractional path per coefficient (host time that shows once the network replays from CUDA graphs)."""
-        cache = self.__dict__.setdefault("_integer_tables", {})
-        key = str(device)
-        if key not in cache:
+        def make(d: torch.device) -> torch.Tensor:
             ac = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # t = -1: clean
-            cache[key] = torch.stack([ac, ac.sqrt(), (1.0 - ac).clamp(min=0).sqrt()]).to(device)
-        return cache[key]
+            return torch.stack([ac, ac.sqrt(), (1.0 - ac).clamp(min=0).sqrt()]).to(d)
+
+        return self._per_device("_integer_tables", device, make)
 
     def check_timesteps(self, t: torch.Tensor) -> None:
         """Refuse timesteps past ``T - 1``: at once for host tensors (a one-line :class:`RayflowError`), with an

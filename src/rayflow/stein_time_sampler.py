@@ -106,6 +106,11 @@ class _WeightNet(nn.Module):
         return torch.log_softmax(self.head(h), -1)
 
 
+def _score_in_y(dlog_xi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``d/dy log q*`` at ``y = logit(u)`` from ``d log xi / du``: ``xi'(u)/xi(u) * u(1-u) + 1 - 2u``."""
+    return dlog_xi * u * (1 - u) + (1 - 2 * u)
+
+
 def _rbf_stein_kernel(y: torch.Tensor, s: torch.Tensor, h: float) -> torch.Tensor:
     """Langevin-Stein kernel ``k_p(y, y')`` for ``k = exp(-(y - y')^2 / (2 h^2))``; ``y, s`` of shape ``[..., N]``.
 
@@ -241,8 +246,7 @@ class SteinSampler(TimestepDistribution):
         ``log q*_y(y) = log xi(u) + log u(1 - u) + const``, so ``score = xi'(u)/xi(u) * u(1-u) + 1 - 2u``.
         """
         u = torch.sigmoid(y)
-        _, dlog = self.error.log_xi_and_score(u, features)
-        return dlog * u * (1 - u) + (1 - 2 * u)
+        return _score_in_y(self.error.log_xi_and_score(u, features)[1], u)
 
     def ksd2(self, features: torch.Tensor | None = None) -> torch.Tensor:
         """``KSD^2(T_theta || q*) = E_{y, y' ~ T_theta} k_p(y, y')``, by quadrature; averaged over instances.
@@ -277,8 +281,8 @@ class SteinSampler(TimestepDistribution):
         with torch.no_grad():
             pi = torch.softmax(head.weight[:, 0] + head.bias, 0)
             w = (pi[:, None] * self._node_w).reshape(-1)
-            u = self._node_u  # target_score(nodes) from the tables: d log xi/du = dphi(u) @ beta
-            s = (self._node_dbasis @ self.error.beta) * u * (1 - u) + (1 - 2 * u)
+            # target_score(nodes) from the tables: d log xi/du = dphi(u) @ beta
+            s = _score_in_y(self._node_dbasis @ self.error.beta, self._node_u)
             k, B, A = self._kernel_parts()
             ws = s * w
             k_ws, B_w, A_w = k @ ws, B @ w, A @ w

@@ -120,3 +120,26 @@ def test_compiled_backward_hands_convolutions_channels_last_gradients() -> None:
     nchw, sliced = layouts(fixed)
     assert nchw == sliced
     assert layouts(plain)[0] > nchw
+
+
+@pytest.mark.parametrize("size", [8, 9])  # 9: the UNet hands its upsamplers an explicit output size
+def test_keep_channels_last_on_a_text_conditioned_unet(size: int) -> None:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    plain = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                 cross_attention_dim=32, attention_head_dim=(2, 4))
+    fixed = to_channels_last(copy.deepcopy(plain))
+    assert sum(getattr(m, "_rayflow_layout_hook", False) for m in fixed.modules()) > 0
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, size, size, generator=g)
+    text = torch.randn(2, 5, 32, generator=g)
+    t = torch.tensor([10, 700])
+    out_plain, out_fixed = plain(x, t, text).sample, fixed(x, t, text).sample
+    torch.testing.assert_close(out_fixed, out_plain, rtol=1e-5, atol=1e-5)
+    out_plain.square().mean().backward()
+    out_fixed.square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), fixed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -7,9 +7,11 @@ student is evaluated, :func:`rayflow.schedulers.vp_matched`) dispatch per step, 
 network replaced by an identity, so the count is the objective's own; then one call of each method's objective
 (built by ``distill`` on the exact Gaussian-mixture teacher, batch 256). Counted with ``torch.profiler`` on the
 CPU, nested operators included (``aten::to`` and the ``aten::copy_`` it calls count twice); on a GPU each is a
-kernel launch, a cheaper view op or host work.
+kernel launch, a cheaper view op or host work. ``--trainer-overhead`` also times the host time the Trainer adds to
+a step over a bare loop (:func:`trainer_overhead`).
 
     python benchmarks/host_ops.py
+    python benchmarks/host_ops.py --trainer-overhead
 """
 
 from __future__ import annotations
@@ -78,6 +80,68 @@ def method_rows() -> dict[str, collections.Counter]:
     return rows
 
 
+def trainer_overhead(steps: int = 400, warmup: int = 50, repeats: int = 3) -> dict[str, float]:
+    """Host time the Trainer adds to a step: ms per step of rayflow's Trainer and of a bare loop (the same tiny
+    MLP, objective, clipping, AdamW and EMA; no logging) on the CPU, where a network this small makes a step
+    almost all host work. Runs alternate; the median of ``repeats`` each."""
+    import copy
+    import statistics
+    import time
+
+    from rayflow.models import ModelConfig, build_model
+    from rayflow.training import TrainConfig, Trainer
+
+    sched = VPSchedule.linear()
+    objective = EpsilonObjective(torch.randn(256, 2), None, sched, 4)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="mlp", sample_shape=(2,), hidden=16, depth=1))
+    config = TrainConfig(max_steps=warmup + steps, batch_size=4, lr=1e-4, ema_decay=0.999, grad_clip=1.0,
+                         log_every=0, checkpoint_every=0, progress=False, compile="no")
+    timed: dict[str, float] = {}
+
+    def clock(trainer: Trainer, event: str, step: int) -> None:
+        if event == "step" and step in (warmup, warmup + steps):
+            timed[str(step)] = time.perf_counter()
+
+    def with_trainer() -> float:
+        with tempfile.TemporaryDirectory() as out:
+            Trainer.callbacks.append(clock)
+            try:
+                Trainer(copy.deepcopy(model), objective, config, out, {"kind": "host-overhead"}).train()
+            finally:
+                Trainer.callbacks.remove(clock)
+        return 1000 * (timed[str(warmup + steps)] - timed[str(warmup)]) / steps
+
+    def bare() -> float:
+        net = copy.deepcopy(model)
+        params = list(net.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        ema = [p.detach().clone() for p in params]
+        gen = torch.Generator().manual_seed(0)
+
+        def step(k: int) -> None:
+            objective(net, k, gen).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1e-3)
+
+        for k in range(warmup):
+            step(k)
+        t0 = time.perf_counter()
+        for k in range(warmup, warmup + steps):
+            step(k)
+        return 1000 * (time.perf_counter() - t0) / steps
+
+    trainer_ms, bare_ms = [], []
+    for _ in range(repeats):
+        trainer_ms.append(with_trainer())
+        bare_ms.append(bare())
+    t, b = statistics.median(trainer_ms), statistics.median(bare_ms)
+    return {"trainer_ms_per_step": round(t, 3), "bare_ms_per_step": round(b, 3), "overhead_ms": round(t - b, 3)}
+
+
 def count_ops(fn) -> collections.Counter:
     from torch.profiler import ProfilerActivity, profile
 
@@ -95,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=None, help="also write the counts as JSON here (with the commit)")
+    p.add_argument("--trainer-overhead", action="store_true",
+                   help="also time a step of the Trainer against a bare loop on a tiny MLP (host time; ~1 min)")
     args = p.parse_args(argv)
     sched = VPSchedule.linear()
     x = torch.randn(512, 1, 32, 32)
@@ -109,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         "RayFlow's VP-matched point (vp_matched) at 256 integer timesteps": count_ops(lambda: vp_matched(sched, t)),
         **method_rows(),
     }
-    out = {what: {"aten_ops": sum(c.values()), "top": dict(c.most_common(8))} for what, c in rows.items()}
+    out: dict = {what: {"aten_ops": sum(c.values()), "top": dict(c.most_common(8))} for what, c in rows.items()}
+    if args.trainer_overhead:
+        out["trainer host overhead (tiny MLP, CPU)"] = trainer_overhead()
     print(json.dumps(out, indent=1))
     if args.results:
         here = Path(__file__).resolve().parents[1]

@@ -558,3 +558,43 @@ def test_the_progress_bar_is_named_after_the_method_and_stage(tmp_path):
     for extra, label in cases:
         trainer = Trainer(_model(), ToyObjective(), _config(), tmp_path / label.replace(" ", "_"), {**base, **extra})
         assert trainer.progress_label() == label
+
+
+class GlobalDrawObjective(ToyObjective):
+    """Also draws from the global generator (as dropout would), recording the draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[float] = []
+
+    def __call__(self, model, step, generator):
+        self.draws.append(float(torch.rand(())))
+        return super().__call__(model, step, generator)
+
+
+def test_each_step_seeds_the_global_generator(tmp_path):
+    from rayflow.training.config import micro_seed
+
+    obj = GlobalDrawObjective()
+    _train(tmp_path / "a", objective=obj, max_steps=6, checkpoint_every=0)
+    expected = [float(torch.rand((), generator=torch.Generator().manual_seed(micro_seed(7, k, 0, 0))))
+                for k in range(6)]
+    assert obj.draws == expected
+
+
+def test_the_optimizer_steps_without_accelerates_wrapper(tmp_path, monkeypatch):
+    """Without a loss scaler the wrapper only forwards the step (after looking for an optional package on disk
+    twice per step in accelerate 1.15): the trainer steps the wrapped optimizer itself, with the same result."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    calls = []
+    original = AcceleratedOptimizer.step
+    monkeypatch.setattr(AcceleratedOptimizer, "step", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    _, model, _ = _train(tmp_path / "a", max_steps=5, checkpoint_every=0)
+    assert calls == []
+    trainer = Trainer(_model(), ToyObjective(), _config(max_steps=5, checkpoint_every=0), tmp_path / "b",
+                      {"model": MODEL_CFG.to_dict()})
+    trainer._plain_optimizer_step = False  # as under XLA: through accelerate's wrapper
+    through_wrapper = trainer.train()
+    assert len(calls) == 5
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), through_wrapper.parameters()))

@@ -129,6 +129,11 @@ class Trainer(CheckpointMixin):
         self.lr_scheduler = self._make_lr_scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self._prepared = self.model  # the DDP module (before compile), for no_sync
+        # accelerate's optimizer wrapper adds nothing to a step but under XLA (gradient all-reduce) or with a
+        # loss scaler (checked per step); the trainer syncs gradients itself (no accelerator.accumulate)
+        from accelerate.utils import DistributedType
+
+        self._plain_optimizer_step = getattr(accelerator, "distributed_type", None) != DistributedType.XLA
         self._params = params
         self.compiled = resolve_compile(config, self.device)
         mode = config.compile_mode
@@ -240,7 +245,7 @@ class Trainer(CheckpointMixin):
         objective's logs and the generator it drew from."""
         acc, cfg = self.accelerator, self.config
         seed = micro_seed(cfg.seed, step, acc.process_index, micro)
-        torch.manual_seed(seed)
+        self._seed_global(seed)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
         if self.cuda_graphs:  # the previous step's graph outputs (loss, logs) are dead or already read
@@ -252,6 +257,26 @@ class Trainer(CheckpointMixin):
                 out = self.objective(self.model, step, generator)
             acc.backward(out.loss / n if n > 1 else out.loss)
         return out.loss.detach().float().reshape(()), out.logs, generator
+
+    def _seed_global(self, seed: int) -> None:
+        """Seed the global generators a step can reach (anything drawing without the step's generator, such as
+        dropout): the CPU's and the training device's. ``torch.manual_seed`` would also queue seeds for every
+        lazily initialised backend (XPU, MTIA), formatting a stack trace for each, every step."""
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+
+    def _optimizer_step(self) -> None:
+        """The optimizer step. Without a loss scaler (fp16) or XLA, accelerate's wrapper only forwards it, after
+        looking for an optional package on disk twice (accelerate 1.15); the wrapped optimizer is stepped
+        directly then."""
+        wrapped = self.optimizer
+        inner = getattr(wrapped, "optimizer", None)
+        if inner is not None and getattr(wrapped, "scaler", None) is None and self._plain_optimizer_step:
+            inner.step()
+        else:
+            wrapped.step()
 
     def _check(self, sums: torch.Tensor, steps: int, first: int, last: int) -> float:
         """Read the device-side accumulators (the one host synchronisation of an interval) and stop a diverged
@@ -340,7 +365,7 @@ class Trainer(CheckpointMixin):
                 if n > 1:
                     loss = loss / n
                 grad_norm = acc.clip_grad_norm_(self._params, cfg.grad_clip) if clip else None
-                self.optimizer.step()
+                self._optimizer_step()
                 if not acc.optimizer_step_was_skipped:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -16,8 +16,8 @@ compiled (``compile="auto"``), and AdamW is fused.
 
 Determinism. Step ``k`` on process ``r`` hands the objective a fresh ``torch.Generator`` on the accelerator's
 device seeded with :func:`step_seed` ``(config.seed, k, r)`` (the global generators of the CPU and of the training
-device are re-seeded from the same value, so dropout and any stray ``torch.rand`` are covered too; micro-batch ``m
-> 0`` of an accumulated step uses :func:`micro_seed`). Draws never depend on history, so a run interrupted at a
+device are re-seeded from the same value, so dropout and any stray ``torch.rand`` are covered too; micro-batch
+``m > 0`` of an accumulated step uses :func:`micro_seed`). Draws never depend on history, so a run interrupted at a
 checkpoint and resumed is bit-identical to an uninterrupted one (eager mode, one GPU or DDP; with ``torch.compile``
 two fresh runs already differ in the last bits, since Inductor picks kernels per compilation, so a compiled resume
 matches only to rounding).

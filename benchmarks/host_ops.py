@@ -112,7 +112,7 @@ def trainer_overhead(steps: int = 400, warmup: int = 50, repeats: int = 3) -> di
                 Trainer.callbacks.remove(clock)
         return 1000 * (timed[str(warmup + steps)] - timed[str(warmup)]) / steps
 
-    def bare() -> float:
+    def bare(timed_steps: int = steps) -> float:
         net = copy.deepcopy(model)
         params = list(net.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -130,16 +130,36 @@ def trainer_overhead(steps: int = 400, warmup: int = 50, repeats: int = 3) -> di
         for k in range(warmup):
             step(k)
         t0 = time.perf_counter()
-        for k in range(warmup, warmup + steps):
+        for k in range(warmup, warmup + timed_steps):
             step(k)
-        return 1000 * (time.perf_counter() - t0) / steps
+        return 1000 * (time.perf_counter() - t0) / max(timed_steps, 1)
 
     trainer_ms, bare_ms = [], []
     for _ in range(repeats):
         trainer_ms.append(with_trainer())
         bare_ms.append(bare())
     t, b = statistics.median(trainer_ms), statistics.median(bare_ms)
-    return {"trainer_ms_per_step": round(t, 3), "bare_ms_per_step": round(b, 3), "overhead_ms": round(t - b, 3)}
+    # the Trainer's ATen operators per step (nested included), counted in one more run: deterministic where the
+    # times are noisy, so two versions of the Trainer compare
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+
+    def counted(trainer: Trainer, event: str, step: int) -> None:
+        if event == "step" and step == warmup:
+            prof.__enter__()
+        elif event == "step" and step == warmup + steps:
+            prof.__exit__(None, None, None)
+
+    timed.clear()
+    Trainer.callbacks.append(counted)
+    try:
+        with_trainer()
+    finally:
+        Trainer.callbacks.remove(counted)
+    trainer_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+    return {"trainer_ms_per_step": round(t, 3), "bare_ms_per_step": round(b, 3), "overhead_ms": round(t - b, 3),
+            "trainer_aten_ops_per_step": round(trainer_ops, 1)}
 
 
 def count_ops(fn) -> collections.Counter:

@@ -17,3 +17,4 @@ def test_trainer_overhead_times_both_loops(host_ops, one_thread) -> None:
     row = host_ops.trainer_overhead(steps=5, warmup=2, repeats=1)
     assert row["trainer_ms_per_step"] > 0 and row["bare_ms_per_step"] > 0
     assert row["overhead_ms"] == pytest.approx(row["trainer_ms_per_step"] - row["bare_ms_per_step"], abs=2e-3)
+    assert row["trainer_aten_ops_per_step"] > 0

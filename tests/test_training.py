@@ -598,3 +598,13 @@ def test_the_optimizer_steps_without_accelerates_wrapper(tmp_path, monkeypatch):
     through_wrapper = trainer.train()
     assert len(calls) == 5
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), through_wrapper.parameters()))
+
+
+def test_interval_sums_from_the_step_trace():
+    from rayflow.training.trainer import _interval_sums
+
+    trace = torch.tensor([[1.0, 0.5], [2.0, float("inf")], [float("nan"), 0.1], [4.0, float("nan")]])
+    sums = _interval_sums(trace, first=10, never=99.0)
+    assert torch.isnan(sums[0]) and sums[1:].tolist() == [12.0, 11.0]
+    finite = _interval_sums(torch.tensor([[1.0, 0.0], [2.5, 3.0]]), first=0, never=99.0)
+    assert finite.tolist() == [3.5, 99.0, 99.0]

@@ -66,6 +66,15 @@ def _accumulate(sums: dict[str, tuple[Any, int]], logs: dict[str, Any]) -> None:
         sums[key] = (total + value, count + 1)
 
 
+def _interval_sums(trace: torch.Tensor, first: int, never: float) -> torch.Tensor:
+    """``[loss sum, first step with a non-finite loss, first with a non-finite gradient norm]`` of an interval
+    from its ``trace`` (``[steps, 2]``: each step's loss and gradient norm; ``first``: the interval's first step);
+    ``never`` where every value is finite."""
+    steps = torch.arange(trace.shape[0], device=trace.device, dtype=trace.dtype).unsqueeze(1) + first
+    first_bad = torch.where(torch.isfinite(trace), never, steps).amin(dim=0)
+    return torch.cat([trace[:, 0].sum().reshape(1), first_bad])
+
+
 class Trainer(CheckpointMixin):
     """Train ``model`` on ``objective`` with accelerate; see the package docstring for files and guarantees.
 
@@ -344,8 +353,9 @@ class Trainer(CheckpointMixin):
         n = cfg.gradient_accumulation_steps
         per_step = cfg.batch_size * n * acc.num_processes
         big = float(cfg.max_steps + 1)
-        # device-side accumulators: [loss sum, first non-finite loss step, first non-finite grad-norm step]
-        sums = torch.tensor([0.0, big, big], device=self.device)
+        # each step's loss and gradient norm, on the device: one small copy per value and step; an interval's
+        # sums and first non-finite steps are reduced from it at the interval's one host read (_interval_sums)
+        trace = torch.zeros(cfg.check_every, 2, device=self.device)
         log_sums: dict[str, tuple[Any, int]] = {}  # the objective's logs summed over the interval (on the device)
         clip = cfg.grad_clip > 0
         check_grad = clip and self.mixed_precision != "fp16"  # fp16 skips inf steps on purpose
@@ -375,10 +385,10 @@ class Trainer(CheckpointMixin):
                     logs = {**logs, **(self.objective.after_step(self.model, step, generator) or {})}
                 _accumulate(log_sums, logs)
                 # no host synchronisation: the checks below read these once per interval
-                sums[0] += loss
-                sums[1] = torch.minimum(sums[1], torch.where(torch.isfinite(loss), big, float(step)))
+                row = step - interval_first
+                trace[row, 0].copy_(loss)
                 if check_grad and torch.is_tensor(grad_norm):
-                    sums[2] = torch.minimum(sums[2], torch.where(torch.isfinite(grad_norm), big, float(step)))
+                    trace[row, 1].copy_(grad_norm)
                 steps_done = step + 1
                 bar.update(1)
                 for callback in list(Trainer.callbacks):
@@ -387,6 +397,7 @@ class Trainer(CheckpointMixin):
                 save_now = steps_done == cfg.max_steps or bool(
                     cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0)
                 if log_now or save_now or steps_done % cfg.check_every == 0:
+                    sums = _interval_sums(trace[:steps_done - interval_first], interval_first, big)
                     mean = self._check(sums, steps_done - interval_first, interval_first, step)
                     now = time.time()
                     if log_now:
@@ -403,8 +414,7 @@ class Trainer(CheckpointMixin):
                             acc.log(record, step=steps_done)
                         bar.set_postfix({"loss": f"{record['loss']:.4g}",
                                          **{k: f"{v:.4g}" for k, v in values.items()}}, refresh=False)
-                    sums = torch.tensor([0.0, big, big], device=self.device)
-                    log_sums = {}
+                    log_sums = {}  # (trace needs no reset: each step of the next interval writes its own row)
                     t_interval, interval_first = now, steps_done
                 if save_now:
                     self._save_checkpoint(steps_done)

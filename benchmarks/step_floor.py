@@ -121,16 +121,22 @@ class Floor:
             gen.manual_seed(k)
             if self.cuda:
                 torch.compiler.cudagraph_mark_step_begin()
-            with self.autocast():
-                loss = self.objective(net, k, gen).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = self.eager_step(net, params, opt, gen, k)
             with torch.no_grad():
                 torch._foreach_lerp_(ema, params, EMA_WEIGHT)
-            return loss.detach()
+            return loss
         return step, {}
+
+    def eager_step(self, net: torch.nn.Module, params: list[torch.Tensor], opt: torch.optim.Optimizer,
+                   gen: torch.Generator, k: int) -> torch.Tensor:
+        """The objective's loss, backward, clipping and the optimizer step; returns the detached loss."""
+        with self.autocast():
+            loss = self.objective(net, k, gen).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def step_graph(self, compile_network_: bool) -> tuple[Callable[[int], torch.Tensor], dict[str, Any]]:
         """The whole step as one CUDA graph; checked against eager steps from the same state."""
@@ -189,13 +195,7 @@ class Floor:
         eager_losses = []
         for k in range(3, 8):
             eager_gen.manual_seed(k)
-            with self.autocast():
-                loss = self.objective(reference, k, eager_gen).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ref_params, CLIP)
-            ref_opt.step()
-            ref_opt.zero_grad(set_to_none=True)
-            eager_losses.append(float(loss.detach()))
+            eager_losses.append(float(self.eager_step(reference, ref_params, ref_opt, eager_gen, k)))
         check = {"losses_graph": graph_losses, "losses_eager": eager_losses,
                  "param_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(params, ref_params)),
                  "eager_warm_s": round(warm_s, 1)}

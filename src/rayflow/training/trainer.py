@@ -138,11 +138,15 @@ class Trainer(CheckpointMixin):
         self.lr_scheduler = self._make_lr_scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self._prepared = self.model  # the DDP module (before compile), for no_sync
-        # accelerate's optimizer wrapper adds nothing to a step but under XLA (gradient all-reduce) or with a
-        # loss scaler (checked per step); the trainer syncs gradients itself (no accelerator.accumulate)
+        # accelerate's own optimizer wrapper, on one device or under DDP, adds nothing to a step but the loss
+        # scaler's work (checked per step); the trainer syncs gradients itself (no accelerator.accumulate). Other
+        # backends (XLA, DeepSpeed, FSDP ...) and other wrappers keep accelerate's step.
+        from accelerate.optimizer import AcceleratedOptimizer
         from accelerate.utils import DistributedType
 
-        self._plain_optimizer_step = getattr(accelerator, "distributed_type", None) != DistributedType.XLA
+        self._plain_optimizer_step = type(self.optimizer) is AcceleratedOptimizer and getattr(
+            accelerator, "distributed_type", None) in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                       DistributedType.MULTI_CPU)
         self._params = params
         self.compiled = resolve_compile(config, self.device)
         mode = config.compile_mode
@@ -271,21 +275,22 @@ class Trainer(CheckpointMixin):
         """Seed the global generators a step can reach (anything drawing without the step's generator, such as
         dropout): the CPU's and the training device's. ``torch.manual_seed`` would also queue seeds for every
         lazily initialised backend (XPU, MTIA), formatting a stack trace for each, every step."""
+        if self.device.type not in ("cpu", "cuda"):  # other backends (MPS ...): every generator, as torch seeds
+            torch.manual_seed(seed)
+            return
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             torch.cuda.default_generators[index].manual_seed(seed)
 
     def _optimizer_step(self) -> None:
-        """The optimizer step. Without a loss scaler (fp16) or XLA, accelerate's wrapper only forwards it, after
-        looking for an optional package on disk twice (accelerate 1.15); the wrapped optimizer is stepped
-        directly then."""
-        wrapped = self.optimizer
-        inner = getattr(wrapped, "optimizer", None)
-        if inner is not None and getattr(wrapped, "scaler", None) is None and self._plain_optimizer_step:
-            inner.step()
+        """The optimizer step. On one device or under DDP without a loss scaler (fp16), accelerate's wrapper only
+        forwards it, after looking for an optional package on disk twice (accelerate 1.15): the wrapped optimizer
+        is stepped directly then."""
+        if self._plain_optimizer_step and self.optimizer.scaler is None:
+            self.optimizer.optimizer.step()
         else:
-            wrapped.step()
+            self.optimizer.step()
 
     def _check(self, sums: torch.Tensor, steps: int, first: int, last: int) -> float:
         """Read the device-side accumulators (the one host synchronisation of an interval) and stop a diverged

@@ -76,7 +76,7 @@ from rayflow.distillation import distill, distill_context, load_teacher, train_t
 from rayflow.errors import RayflowError, require  # noqa: E402
 from rayflow.methods import get_method  # noqa: E402
 from rayflow.models import ModelConfig, build_model, prepare_frozen_teacher, to_channels_last  # noqa: E402
-from rayflow.models.speed import FrozenTeacher, compile_network, has_convolutions  # noqa: E402
+from rayflow.models.speed import KERNEL_TUNING_CHOICES, FrozenTeacher, compile_network, has_convolutions  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import EpsilonObjective, TrainConfig, Trainer  # noqa: E402
 
@@ -828,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="TrainConfig.channels_last of every training row (the bare loop follows the Trainer)")
     p.add_argument("--layout-optimization", default="force", choices=("force", "inductor"),
                    help="TrainConfig.layout_optimization of every training row (the bare loop follows the Trainer)")
-    p.add_argument("--kernel-tuning", default="none", choices=("none", "coordinate-descent"),
+    p.add_argument("--kernel-tuning", default="none", choices=KERNEL_TUNING_CHOICES,
                    help="TrainConfig.kernel_tuning of every row (the bare loop and the compiled teacher follow it)")
     p.add_argument("--trace", default=None,
                    help="with --profile-steps: also write each row's profile as a Chrome trace in this directory")

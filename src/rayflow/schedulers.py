@@ -29,7 +29,6 @@ reproduce the trained sampler exactly.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -135,10 +134,6 @@ def _coef(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- RayFlow
-#: each schedule's VP-matched points at its integer timesteps -1 .. T-1, per device (see :func:`vp_matched`)
-_VP_MATCHED_TABLES: weakref.WeakKeyDictionary[VPSchedule, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
 def vp_matched(schedule: VPSchedule, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The VP point with the ray point's SNR: ``(c, a', s', t')`` (float64, ``[B]``) for ray timesteps ``t``.
 
@@ -152,12 +147,9 @@ def vp_matched(schedule: VPSchedule, t: torch.Tensor) -> tuple[torch.Tensor, ...
     t = torch.as_tensor(t)
     if t.dtype in INTEGER_TIMESTEP_DTYPES:  # a training step's draws: four table reads (the host's values)
         schedule.check_timesteps(t)
-        tables = _VP_MATCHED_TABLES.setdefault(schedule, {})
-        key = str(t.device)
-        if key not in tables:
-            tables[key] = torch.stack(vp_matched(schedule, torch.arange(-1, schedule.num_train_timesteps,
-                                                                        dtype=torch.float64))).to(t.device)
-        return tuple(tables[key][:, t.clamp(min=-1).long() + 1])
+        table = schedule.per_device("_vp_matched", t.device, lambda d: torch.stack(vp_matched(
+            schedule, torch.arange(-1, schedule.num_train_timesteps, dtype=torch.float64))).to(d))
+        return tuple(table[:, t.clamp(min=-1).long() + 1])
     a = schedule.a(t.double())  # on t's device
     c = 1.0 / torch.sqrt(a * a + (1 - a) ** 2)
     a2, s2 = c * a, c * (1 - a)

@@ -151,11 +151,12 @@ class VPSchedule:
         """``(log alpha_bar, alpha_bar)`` on ``device``, copied there once (not once per call and step)."""
         if device.type == "cpu":
             return self._log_ac, self.alphas_cumprod
-        return self._per_device("_device_tables", device,
+        return self.per_device("_device_tables", device,
                                 lambda d: (self._log_ac.to(d), self.alphas_cumprod.to(d)))
 
-    def _per_device(self, name: str, device: torch.device, make: Callable[[torch.device], Any]) -> Any:
-        """``make(device)``, made once per device and kept on the schedule under ``name``."""
+    def per_device(self, name: str, device: torch.device, make: Callable[[torch.device], Any]) -> Any:
+        """``make(device)``, made once per device and kept on the schedule under ``name`` (every device asked for
+        is kept: a training step reads the same schedule with host and device timesteps)."""
         cache = self.__dict__.setdefault(name, {})
         key = str(device)
         if key not in cache:
@@ -170,7 +171,7 @@ class VPSchedule:
             ac = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # t = -1: clean
             return torch.stack([ac, ac.sqrt(), (1.0 - ac).clamp(min=0).sqrt()]).to(d)
 
-        return self._per_device("_integer_tables", device, make)
+        return self.per_device("_integer_tables", device, make)
 
     def check_timesteps(self, t: torch.Tensor) -> None:
         """Refuse timesteps past ``T - 1``: at once for host tensors (a one-line :class:`RayflowError`), with an

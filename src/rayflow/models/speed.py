@@ -19,7 +19,8 @@ from rayflow.errors import require
 from rayflow.models.base import Condition, Denoiser
 
 CHANNELS_LAST_CHOICES = ("auto", "yes", "no")
-#: Inductor's tuning of the kernels it generates (TrainConfig.kernel_tuning)
+#: Inductor's tuning of the kernels it generates (TrainConfig.kernel_tuning): none, or coordinate descent over each
+#: kernel's launch configuration (minutes more compilation; BENCHMARKS §6.5)
 KERNEL_TUNING_CHOICES = ("none", "coordinate-descent")
 
 
@@ -63,10 +64,15 @@ class _ChannelsLastGrad(torch.autograd.Function):
         return grad.contiguous(memory_format=torch.channels_last)
 
 
+def _grad_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x``, whose gradient is handed back channels-last (``x`` itself when no gradient flows)."""
+    return _ChannelsLastGrad.apply(x) if x.requires_grad else x
+
+
 def _group_norm_input_hook(module: nn.Module, args: tuple) -> tuple | None:
     x = args[0]
     if isinstance(x, torch.Tensor) and x.ndim == 4 and x.requires_grad:
-        return (_ChannelsLastGrad.apply(x), *args[1:])
+        return (_grad_channels_last(x), *args[1:])
     return None
 
 
@@ -81,8 +87,7 @@ def nearest_upsample_2x(x: torch.Tensor) -> torch.Tensor:
 def _upsample_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     x, rest = args[0], args[1:]
     output_size = rest[0] if rest else kwargs.get("output_size")
-    if x.requires_grad:  # the block sum's gradient would come back NCHW too (the layers before would copy it)
-        x = _ChannelsLastGrad.apply(x)
+    x = _grad_channels_last(x)  # the block sum's gradient would come back NCHW too (the layers before would copy it)
     if output_size is None:
         x = nearest_upsample_2x(x)
     else:  # an explicit size (diffusers' odd-sized inputs): the interpolation diffusers itself would run

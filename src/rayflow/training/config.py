@@ -11,18 +11,15 @@ from typing import Any
 import torch
 
 from rayflow.errors import RayflowError, require
+from rayflow.models.speed import CHANNELS_LAST_CHOICES, KERNEL_TUNING_CHOICES
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "yes", "no")
 #: Inductor's layout optimisation for compiled convolutional networks on CUDA: forced, or left to its heuristic
 LAYOUT_OPTIMIZATION_CHOICES = ("force", "inductor")
-#: Inductor's tuning of its generated (Triton) kernels when compiling on CUDA: none, or coordinate descent over each
-#: kernel's launch configuration (minutes more compilation; BENCHMARKS §6.5)
-KERNEL_TUNING_CHOICES = ("none", "coordinate-descent")
 #: torch.compile modes of the student (``default`` = torch's); the first two replay the step from CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-CHANNELS_LAST_CHOICES = ("auto", "yes", "no")
 #: learning-rate schedules (diffusers.optimization names), each after ``warmup_steps`` of linear warm-up
 LR_SCHEDULE_CHOICES = ("constant", "linear", "cosine")
 

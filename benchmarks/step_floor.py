@@ -238,14 +238,25 @@ class Floor:
             step(k)
         self.sync()
         warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for k in range(1000, 1000 + args.measure):
-            step(k)
-        self.sync()
-        seconds = time.perf_counter() - t0
+        # five windows, the device synchronised at their edges: a window in which something else took the shared
+        # host shows as an outlier; the process's CPU time per step says whether the host bounds the step
+        edges = [round(i * args.measure / 5) for i in range(6)] if args.measure >= 5 else [0, args.measure]
+        windows: list[float] = []
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        t_edge = t0
+        for k in range(args.measure):
+            step(1000 + k)
+            if k + 1 in edges:
+                self.sync()
+                now = time.perf_counter()
+                windows.append((k + 1 - edges[len(windows)]) * self.batch / (now - t_edge))
+                t_edge = now
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         label = name if args.kernel_tuning == "none" else f"{name}+{args.kernel_tuning}"
         self.log(what=label, samples_per_s=round(args.measure * self.batch / seconds, 1),
-                 ms_per_step=round(1000 * seconds / args.measure, 3), warm_s=round(warm_s, 1),
+                 ms_per_step=round(1000 * seconds / args.measure, 3),
+                 window_samples_per_s=[round(r, 1) for r in windows],
+                 host_cpu_ms_per_step=round(1000 * cpu / args.measure, 3), warm_s=round(warm_s, 1),
                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None, **extra)
         if args.profile:
             self.profile(label, step)

@@ -197,16 +197,62 @@ class TimingLock:
             self._fd = None
 
 
-class StepTimer:
-    """A Trainer callback that times steps ``warmup .. warmup + measure`` of each Trainer run (synchronising
-    the device only at those two steps) and keeps the last trainer it saw, for the bare loop to reuse."""
+class WindowClock:
+    """Times ``measure`` steps in ``windows`` equal windows (the device synchronised at each window's edges) and
+    reports the **median** window's rate: a window in which something else took the host (this machine's CPUs
+    are shared) shows as an outlier instead of lowering the whole row. Also the host's CPU time per step (the
+    process's ``time.process_time``): a step whose host time is close to its wall time is bound by the host."""
 
-    def __init__(self, warmup: int, measure: int, lock: TimingLock | None = None) -> None:
-        self.warmup, self.measure = warmup, measure
+    def __init__(self, measure: int, windows: int, samples_per_step: int, device: torch.device) -> None:
+        self.windows = max(1, min(windows, measure))
+        self.edges = [round(i * measure / self.windows) for i in range(self.windows + 1)]
+        self.samples_per_step, self.device = samples_per_step, device
+        self.marks: list[tuple[int, float, float]] = []  # (steps done, wall, host CPU) at each edge
+
+    def at(self, done: int) -> None:
+        """Call with the number of timed steps done so far (0 .. measure); marks the window edges."""
+        if done in self.edges and (not self.marks or self.marks[-1][0] != done):
+            sync(self.device)
+            self.marks.append((done, time.perf_counter(), time.process_time()))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.marks) == len(self.edges)
+
+    def window_rates(self) -> list[float]:
+        return [(b[0] - a[0]) * self.samples_per_step / (b[1] - a[1]) for a, b in zip(self.marks, self.marks[1:])]
+
+    def rate(self) -> float | None:
+        """The median window's samples/s (None until every window is done)."""
+        if not self.complete:
+            return None
+        rates = sorted(self.window_rates())
+        mid = len(rates) // 2
+        return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+
+    def summary(self) -> dict[str, Any]:
+        """Every window's rate and the host's CPU and wall ms per timed step."""
+        if not self.complete:
+            return {}
+        (n0, w0, c0), (n1, w1, c1) = self.marks[0], self.marks[-1]
+        steps = max(1, n1 - n0)
+        return {"windows": self.windows, "window_rates": [round(r, 1) for r in self.window_rates()],
+                "host_cpu_ms_per_step": round(1000 * (c1 - c0) / steps, 3),
+                "wall_ms_per_step": round(1000 * (w1 - w0) / steps, 3)}
+
+
+class StepTimer:
+    """A Trainer callback that times steps ``warmup .. warmup + measure`` of each Trainer run in ``windows``
+    windows (:class:`WindowClock`: the device synchronised only at the windows' edges) and keeps the last trainer
+    it saw, for the bare loop to reuse."""
+
+    def __init__(self, warmup: int, measure: int, lock: TimingLock | None = None, windows: int = 1) -> None:
+        self.warmup, self.measure, self.windows = warmup, measure, windows
         self.lock = lock  # held from the first timed step to the end of the Trainer run (profiled steps included)
         self.trainer: Trainer | None = None
         self.start_step = 0
-        self.t_start: float | None = None
+        self.clock: WindowClock | None = None  # this Trainer run's
+        self.timed: WindowClock | None = None  # the clock of the run that gave ``rate`` (a stage of ProReflow)
         self.rate: float | None = None
         self.train_seconds = 0.0  # all Trainer runs (start -> end), to separate the teacher side
         self._t_run = 0.0
@@ -214,7 +260,9 @@ class StepTimer:
 
     def __call__(self, trainer: Trainer, event: str, step: int) -> None:
         if event == "start":
-            self.trainer, self.start_step, self.t_start = trainer, step, None
+            self.trainer, self.start_step = trainer, step
+            per_step = trainer.config.batch_size * trainer.config.gradient_accumulation_steps
+            self.clock = WindowClock(self.measure, self.windows, per_step, trainer.device)
             self._t_run = time.perf_counter()
             return
         if event == "end":
@@ -228,13 +276,10 @@ class StepTimer:
             self.lock.__enter__()
         if self.hook is not None:
             self.hook(trainer, done)
-        if done == self.warmup:
-            sync(trainer.device)
-            self.t_start = time.perf_counter()
-        elif done == self.warmup + self.measure and self.t_start is not None:
-            sync(trainer.device)
-            per_step = trainer.config.batch_size * trainer.config.gradient_accumulation_steps
-            self.rate = self.measure * per_step / (time.perf_counter() - self.t_start)
+        if self.clock is not None and self.warmup <= done <= self.warmup + self.measure:
+            self.clock.at(done - self.warmup)
+            if done == self.warmup + self.measure:
+                self.rate, self.timed = self.clock.rate(), self.clock
 
 
 def _gpu_us(event: Any) -> float:
@@ -298,13 +343,15 @@ def profiler_hook(start: int, steps: int, device: torch.device, activities: list
 def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device: torch.device, warmup: int,
               measure: int, compile_model: bool, bf16: bool, cuda_graphs: bool = False,
               compile_mode: str = "reduce-overhead", lock: TimingLock | None = None,
-              channels_last: bool | None = None, force_layout: bool = False) -> float:
+              channels_last: bool | None = None, force_layout: bool = False,
+              windows: int = 1) -> WindowClock:
     """samples/s of the plainest loop doing the Trainer's work: the objective's loss, backward, clipping, fused
     AdamW, a foreach EMA, the objective's ``after_step``; the same compile setting (``cuda_graphs``: torch.compile's
     ``compile_mode``, one that replays CUDA graphs); one generator; no logging, checks or checkpoints. ``lock``: the
     timed steps hold it (other processes of the same measurement wait). ``channels_last``: as the Trainer had it
     (None: on a GPU for a convolutional network, the Trainer's default); ``force_layout``: as the Trainer had it
-    (TrainConfig.layout_optimization); the kernel tuning is the Trainer's config's."""
+    (TrainConfig.layout_optimization); the kernel tuning is the Trainer's config's. Timed in ``windows`` windows
+    (:class:`WindowClock`, whose ``rate()`` is the median window's), as the Trainer's steps are."""
     model = copy.deepcopy(unwrap_denoiser(model)).to(device).train().requires_grad_(True)
     if channels_last if channels_last is not None else (device.type == "cuda" and has_convolutions(model)):
         to_channels_last(model)
@@ -336,13 +383,13 @@ def bare_loop(model: torch.nn.Module, objective: Any, train: TrainConfig, device
 
     for k in range(warmup):
         step(k)
+    clock = WindowClock(measure, windows, train.batch_size, device)
     with lock if lock is not None else contextlib.nullcontext():
-        sync(device)
-        t0 = time.perf_counter()
+        clock.at(0)
         for k in range(warmup, warmup + measure):
             step(k)
-        sync(device)
-        return measure * train.batch_size / (time.perf_counter() - t0)
+            clock.at(k + 1 - warmup)
+    return clock
 
 
 def train_flops_per_sample(model: torch.nn.Module, objective: Any, device: torch.device, batch: int,
@@ -368,6 +415,7 @@ class Bench:
         self.bf16 = self.device.type == "cuda"
         self.compile = self.device.type == "cuda"
         self.warmup, self.measure = (1, 1) if self.tiny else (args.warmup, args.measure)
+        self.windows = max(1, getattr(args, "windows", 1))
         # --profile-steps N: the training rows profile N steps after a gap step following the timed ones, so the
         # profiler never runs inside the timed window; their Trainer runs N + 1 steps more
         self.profile_steps = max(0, getattr(args, "profile_steps", 0))
@@ -504,7 +552,7 @@ class Bench:
         return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
 
     def _train_row(self, trainer_run: Callable[[StepTimer], None], lr: float) -> dict[str, Any]:
-        timer = StepTimer(self.warmup, self.measure, self.lock)
+        timer = StepTimer(self.warmup, self.measure, self.lock, self.windows)
         profiled: dict[str, Any] = {}
         if self.profile_steps:
             timer.hook = profiler_hook(self.warmup + self.measure + 1, self.profile_steps, self.device,
@@ -523,11 +571,14 @@ class Bench:
         obj, model = trainer.objective, trainer.raw_model
         flops = train_flops_per_sample(model, obj, self.device, self.batch, self.bf16)
         reset_peak(self.device)
-        bare = None if self.args.no_bare else bare_loop(
+        bare_clock = None if self.args.no_bare else bare_loop(
             model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
             cuda_graphs=trainer.cuda_graphs, compile_mode=trainer.config.compile_mode, lock=self.lock,
-            channels_last=trainer.channels_last, force_layout=trainer.force_layout)
+            channels_last=trainer.channels_last, force_layout=trainer.force_layout, windows=self.windows)
         rate = timer.rate
+        bare = None if bare_clock is None else bare_clock.rate()
+        timing = {"trainer": timer.timed.summary() if timer.timed is not None else {},
+                  "bare": bare_clock.summary() if bare_clock is not None else {}}
         extra: dict[str, Any] = {}
         if self.profile_steps:
             require("prof" in profiled and not profiled.get("open"),
@@ -542,7 +593,7 @@ class Bench:
                 "roofline_share": self.roofline(rate, flops), "bare_roofline_share": self.roofline(bare, flops),
                 "flops_per_sample": flops, "peak_memory_gib": peak,
                 "bare_peak_memory_gib": None if bare is None else peak_memory_gib(self.device),
-                "total_s": round(total, 1), "train_s": round(timer.train_seconds, 1), **extra,
+                "total_s": round(total, 1), "train_s": round(timer.train_seconds, 1), "timing": timing, **extra,
                 "_timer": timer}
 
     def row_teacher(self, compile_mode: str = "default") -> dict[str, Any]:
@@ -807,6 +858,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)} (default all)")
     p.add_argument("--warmup", type=int, default=30, help="Trainer steps before timing (compilation included)")
     p.add_argument("--measure", type=int, default=150, help="Trainer steps timed")
+    p.add_argument("--windows", type=int, default=5,
+                   help="timed steps split into this many windows; a row's rate is the median window's (robust to a "
+                        "window in which something else took the shared host)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="also profile this many Trainer steps of every training row, after the timed ones (each row "
                         "gets a 'profile' entry: CPU/GPU ms, launches, the top GPU ops)")

@@ -200,3 +200,24 @@ def test_dry_run_of_every_row(bench, data_dir, tmp_path):
     assert all(rows[f"{name} student training"]["cuda_graphs"] is False for name in bench.GRAPH_ROWS)
     assert rows["teacher pool: 2-RF pairs (dpm++2m 25)"]["teacher_nfe"] > 0
     assert all(p["cpu_ms_per_step"] > 0 and "error" not in p for p in doc["profile"])
+
+
+def test_window_clock_reports_the_median_window(bench, monkeypatch):
+    """Ten steps of 4 samples in five windows of two steps; window times 1, 1, 4 (a stalled host), 1, 2 s: the
+    median window's rate is 8 samples/s, where the whole span's (40 samples in 9 s) would be 4.4."""
+    clock = bench.WindowClock(measure=10, windows=5, samples_per_step=4, device=torch.device("cpu"))
+    walls = iter([0.0, 1.0, 2.0, 6.0, 7.0, 9.0])
+    cpus = iter([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(walls))
+    monkeypatch.setattr(bench.time, "process_time", lambda: next(cpus))
+    for done in range(11):
+        assert clock.rate() is None
+        clock.at(done)
+        clock.at(done)  # a second call at the same edge marks nothing
+    assert clock.window_rates() == [8.0, 8.0, 2.0, 8.0, 4.0]
+    assert clock.rate() == 8.0
+    assert clock.summary() == {"windows": 5, "window_rates": [8.0, 8.0, 2.0, 8.0, 4.0],
+                               "host_cpu_ms_per_step": 250.0, "wall_ms_per_step": 900.0}
+    two = bench.WindowClock(measure=4, windows=2, samples_per_step=1, device=torch.device("cpu"))
+    assert two.edges == [0, 2, 4]
+    assert bench.WindowClock(measure=3, windows=5, samples_per_step=1, device=torch.device("cpu")).windows == 3

@@ -52,3 +52,20 @@ def test_a_pair_pool_is_copied_to_the_device_once_even_when_its_copy_reports_ano
     # the draws are the pool's rows, by index
     rows = torch.randint(0, 16, (4,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(batches[0]["noise"].as_subclass(torch.Tensor), pool["noise"][rows])
+
+
+def test_host_threads_sets_and_restores_the_thread_count():
+    from rayflow.devices import host_threads
+
+    old = torch.get_num_threads()
+    with host_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == old
+    try:
+        with host_threads(1):
+            raise ValueError("inside")
+    except ValueError:
+        pass
+    assert torch.get_num_threads() == old  # restored on an error too
+    with host_threads(old):  # already so: left alone
+        assert torch.get_num_threads() == old

@@ -314,3 +314,30 @@ def test_a_fixed_time_density_is_fed_no_losses(tmp_path, monkeypatch, one_thread
         assert len(stashed) == expect, sampler
         log = json.loads((out / "time_sampler.json").read_text())
         assert log["sampler"] == sampler and log["snapshots"][0]["step"] == 1
+
+
+def test_the_time_sampler_runs_on_one_host_thread(tmp_path, monkeypatch):
+    """The learned Time Sampler's draws and updates (tiny host work beside the GPU step) run with torch's thread
+    pool set to one thread, and the training around them keeps the pool it had (a pool's workers spin between tiny
+    ops: BENCHMARKS §6.7)."""
+    from conftest import torch_threads
+    from rayflow.stein_time_sampler import SteinSampler
+
+    seen: dict[str, set[int]] = {"sample": set(), "update": set()}
+    for name in seen:
+        real = getattr(SteinSampler, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            seen[_name].add(torch.get_num_threads())
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(SteinSampler, name, spy)
+    student = ModelConfig(kind="mlp", sample_shape=(4,), num_classes=3, hidden=32, depth=2)
+    train = TrainConfig(max_steps=4, batch_size=16, lr=1e-3, ema_decay=0.9, checkpoint_every=0, log_every=0,
+                        progress=False)
+    with torch_threads(2):
+        distill(get_method("rayflow").from_options({"pool_size": "64", "x0_source": "data",
+                                                    "time_sampler": "learned", "time_sampler_warmup": "1"}),
+                "exact", MOG, tmp_path / "run", train, student_model=student, progress=False)
+        assert torch.get_num_threads() == 2
+    assert seen == {"sample": {1}, "update": {1}}

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rayflow.devices import host_threads
 from rayflow.methods.rayflow.config import RayFlowConfig
 from rayflow.methods.rayflow.ray import RayParameterization, ray_point, ray_target, ray_x0_eps
 from rayflow.methods.rayflow.readings import consistency_residual
@@ -71,7 +72,8 @@ class RayFlowObjective:
         b = self.batch_size
         x0, cond, eps_mu, traj = self.source.draw_instances(b, step, generator)  # pooled or computed online
         feats = instance_features(x0, eps_mu) if self.conditioned else None
-        t, w = self.time_sampler.sample(b, generator, feats)  # t ~ q(t), w = p(t) / q(t)
+        with host_threads(1):  # tiny host work: a thread pool would only spin beside the GPU step
+            t, w = self.time_sampler.sample(b, generator, feats)  # t ~ q(t), w = p(t) / q(t)
         z = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev, x0.dtype)
         a = expand_like(self.schedule.a(t).to(x0.dtype), x0)  # integer t: a table read; moved to x0's device
         s = expand_like(self.schedule.s(t).to(x0.dtype), x0)
@@ -139,9 +141,10 @@ class RayFlowObjective:
         if self._pending is not None:
             t, per, feats = self._pending
             self._pending = None
-            logs = self.time_sampler.update(t, per, feats, generator)
-            if self._snapshot_due(step):
-                self.snapshots.append(self.snapshot(step + 1, feats))
+            with host_threads(1):
+                logs = self.time_sampler.update(t, per, feats, generator)
+                if self._snapshot_due(step):
+                    self.snapshots.append(self.snapshot(step + 1, feats))
         elif step == 0 and self._queued:  # GPU: the first update comes a step later; record the start anyway
             self._queued[0][3].synchronize()
             self.snapshots.append(self.snapshot(1, self._queued[0][2]))

@@ -140,3 +140,56 @@ def test_bad_window_count_is_a_one_line_error(tmp_path, capsys):
     assert "3 windows do not divide the schedule's 1000 timesteps" in err
     with pytest.raises(RayflowError, match="unknown parameterization"):
         get_method("perflow").from_options({"parameterization": "x0"})
+
+
+@pytest.mark.parametrize("loss_space", ["native", "velocity"])
+@pytest.mark.parametrize("parameterization", ["window_epsilon", "ddim_eps", "flow"])
+def test_the_objectives_window_table_gives_the_schedules_values(parameterization, loss_space, monkeypatch):
+    """The objective gathers each row's window coefficients from its per-window table: the same loss and logs, bit
+    for bit, as reading the schedule at every row's window, and no schedule read during a step."""
+    import rayflow.windows as W
+    from rayflow.methods.perflow import WindowObjective
+
+    sched = VPSchedule.linear(1000)
+    b = P.window_boundaries(4, 1000)
+    n = 48
+    pool = P.Pairs({"window": torch.arange(n) % 4, "z_start": torch.randn(n, 6), "z_end": torch.randn(n, 6)}, 0, 0)
+    net = torch.nn.Linear(6, 6).double()
+
+    def model(x, t, cond=None):
+        return net(x.double()) * (1 + t[:, None].double() / 1000)
+
+    def run(objective):
+        return objective(model, 0, torch.Generator().manual_seed(3))
+
+    tabled = WindowObjective(pool, b, sched, 32, parameterization, loss_space=loss_space, alpha=0.5,
+                             weighting="reciprocal")
+    tabled._table_on(torch.device("cpu"))  # made once, before the step
+    real = W.window_coefficients
+    calls: list[int] = []
+    monkeypatch.setattr(W, "window_coefficients", lambda *a: calls.append(1) or real(*a))
+    out = run(tabled)
+    assert calls == []  # every coefficient came from the table
+    monkeypatch.setattr(W, "window_coefficients", real)
+    plain = WindowObjective(pool, b, sched, 32, parameterization, loss_space=loss_space, alpha=0.5,
+                            weighting="reciprocal")
+    table = plain._table_on(torch.device("cpu"))
+    table.pop("lambda", None), table.pop("eta", None)  # every row's coefficients read from the schedule instead
+    ref = run(plain)
+    assert torch.equal(out.loss, ref.loss)
+    assert all(torch.equal(out.logs[key], ref.logs[key]) for key in ref.logs)
+
+
+def test_a_window_point_computes_its_flow_times_once():
+    t = torch.tensor([300.0, 10.0], dtype=torch.float64)
+    where = WindowPoint(t, torch.tensor([499.0, 249.0]), torch.tensor([249.0, -1.0]), 1000)
+    assert where.tau is where.tau and where.tau_end is where.tau_end
+    torch.testing.assert_close(where.tau, (t + 1) / 1000)
+    known = (torch.tensor([0.5, 0.25]), torch.tensor([0.1, 0.2]))
+    sched = VPSchedule.linear(1000)
+    with_known = WindowPoint(t, where.t_start, where.t_end, 1000, known_coefficients=("window_epsilon", *known))
+    assert with_known.coefficients(sched, "diff_eps") == known  # PeRFlow's old name for the same parameterisation
+    for name in ("epsilon", "window_epsilon"):  # another parameterisation (or none known): read from the schedule
+        expect = window_coefficients(sched, where.t_start, where.t_end, name)
+        got = (with_known if name == "epsilon" else where).coefficients(sched, name)
+        assert all(torch.equal(g, e) for g, e in zip(got, expect))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -145,24 +146,39 @@ def epsilon_target(z_start: torch.Tensor, z_end: torch.Tensor, lam_s: torch.Tens
 
 @dataclass
 class WindowPoint:
-    """Where a batch sits: timestep ``t``, its window ``(t_s, t_e)`` and the flow times of the three (float64)."""
+    """Where a batch sits: timestep ``t``, its window ``(t_s, t_e)`` and the flow times of the three (float64).
+
+    The flow times are computed once per point (a training step reads each several times), and a caller that
+    already knows the window coefficients of its batch (a training objective gathers them from a per-window table)
+    passes them as ``known_coefficients = (parameterization, lambda_s, eta_s)``: :meth:`coefficients` returns them
+    for that parameterisation instead of reading the schedule again.
+    """
 
     t: torch.Tensor
     t_start: torch.Tensor
     t_end: torch.Tensor
     T: int
+    known_coefficients: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
-    @property
+    @cached_property
     def tau(self) -> torch.Tensor:
         return timestep_to_flow_time(self.t, self.T)
 
-    @property
+    @cached_property
     def tau_start(self) -> torch.Tensor:
         return timestep_to_flow_time(self.t_start, self.T)
 
-    @property
+    @cached_property
     def tau_end(self) -> torch.Tensor:
         return timestep_to_flow_time(self.t_end, self.T)
+
+    def coefficients(self, schedule: VPSchedule, parameterization: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lambda_s, eta_s)`` of this point's windows (:func:`window_coefficients`)."""
+        parameterization = window_parameterization(parameterization)
+        known = self.known_coefficients
+        if known is not None and known[0] == parameterization:
+            return known[1], known[2]
+        return window_coefficients(schedule, self.t_start, self.t_end, parameterization)
 
 
 def window_end_prediction(pred: torch.Tensor, z: torch.Tensor, where: WindowPoint, schedule: VPSchedule,
@@ -170,7 +186,7 @@ def window_end_prediction(pred: torch.Tensor, z: torch.Tensor, where: WindowPoin
     """The network output at ``z`` turned into the predicted window end ``z_e_hat``."""
     if window_parameterization(parameterization) == "flow":
         return z + expand_like(where.tau_end - where.tau, z) * pred
-    lam_s, eta_s = window_coefficients(schedule, where.t_start, where.t_end, parameterization)
+    lam_s, eta_s = where.coefficients(schedule, parameterization)
     lam_t, eta_t = point_coefficients(lam_s, eta_s, where.tau_start, where.tau_end, where.tau)
     return expand_like(lam_t, z) * z + expand_like(eta_t, z) * pred
 
@@ -189,7 +205,7 @@ def native_target(z_start: torch.Tensor, z_end: torch.Tensor, where: WindowPoint
     """The regression target in the network's own output space (epsilon* or the chord velocity)."""
     if window_parameterization(parameterization) == "flow":
         return (z_end - z_start) / expand_like(where.tau_end - where.tau_start, z_end)
-    lam_s, eta_s = window_coefficients(schedule, where.t_start, where.t_end, parameterization)
+    lam_s, eta_s = where.coefficients(schedule, parameterization)
     return epsilon_target(z_start, z_end, lam_s, eta_s)
 
 

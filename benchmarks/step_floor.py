@@ -239,7 +239,8 @@ class Floor:
         self.sync()
         warm_s = time.perf_counter() - t0
         # five windows, the device synchronised at their edges: a window in which something else took the shared
-        # host shows as an outlier; the process's CPU time per step says whether the host bounds the step
+        # host shows as an outlier; the process's CPU time per step shows the host's slack when well below the
+        # wall time (close to it proves nothing on a GPU: the host spins while it waits for the device)
         edges = [round(i * args.measure / 5) for i in range(6)] if args.measure >= 5 else [0, args.measure]
         windows: list[float] = []
         t0, cpu0 = time.perf_counter(), time.process_time()

@@ -201,7 +201,8 @@ class WindowClock:
     """Times ``measure`` steps in ``windows`` equal windows (the device synchronised at each window's edges) and
     reports the **median** window's rate: a window in which something else took the host (this machine's CPUs
     are shared) shows as an outlier instead of lowering the whole row. Also the host's CPU time per step (the
-    process's ``time.process_time``): a step whose host time is close to its wall time is bound by the host."""
+    process's ``time.process_time``, every thread): one well below the wall time shows the host's slack, but one
+    close to it proves nothing on a GPU, where the host spins while it waits for the device (BENCHMARKS §6.7)."""
 
     def __init__(self, measure: int, windows: int, samples_per_step: int, device: torch.device) -> None:
         self.windows = max(1, min(windows, measure))

@@ -151,8 +151,8 @@ class WindowObjective:
 
     def _table_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Per window ``k``: its start and end timesteps and, for the epsilon parameterisations, its coefficients
-        ``(lambda_s, eta_s)``; on ``device``, made once. A step gathers its batch's rows (two reads) instead of
-        reading the schedule four times (about 150 small kernels per step on a GPU)."""
+        ``(lambda_s, eta_s)``; on ``device``, made once. A step gathers its batch's rows instead of reading the
+        schedule four times: 145 fewer kernel launches per PeRFlow step on an H200 (BENCHMARKS §6.7)."""
 
         def make(d: torch.device) -> dict[str, torch.Tensor]:
             start, end = self.boundaries[:-1].to(d), self.boundaries[1:].to(d)

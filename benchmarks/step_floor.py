@@ -42,12 +42,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from rayflow.checkpoint import read_json, write_json_atomic  # noqa: E402
 from rayflow.models import ModelConfig, build_model, to_channels_last  # noqa: E402
 from rayflow.models.speed import KERNEL_TUNING_CHOICES, compile_network  # noqa: E402
 from rayflow.schedules import VPSchedule  # noqa: E402
 from rayflow.training import EpsilonObjective  # noqa: E402
+from training_speed import WindowClock  # noqa: E402  (the windowed timing of the Trainer rows)
 
 TEACHER = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-teacher"
 VARIANTS = ("base", "base-plain", "step", "step-eager")
@@ -238,26 +240,18 @@ class Floor:
             step(k)
         self.sync()
         warm_s = time.perf_counter() - t0
-        # five windows, the device synchronised at their edges: a window in which something else took the shared
-        # host shows as an outlier; the process's CPU time per step shows the host's slack when well below the
-        # wall time (close to it proves nothing on a GPU: the host spins while it waits for the device)
-        edges = [round(i * args.measure / 5) for i in range(6)] if args.measure >= 5 else [0, args.measure]
-        windows: list[float] = []
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        t_edge = t0
+        # five windows, as training_speed.py times its rows: a window in which something else took the shared host
+        # shows as an outlier
+        clock = WindowClock(args.measure, 5, self.batch, self.device)
+        clock.at(0)
         for k in range(args.measure):
             step(1000 + k)
-            if k + 1 in edges:
-                self.sync()
-                now = time.perf_counter()
-                windows.append((k + 1 - edges[len(windows)]) * self.batch / (now - t_edge))
-                t_edge = now
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            clock.at(k + 1)
+        timing = clock.summary()
         label = name if args.kernel_tuning == "none" else f"{name}+{args.kernel_tuning}"
-        self.log(what=label, samples_per_s=round(args.measure * self.batch / seconds, 1),
-                 ms_per_step=round(1000 * seconds / args.measure, 3),
-                 window_samples_per_s=[round(r, 1) for r in windows],
-                 host_cpu_ms_per_step=round(1000 * cpu / args.measure, 3), warm_s=round(warm_s, 1),
+        self.log(what=label, samples_per_s=round(1000 * self.batch / timing["wall_ms_per_step"], 1),
+                 ms_per_step=timing["wall_ms_per_step"], window_samples_per_s=timing["window_rates"],
+                 host_cpu_ms_per_step=timing["host_cpu_ms_per_step"], warm_s=round(warm_s, 1),
                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None, **extra)
         if args.profile:
             self.profile(label, step)

@@ -501,7 +501,7 @@ class Bench:
                            checkpoint_every=0, log_every=max(1, steps // 2), progress=False,
                            mixed_precision="bf16" if self.bf16 else "no", compile="auto", compile_mode=compile_mode,
                            channels_last=self.args.channels_last, layout_optimization=self.args.layout_optimization,
-                           kernel_tuning=self.args.kernel_tuning)
+                           kernel_tuning=self.args.kernel_tuning, step_graph=self.args.step_graph)
 
     def roofline(self, samples_per_s: float | None, flops: float) -> float | None:
         if samples_per_s is None or not self.matmul:
@@ -574,7 +574,10 @@ class Bench:
         reset_peak(self.device)
         bare_clock = None if self.args.no_bare else bare_loop(
             model, obj, trainer.config, self.device, self.warmup, self.measure, self.compile, self.bf16,
-            cuda_graphs=trainer.cuda_graphs, compile_mode=trainer.config.compile_mode, lock=self.lock,
+            # the bare loop as a user writes it: the network compiled with the run's graph mode (a Trainer that
+            # captures its whole step compiles the network without graphs of its own)
+            cuda_graphs=trainer.cuda_graphs or trainer.step_graph, compile_mode=trainer.config.compile_mode,
+            lock=self.lock,
             channels_last=trainer.channels_last, force_layout=trainer.force_layout, windows=self.windows)
         rate = timer.rate
         bare = None if bare_clock is None else bare_clock.rate()
@@ -614,7 +617,7 @@ class Bench:
 
         row = self._train_row(run, 3e-4)
         row["compile_mode"] = compile_mode
-        row["cuda_graphs"] = row.pop("_timer").trainer.cuda_graphs
+        row.update(graph_fields(row.pop("_timer").trainer))
         return row
 
     def row_method(self, name: str) -> dict[str, Any]:
@@ -638,8 +641,8 @@ class Bench:
 
         row = self._train_row(run, 1e-4)
         timer = row.pop("_timer")
-        row.update(compile_mode=compile_mode, cuda_graphs=timer.trainer.cuda_graphs)
-        if compile_mode != "default" and not timer.trainer.cuda_graphs:
+        row.update(compile_mode=compile_mode, **graph_fields(timer.trainer))
+        if compile_mode != "default" and not (timer.trainer.cuda_graphs or timer.trainer.step_graph):
             # the Trainer said why when it compiled (accumulation, a CPU); uncompiled (a CPU), it had nothing to say
             why = "not compiled on a CPU" if not timer.trainer.compiled else "the Trainer fell back (see its note)"
             print(f"training_speed: note: {name}: measured without CUDA graphs ({why})", file=sys.stderr, flush=True)
@@ -817,9 +820,10 @@ class Bench:
             finally:
                 Trainer.callbacks.remove(timer)
             require("prof" in state, "the profiler did not run")
-            graphs = timer.trainer is not None and timer.trainer.cuda_graphs
-            suffix = ", CUDA graphs" if graphs else (", CUDA graphs asked for: fell back" if compile_mode != "default"
-                                                      else "")
+            graphs = timer.trainer is not None and (timer.trainer.cuda_graphs or timer.trainer.step_graph)
+            whole = timer.trainer is not None and timer.trainer.step_graph
+            fell_back = ", CUDA graphs asked for: fell back" if compile_mode != "default" else ""
+            suffix = ", whole-step CUDA graph" if whole else ", CUDA graphs" if graphs else fell_back
             label = "Trainer step (" + ("torch.compile, fused AdamW, channels-last, bf16" if self.compile
                                         else "eager, CPU") + suffix + ")"
             return {**profile_summary(state["prof"], label, steps, self.device), "compile_mode": compile_mode,
@@ -850,6 +854,17 @@ class Bench:
             self.row_profile(self.args.graphs_mode)
 
 
+def graph_fields(trainer: Trainer) -> dict[str, Any]:
+    """How a Trainer row's step ran: the network's CUDA graphs, or the whole step as one graph (captured at which
+    step, or why the capture failed)."""
+    fields: dict[str, Any] = {"cuda_graphs": bool(trainer.cuda_graphs or trainer.step_graph),
+                              "step_graph": bool(trainer.step_graph)}
+    for key in ("step_graph_captured_at", "step_graph_failed", "step_graph_failed_traceback"):
+        if key in trainer.stats:
+            fields[key] = trainer.stats[key]
+    return fields
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fashion-mnist"))
@@ -877,6 +892,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile mode of the CUDA-graph rows (-graphs, profile-graphs): Trainer and bare loop")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True (cuDNN times its algorithms once per shape)")
+    p.add_argument("--step-graph", default="auto", choices=("auto", "no"),
+                   help="TrainConfig.step_graph of the Trainer rows: auto = the whole step captured as one CUDA graph "
+                        "where it can be (the -graphs rows of capturable objectives), no = the network's graphs only")
     p.add_argument("--no-bare", action="store_true",
                    help="skip the bare loops (rows then have only the Trainer's rate)")
     p.add_argument("--channels-last", default="auto", choices=("auto", "yes", "no"),

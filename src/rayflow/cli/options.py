@@ -36,6 +36,9 @@ def _train_args(p: argparse.ArgumentParser, max_steps: int, batch_size: int, lr:
     g.add_argument("--kernel-tuning", default="none", choices=["none", "coordinate-descent"],
                    help="compiled networks on CUDA: tune Inductor's generated kernels by coordinate descent (faster "
                         "steps for minutes more compilation)")
+    g.add_argument("--step-graph", default="auto", choices=["auto", "yes", "no"],
+                   help="capture the whole training step (objective, backward, clipping, AdamW, EMA) as one CUDA "
+                        "graph; auto: when --compile-mode replays CUDA graphs and the step can be captured")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -49,7 +52,7 @@ def _train_config(args: argparse.Namespace):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision, compile=args.compile, compile_mode=args.compile_mode,
         layout_optimization=args.layout_optimization, kernel_tuning=args.kernel_tuning,
-        progress=not args.no_progress,
+        step_graph=args.step_graph, progress=not args.no_progress,
     )
 
 

@@ -82,6 +82,8 @@ def implied_noise(x_s: torch.Tensor, x_e: torch.Tensor, t_s: torch.Tensor, t_e: 
 class RectifiedDiffusionObjective:
     """Algorithm 4 with the released loss: pseudo-Huber on ``x0`` (``loss_on="x0"``) or MSE on eps (``"eps"``)."""
 
+    capturable = True  # device draws and maths only: the trainer may capture the whole step (TrainConfig.step_graph)
+
     def __init__(self, pool: P.Pairs, schedule: VPSchedule, batch_size: int, loss: str = "huber",
                  huber_c: float = 1e-3, loss_on: str = "x0") -> None:
         self.pool, self.schedule, self.batch_size = pool, schedule, batch_size
@@ -104,6 +106,8 @@ class RectifiedDiffusionObjective:
 
 class PhasedObjective:
     """Rectified Diffusion-Phased: the student's Eq.-2 jump to the phase end against the teacher's phase end."""
+
+    capturable = True  # device draws and maths only: the trainer may capture the whole step (TrainConfig.step_graph)
 
     def __init__(self, pool: P.Pairs, boundaries: torch.Tensor, schedule: VPSchedule, batch_size: int,
                  loss: str = "huber", huber_c: float = 1e-3) -> None:

@@ -105,6 +105,8 @@ def euler_flow(model: Denoiser, noise: torch.Tensor, timesteps: torch.Tensor, nu
 class ReflowObjective:
     """``|| u_theta(x_tau) - (eps - x0_hat) ||`` on the straight interpolation of the pairs (module doc)."""
 
+    capturable = True  # device draws and maths only: the trainer may capture the whole step (TrainConfig.step_graph)
+
     def __init__(self, pool: P.Pairs, schedule: VPSchedule, batch_size: int, prediction_type: str,
                  loss: str = "mse", huber_c: float = 1e-3, tau_min: float = 1e-3) -> None:
         self.pool, self.schedule, self.batch_size = pool, schedule, batch_size

@@ -108,6 +108,8 @@ class WindowObjective:
     Logs the batch means of the velocity cosine and norm ratio either way.
     """
 
+    capturable = True  # device draws and maths only: the trainer may capture the whole step (TrainConfig.step_graph)
+
     def __init__(self, pool: P.Pairs, boundaries: torch.Tensor, schedule: VPSchedule, batch_size: int,
                  parameterization: str, loss_space: str = "native", alpha: float = 0.0, loss: str = "mse",
                  huber_c: float = 1e-3, weighting: str = "none") -> None:

@@ -20,6 +20,9 @@ LAYOUT_OPTIMIZATION_CHOICES = ("force", "inductor")
 #: torch.compile modes of the student (``default`` = torch's); the first two replay the step from CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: the whole step captured as one CUDA graph: "auto" = when the compile mode asks for CUDA graphs and the step can be
+#: captured | "yes" = whenever it can be (a notice says why not) | "no"
+STEP_GRAPH_CHOICES = ("auto", "yes", "no")
 #: learning-rate schedules (diffusers.optimization names), each after ``warmup_steps`` of linear warm-up
 LR_SCHEDULE_CHOICES = ("constant", "linear", "cosine")
 
@@ -63,6 +66,11 @@ class TrainConfig:
     # reduction kernel's block sizes tuned by timing them: the Fashion-MNIST UNet trained 6 % faster and sampled
     # 14 % faster, for about four minutes more compilation, BENCHMARKS §6.5)
     kernel_tuning: str = "none"
+    # the whole step (objective, backward, clipping, AdamW, EMA) captured as one CUDA graph and replayed, so the
+    # host's speed no longer sets the rate (BENCHMARKS §6.8): "auto" = when compile_mode replays CUDA graphs and
+    # the step can be captured (one CUDA process, no accumulation, no fp16, a capturable objective; the network
+    # is then compiled without graphs of its own) | "yes" = whenever it can be, with a notice when not | "no"
+    step_graph: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +106,8 @@ class TrainConfig:
                 f"got {self.layout_optimization!r}")
         require(self.kernel_tuning in KERNEL_TUNING_CHOICES,
                 f"kernel_tuning must be one of {', '.join(KERNEL_TUNING_CHOICES)}, got {self.kernel_tuning!r}")
+        require(self.step_graph in STEP_GRAPH_CHOICES,
+                f"step_graph must be one of {', '.join(STEP_GRAPH_CHOICES)}, got {self.step_graph!r}")
 
     @property
     def checkpoints_total_limit(self) -> int:

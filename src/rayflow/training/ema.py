@@ -51,3 +51,16 @@ class EMA:
         for b_dst, b_src in buffers:
             b_dst.copy_(b_src)
         self.step += 1
+
+    @torch.no_grad()
+    def update_with(self, model: torch.nn.Module, weight: torch.Tensor) -> None:
+        """:meth:`update` with the weight ``1 - d_n`` read from a 0-d device tensor instead of the host, so that a
+        CUDA graph can replay it: ``shadow += weight (param - shadow)``. Does not advance :attr:`step` (the
+        caller counts the replays)."""
+        src, dst, buffers = self._lists(model)
+        if dst:
+            diff = torch._foreach_sub(src, dst)
+            torch._foreach_mul_(diff, weight)
+            torch._foreach_add_(dst, diff)
+        for b_dst, b_src in buffers:
+            b_dst.copy_(b_src)

@@ -40,6 +40,9 @@ class Objective(Protocol):
 
     * ``after_step(model, step, generator) -> dict[str, float | Tensor]`` after the optimizer step (e.g. a
       time-sampler update); the returned logs are merged into the step's logs.
+    * ``capturable`` (attribute, default False): True promises that a call draws only from ``generator``, reads
+      nothing back to the host, does not depend on ``step`` and keeps its shapes, so the trainer may capture the
+      whole step as one CUDA graph (``TrainConfig.step_graph``, :mod:`rayflow.training.step_graph`).
     * ``state_dict() -> dict`` / ``load_state_dict(d)``: state that must survive a resume. Tensors (nested
       dicts/lists of tensors and JSON scalars, e.g. ``{"net": net.state_dict(), "opt": opt.state_dict()}``,
       are fine) are saved as ``objective.safetensors`` + ``objective.json``, never pickled.
@@ -88,13 +91,20 @@ class EpsilonObjective:
         self.num_classes = int(num_classes)
         self._cache: DeviceCache[tuple[torch.Tensor, torch.Tensor | None]] = DeviceCache()
 
+    @property
+    def capturable(self) -> bool:
+        """A step can be captured when the data set lives on the device (it does up to 1 GiB)."""
+        return self._fits_device()
+
+    def _fits_device(self) -> bool:
+        return self.dataset_x.numel() * self.dataset_x.element_size() <= (1 << 30)
+
     def _data_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._cache.get(device, self._copy_to)
 
     def _copy_to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.dataset_x
-        small = x.numel() * x.element_size() <= (1 << 30)  # keep big data sets where they are
-        x = x.to(device) if small else x
+        x = x.to(device) if self._fits_device() else x  # keep big data sets where they are
         return x, self.labels.to(x.device) if self.labels is not None else None
 
     def __call__(self, model: Denoiser, step: int, generator: torch.Generator) -> LossOutput:

@@ -32,7 +32,7 @@ from rayflow.training.config import TrainConfig
 #: for the speed settings, only in the last bits)
 RESUME_MUTABLE_TRAIN_KEYS = ("max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
                              "compile", "channels_last", "divergence_factor", "compile_mode",
-                             "layout_optimization", "kernel_tuning")
+                             "layout_optimization", "kernel_tuning", "step_graph")
 #: train-config keys that may change on resume with a one-line notice: the remedies for a diverged run
 RESUME_NOTICE_TRAIN_KEYS = ("lr", "warmup_steps", "lr_schedule", "grad_clip")
 CHECKPOINTS = "checkpoints"
@@ -236,6 +236,8 @@ class CheckpointMixin:
             raise RayflowError(f"{path / 'optimizer.json'}: cannot restore the optimizer: {exc}") from exc
         self._apply_lr_config()
         self._match_state_layout()
+        for group in self.optimizer.param_groups:  # this run's: a captured step needs it, a CPU refuses it
+            group["capturable"] = bool(getattr(self, "step_graph", False))
         history = state.get("loss_history")
         self.loss_history = [float(v) for v in history] if isinstance(history, list) else []
         if hasattr(self.objective, "load_state_dict"):

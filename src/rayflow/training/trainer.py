@@ -42,6 +42,7 @@ from rayflow.training.launch import (
 )
 from rayflow.training.objectives import Objective
 from rayflow.training.resume import CHECKPOINTS, TENSORBOARD_DIR, TRAIN_LOG, CheckpointMixin, _normalise, _notice
+from rayflow.training.step_graph import StepGraph, step_graph_blocker
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -129,11 +130,27 @@ class Trainer(CheckpointMixin):
         self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
         params = [p for p in model.parameters() if p.requires_grad]
         require(len(params) > 0, "the model has no trainable parameters")
+        self.compiled = resolve_compile(config, self.device)
+        mode = config.compile_mode
+        mixed_precision = str(accelerator.mixed_precision)
+        #: the whole step is captured as one CUDA graph (TrainConfig.step_graph; rayflow.training.step_graph)
+        self.step_graph = False
+        if config.step_graph != "no":
+            blocker = step_graph_blocker(device=self.device, num_processes=accelerator.num_processes,
+                                         accumulation=config.gradient_accumulation_steps,
+                                         mixed_precision=mixed_precision, objective=objective)
+            wanted = config.step_graph == "yes" or (self.compiled and mode in _CUDA_GRAPH_MODES)
+            if wanted and blocker is None:
+                self.step_graph = True
+            elif config.step_graph == "yes":
+                _notice(f"step_graph=yes cannot capture this step ({blocker}): the step runs eagerly")
         # fused AdamW: one kernel for all parameters instead of a dozen per tensor; CUDA only (on a CPU the
-        # default single-tensor loop is kept, which also keeps CPU runs bit-identical to earlier versions)
+        # default single-tensor loop is kept, which also keeps CPU runs bit-identical to earlier versions).
+        # A captured step's AdamW is capturable: its step counts stay on the device
         fused = all(p.device.type == "cuda" for p in params)
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
-                                      **({"fused": True} if fused else {}))
+                                      **({"fused": True} if fused else {}),
+                                      **({"capturable": True} if self.step_graph else {}))
         # not prepared: accelerate's scheduler wrapper steps num_processes times per step
         self.lr_scheduler = self._make_lr_scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -148,8 +165,8 @@ class Trainer(CheckpointMixin):
             accelerator, "distributed_type", None) in (DistributedType.NO, DistributedType.MULTI_GPU,
                                                        DistributedType.MULTI_CPU)
         self._params = params
-        self.compiled = resolve_compile(config, self.device)
-        mode = config.compile_mode
+        if self.step_graph and mode in _CUDA_GRAPH_MODES:  # the step's graph holds the network's kernels
+            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
         if self.compiled and mode in _CUDA_GRAPH_MODES and self.device.type != "cuda":
             _notice(f"compile_mode={mode} replays CUDA graphs, which need a GPU: compiling without them")
             mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
@@ -170,7 +187,8 @@ class Trainer(CheckpointMixin):
             allow_recompiles()  # a new Trainer of an already compiled network class must not find torch's limit spent
             self.model = compile_network(self.model, mode, force_layout=self.force_layout,
                                          kernel_tuning=config.kernel_tuning if self.device.type == "cuda" else "none")
-        self.mixed_precision = str(accelerator.mixed_precision)
+        self.mixed_precision = mixed_precision
+        self._graph: StepGraph | None = None  # made by train(), after a resume has loaded the state
         self.loss_history: list[float] = []  # interval mean losses, for the divergence check
         self.stats: dict[str, float] = {}  # filled by train(): steps, samples, seconds of the last run
 
@@ -271,6 +289,70 @@ class Trainer(CheckpointMixin):
             acc.backward(out.loss / n if n > 1 else out.loss)
         return out.loss.detach().float().reshape(()), out.logs, generator
 
+    def _graph_body(self, step: int, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """The step that :class:`StepGraph` captures: the objective, backward, clipping, AdamW with the lr read
+        from ``self._graph.lr``, and the EMA with its weight read from ``self._graph.ema_weight``; returns the
+        loss, the gradient norm (None without clipping) and the objective's logs."""
+        cfg, graph = self.config, self._graph
+        assert graph is not None
+        with self.accelerator.autocast():
+            out = self.objective(self.model, step, generator)
+        out.loss.backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+                     if cfg.grad_clip > 0 else None)
+        optimizer = self.optimizer.optimizer if self._plain_optimizer_step else self.optimizer
+        groups = optimizer.param_groups
+        host_lrs = [group["lr"] for group in groups]
+        try:  # the kernel reads the lr tensor; the groups keep their float lr for the schedule and checkpoints
+            for group in groups:
+                group["lr"] = graph.lr
+                group["capturable"] = self.device.type == "cuda"  # (a resumed optimizer may say otherwise)
+            optimizer.step()
+        finally:
+            for group, lr in zip(groups, host_lrs):
+                group["lr"] = lr
+        if self.ema is not None:
+            self.ema.update_with(self.raw_model, graph.ema_weight)
+        return out.loss.detach().float().reshape(()), grad_norm, out.logs
+
+    def _make_graph(self, capture: bool) -> StepGraph:
+        """The step graph of this run; ``capture=False`` runs the same body eagerly (a CPU)."""
+        require(len(self.optimizer.param_groups) == 1, "step_graph supports one optimizer parameter group")
+
+        def drop_grads() -> None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+        return StepGraph(self._graph_body, self.device, lr=self._next_lr(), ema_weight=self._next_ema_weight(),
+                         before_capture=drop_grads, capture=capture)
+
+    def _next_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _next_ema_weight(self) -> float:
+        return 1.0 - self.ema.current_decay() if self.ema is not None else 0.0
+
+    def _graph_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], torch.Generator]:
+        """One step through :class:`StepGraph` (eager warm-up, then one capture, then replays)."""
+        graph = self._graph
+        assert graph is not None
+        seed = micro_seed(self.config.seed, step, self.accelerator.process_index, 0)
+        self._seed_global(seed)
+        graph.set_values(self._next_lr(), self._next_ema_weight())
+        was_captured, failed = graph.captured, graph.failed
+        loss, grad_norm, logs = graph(step, seed)
+        if not graph.captured:  # eager warm-up (or after a failed capture): gradients are not the graph's
+            self.optimizer.zero_grad(set_to_none=True)
+        if graph.failed is not None and failed is None:
+            _notice(f"step_graph: capturing the step failed ({graph.failed}): the run goes on eagerly")
+            self.stats["step_graph_failed"] = graph.failed
+            self.stats["step_graph_failed_traceback"] = graph.failed_traceback
+        elif graph.captured and not was_captured:
+            self.stats["step_graph_captured_at"] = step
+        if self.ema is not None:
+            self.ema.step += 1
+        return loss, grad_norm, logs, graph.generator
+
     def _seed_global(self, seed: int) -> None:
         """Seed the global generators a step can reach (anything drawing without the step's generator, such as
         dropout): the CPU's and the training device's. ``torch.manual_seed`` would also queue seeds for every
@@ -355,6 +437,9 @@ class Trainer(CheckpointMixin):
             return self._write_final(start)
 
         self.model.train()
+        self.stats = {}
+        # made after a resume has loaded the optimizer, so the capture sees the state it will update
+        self._graph = self._make_graph(capture=self.device.type == "cuda") if self.step_graph else None
         n = cfg.gradient_accumulation_steps
         per_step = cfg.batch_size * n * acc.num_processes
         big = float(cfg.max_steps + 1)
@@ -373,19 +458,23 @@ class Trainer(CheckpointMixin):
         t_interval, interval_first = t0, start
         try:
             for step in range(start, cfg.max_steps):
-                loss = None
-                for micro in range(n):
-                    micro_loss, logs, generator = self._micro_step(step, micro, n)
-                    loss = micro_loss if loss is None else loss + micro_loss
-                if n > 1:
-                    loss = loss / n
-                grad_norm = acc.clip_grad_norm_(self._params, cfg.grad_clip) if clip else None
-                self._optimizer_step()
-                if not acc.optimizer_step_was_skipped:
+                if self._graph is not None:
+                    loss, grad_norm, logs, generator = self._graph_step(step)
                     self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.raw_model)
+                else:
+                    loss = None
+                    for micro in range(n):
+                        micro_loss, logs, generator = self._micro_step(step, micro, n)
+                        loss = micro_loss if loss is None else loss + micro_loss
+                    if n > 1:
+                        loss = loss / n
+                    grad_norm = acc.clip_grad_norm_(self._params, cfg.grad_clip) if clip else None
+                    self._optimizer_step()
+                    if not acc.optimizer_step_was_skipped:
+                        self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update(self.raw_model)
                 if hasattr(self.objective, "after_step"):
                     logs = {**logs, **(self.objective.after_step(self.model, step, generator) or {})}
                 _accumulate(log_sums, logs)
@@ -426,11 +515,12 @@ class Trainer(CheckpointMixin):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.time() - t0
-            self.stats = {"steps": cfg.max_steps - start, "samples": (cfg.max_steps - start) * per_step,
-                          "seconds": seconds}
+            self.stats.update({"steps": cfg.max_steps - start, "samples": (cfg.max_steps - start) * per_step,
+                               "seconds": seconds})
             for callback in list(Trainer.callbacks):
                 callback(self, "end", cfg.max_steps)
         finally:
+            self._graph = None  # the graph's memory pool goes with it
             bar.close()
             self._stop_trackers(trackers)
         return self._write_final(cfg.max_steps)

@@ -489,3 +489,66 @@ def test_mismatched_cache_through_the_command_line(tmp_path, capsys):
     code = cli_main([*args[:8], str(tmp_path / "o2"), *args[9:], "--option", "k_timesteps=3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "k_timesteps=2" in err[0] and "k_timesteps=3" in err[0]
+
+
+@pytest.mark.parametrize("options, capturable", [
+    ({}, True),  # uniform t drawn on the device, one pool: the trainer may capture the step
+    ({"time_sampler": "learned"}, False),  # draws and learns on the host
+    ({"online": "true"}, False),  # instances computed per batch, with host work
+    ({"x0_source": "mixed"}, False),  # a teacher fraction that moves with the step
+])
+def test_which_rayflow_objectives_may_be_captured(tmp_path, options, capturable):
+    from rayflow.training import Trainer
+
+    seen = []
+
+    def record(trainer, event, step):
+        if event == "start":
+            seen.append(trainer.objective.capturable)
+
+    ds = load_dataset(MOG)
+    small = ModelConfig(kind="mlp", sample_shape=(8,), hidden=16, depth=1)
+    Trainer.callbacks.append(record)
+    try:
+        distill(_small_method(pool_size="64", **options), "exact", ds, tmp_path / "s",
+                _train(max_steps=1, batch_size=8), student_model=small, progress=False)
+    finally:
+        Trainer.callbacks.remove(record)
+    assert seen == [capturable]
+
+
+def test_uniform_time_draws_stay_on_the_generators_device():
+    from rayflow.timestep_dists import UniformSampler
+
+    sampler = UniformSampler(1000)
+    g = torch.Generator().manual_seed(3)
+    t, w = sampler.sample(64, g)
+    assert sampler.draws_on_device and t.device.type == w.device.type == "cpu"
+    assert torch.equal(t, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(w, torch.ones(64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_captured_rayflow_step_trains_as_the_eager_one_on_a_gpu(tmp_path):
+    """The default RayFlow objective captured (step 3 on) against eager steps: the same student."""
+    from rayflow.training import Trainer
+
+    ds = load_dataset(MOG)
+    small = ModelConfig(kind="mlp", sample_shape=(8,), hidden=32, depth=2)
+    students, captured = [], []
+
+    def record(trainer, event, step):
+        if event == "end":
+            captured.append(trainer.stats.get("step_graph_captured_at"))
+
+    Trainer.callbacks.append(record)
+    try:
+        for graph in ("no", "yes"):
+            train = _train(max_steps=30, batch_size=64, compile="no", mixed_precision="no", step_graph=graph)
+            students.append(distill(_small_method(pool_size="256"), "exact", ds, tmp_path / graph, train,
+                                    cache_dir=tmp_path / "cache", student_model=small, progress=False).student)
+    finally:
+        Trainer.callbacks.remove(record)
+    assert captured == [None, 3]
+    for a, b in zip(students[0].parameters(), students[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -41,9 +41,11 @@ RayFlow's Time Sampler, what is the paper's and what is ours (../shared/research
   blind to mixing proportions along such paths); with the centres fixed, ``KSD^2`` is a convex quadratic in the
   weights and the fit is reliable (see :class:`SteinSampler` and tests/test_time_samplers.py).
 
-All samplers draw from a CPU ``torch.Generator``; the randomness is a function of that generator only, so a
-training run that passes the per-step generator is reproducible and resumes exactly (``state_dict`` holds
-everything else).
+The samplers draw from a CPU ``torch.Generator`` (derived from the step's generator when that lives on a GPU),
+except :class:`UniformSampler`, which draws on the step's generator's own device (``draws_on_device``): a GPU step
+then needs no host draw or copy, and the trainer can capture it in a CUDA graph. Either way the randomness is a
+function of the per-step generator only, so a training run is reproducible and resumes exactly (``state_dict``
+holds everything else).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class TimestepDistribution:
     """
 
     name = ""
+    #: ``sample`` draws on the generator's own device (no host work), so a caller on a GPU may capture it
+    draws_on_device = False
 
     def __init__(self, num_timesteps: int, weight_clip: float = 10.0) -> None:
         require(num_timesteps >= 2, f"time sampler: needs at least 2 timesteps, got {num_timesteps}")
@@ -153,13 +157,16 @@ class UniformSampler(TimestepDistribution):
     """``t ~ U{0..T-1}``; weights are all 1."""
 
     name = "uniform"
+    draws_on_device = True
 
     def probs(self, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
 
     def sample(self, n, generator=None, features=None):
-        t = torch.randint(0, self.T, (n,), generator=_cpu_generator(generator))
-        return t, torch.ones(n)
+        # on the generator's device (a CPU generator: the same draw as a CPU sampler's; a GPU one: no host work)
+        generator = _cpu_generator(None) if generator is None else generator
+        t = torch.randint(0, self.T, (n,), generator=generator, device=generator.device)
+        return t, torch.ones(n, device=generator.device)
 
 
 class LogitNormalSampler(TimestepDistribution):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rayflow.devices import host_threads
+from rayflow.devices import DeviceCache, host_threads
 from rayflow.methods.rayflow.config import RayFlowConfig
 from rayflow.methods.rayflow.ray import RayParameterization, ray_point, ray_target, ray_x0_eps
 from rayflow.methods.rayflow.readings import consistency_residual
@@ -54,12 +54,21 @@ class RayFlowObjective:
         self.ray = RayParameterization(schedule, config.ray.parameterization)
         self.loss_weight = (snr_weight_table(schedule, config.ray.snr_weight_max)
                             if config.ray.loss_weighting == "snr" else None)
+        self._loss_weight: DeviceCache[torch.Tensor] = DeviceCache()  # the table where the timesteps are drawn
         self.snapshot_every = max(1, int(snapshot_every))
         self.snapshots: list[dict[str, Any]] = []
         self._pending: tuple | None = None
         self._queued: list[tuple] = []  # GPU runs: steps whose losses are on their way to the host
         #: the Time Sampler learns a step late (always on a GPU; settable on a CPU to test that schedule)
         self.lagged = False
+
+    @property
+    def capturable(self) -> bool:
+        """The trainer may capture the step in a CUDA graph when nothing runs on the host: a fixed time density
+        drawn on the device (the default uniform one; the learned Time Sampler draws and learns on the host) and
+        instances drawn from one pool."""
+        return (not self.time_sampler.adaptive and self.time_sampler.draws_on_device
+                and getattr(self.source, "capturable", False))
 
     @property
     def conditioned(self) -> bool:
@@ -89,7 +98,7 @@ class RayFlowObjective:
             per = residual.square().flatten(1).mean(1)
         else:
             _, eps_hat = ray_x0_eps(pred, rc.parameterization, x_t.float(), a.float())
-            lam = self.loss_weight[t].to(dev, non_blocking=True)
+            lam = self._loss_weight.get(t.device, self.loss_weight.to)[t].to(dev, non_blocking=True)
             per = (eps_hat - eps_mu.float()).square().flatten(1).mean(1) * lam
         # importance weights p/q
         weights = w.to(dev, non_blocking=True) if self.cfg.time.reweight else torch.ones_like(per)

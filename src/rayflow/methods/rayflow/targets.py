@@ -219,6 +219,11 @@ class InstanceSource:
                                                                device=generator.device)))
         return x0, cond, self.compute(x0, eps, cond, g_ts), None
 
+    @property
+    def capturable(self) -> bool:
+        """Its draws are device-only: one pool, without trajectory points (see :meth:`_draw_pools`)."""
+        return self.pools is not None and self._single_pool() is not None and self.cfg.consistency_weight == 0
+
     def _single_pool(self) -> str | None:
         """The one pool every row comes from when the x0 source is not mixed (``data`` or ``teacher``)."""
         fraction = {"data": 0.0, "teacher": 1.0}.get(self.cfg.x0_source)

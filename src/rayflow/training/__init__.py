@@ -12,7 +12,9 @@ only every ``log_every`` steps and before each checkpoint. There the run is chec
 gradient norm or weight, or an interval mean loss more than ``divergence_factor`` times the median of the
 run's earlier interval means, stops it with a :class:`RayflowError` before anything is written for the bad
 interval, so the last checkpoint is a good one. On CUDA the model is also put in channels-last layout and
-compiled (``compile="auto"``), and AdamW is fused.
+compiled (``compile="auto"``), and AdamW is fused. With a CUDA-graph ``compile_mode`` and a capturable objective,
+the whole step (objective, backward, clipping, AdamW, EMA) is captured as one CUDA graph and replayed
+(``step_graph``, :mod:`rayflow.training.step_graph`).
 
 Determinism. Step ``k`` on process ``r`` hands the objective a fresh ``torch.Generator`` on the accelerator's
 device seeded with :func:`step_seed` ``(config.seed, k, r)`` (the global generators of the CPU and of the training
@@ -47,6 +49,7 @@ Where each piece lives::
     config.py      TrainConfig, the mixed-precision / compile resolution, the per-step seeds
     objectives.py  the Objective protocol, LossOutput, the teacher's EpsilonObjective
     ema.py         EMA
+    step_graph.py  the whole step as one CUDA graph (StepGraph, and why a step cannot be captured)
     launch.py      the launch check, the Accelerator, the JSONL and TensorBoard trackers
     resume.py      checkpoints and exact resume (CheckpointMixin), the config comparison on resume
     trainer.py     the Trainer and its loop

@@ -520,7 +520,9 @@ class Trainer(CheckpointMixin):
             for callback in list(Trainer.callbacks):
                 callback(self, "end", cfg.max_steps)
         finally:
-            self._graph = None  # the graph's memory pool goes with it
+            if self._graph is not None:  # the graph's gradients and memory pool go with it
+                self.optimizer.zero_grad(set_to_none=True)
+                self._graph = None
             bar.close()
             self._stop_trackers(trackers)
         return self._write_final(cfg.max_steps)

@@ -112,7 +112,7 @@ class CheckpointMixin:
     """Writing, rotating, finding and loading checkpoints, and trimming the log on resume. Mixed into
     :class:`~rayflow.training.Trainer`, whose ``__init__`` sets the attributes these methods use (``config``,
     ``accelerator``, ``objective``, ``out_dir``, ``ckpt_dir``, ``full_config``, ``optimizer``, ``lr_scheduler``,
-    ``ema``, ``loss_history``, ``raw_model``)."""
+    ``ema``, ``loss_history``, ``raw_model``, ``device``, ``step_graph``)."""
 
     # ------------------------------------------------------------------ checkpoints
     def _list_checkpoints(self) -> list[tuple[int, Path]]:
@@ -236,8 +236,9 @@ class CheckpointMixin:
             raise RayflowError(f"{path / 'optimizer.json'}: cannot restore the optimizer: {exc}") from exc
         self._apply_lr_config()
         self._match_state_layout()
+        capturable = self.step_graph and self.device.type == "cuda"
         for group in self.optimizer.param_groups:  # this run's: a captured step needs it, a CPU refuses it
-            group["capturable"] = bool(getattr(self, "step_graph", False))
+            group["capturable"] = capturable
         history = state.get("loss_history")
         self.loss_history = [float(v) for v in history] if isinstance(history, list) else []
         if hasattr(self.objective, "load_state_dict"):

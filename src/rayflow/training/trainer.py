@@ -307,7 +307,6 @@ class Trainer(CheckpointMixin):
         try:  # the kernel reads the lr tensor; the groups keep their float lr for the schedule and checkpoints
             for group in groups:
                 group["lr"] = graph.lr
-                group["capturable"] = self.device.type == "cuda"  # (a resumed optimizer may say otherwise)
             optimizer.step()
         finally:
             for group, lr in zip(groups, host_lrs):
@@ -319,12 +318,8 @@ class Trainer(CheckpointMixin):
     def _make_graph(self, capture: bool) -> StepGraph:
         """The step graph of this run; ``capture=False`` runs the same body eagerly (a CPU)."""
         require(len(self.optimizer.param_groups) == 1, "step_graph supports one optimizer parameter group")
-
-        def drop_grads() -> None:
-            self.optimizer.zero_grad(set_to_none=True)
-
         return StepGraph(self._graph_body, self.device, lr=self._next_lr(), ema_weight=self._next_ema_weight(),
-                         before_capture=drop_grads, capture=capture)
+                         before_capture=lambda: self.optimizer.zero_grad(set_to_none=True), capture=capture)
 
     def _next_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
